@@ -1,0 +1,103 @@
+"""Measure an ONNX model on the CPU with onnxruntime: latency, throughput, memory, size, accuracy.
+
+Threads are fixed and recorded so two runs on one machine compare; latency
+runs in a fresh process (bench_worker) so peak memory belongs to the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from .data import CifarSplit
+from .errors import CifarpressError
+from .export import INPUT_NAME, OUTPUT_NAME, read_onnx_metadata
+
+
+def machine_description() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "system": platform.system()}
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 1
+
+
+def make_session(path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise CifarpressError(f"onnxruntime cannot load {path} ({str(exc).splitlines()[0][:200]})") from None
+
+
+def onnx_accuracy(path: str | Path, split: CifarSplit, threads: int | None = None, batch: int = 500) -> float:
+    """Top-1 (%) of an exported model (inputs in [0, 1]) on a split, through onnxruntime."""
+    session = make_session(path, threads)
+    correct = 0
+    for start in range(0, len(split), batch):
+        x = split.images[start:start + batch].numpy().astype(np.float32) / 255.0
+        logits = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        correct += int((logits.argmax(1) == split.labels[start:start + batch].numpy()).sum())
+    return 100.0 * correct / len(split)
+
+
+def measure_latency(path: str | Path, batch_sizes=(1, 64), threads: int | None = None,
+                    seconds: float = 3.0, warmup: int = 10) -> dict:
+    threads = threads or default_threads()
+    cmd = [sys.executable, "-m", "cifarpress.bench_worker", str(path), "--batches",
+           ",".join(str(b) for b in batch_sizes), "--threads", str(threads), "--seconds", str(seconds),
+           "--warmup", str(warmup)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CifarpressError(f"benchmarking {path} failed: {last[:300]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["threads"] = threads
+    return result
+
+
+def bench_onnx(path: str | Path, batch_sizes=(1, 64), threads: int | None = None,
+               test_split: CifarSplit | None = None, seconds: float = 3.0) -> dict:
+    """Full measurement of one ONNX file; accuracy only when a test split is given."""
+    path = Path(path)
+    meta = read_onnx_metadata(path)
+    result = {"model": str(path), "onnx_bytes": path.stat().st_size, "dataset": meta.get("dataset")}
+    result.update(measure_latency(path, batch_sizes, threads, seconds))
+    if test_split is not None:
+        result["top1"] = onnx_accuracy(path, test_split, threads)
+    result["machine"] = machine_description()
+    return result
+
+
+def bench_table(result: dict) -> Table:
+    table = Table(title=f"{Path(result['model']).name} on {result['machine']['cpu']} "
+                        f"(onnxruntime {result['onnxruntime']}, {result['threads']} threads)")
+    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "images/s"):
+        table.add_column(col, justify="right")
+    for batch, lat in result["latency_ms"].items():
+        table.add_row(batch, f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
+                      f"{lat['throughput_ips']:.0f}")
+    table.caption = (f"size {result['onnx_bytes'] / 1e6:.2f} MB · peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB"
+                     + (f" · top-1 {result['top1']:.2f}%" if "top1" in result else ""))
+    return table

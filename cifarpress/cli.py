@@ -1,0 +1,234 @@
+"""`cifarpress` command line: train, eval, compress, export, bench, inspect."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import CifarpressError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Compress CIFAR-10/100 classifiers (prune, quantize, distill), export them to ONNX/TensorRT "
+         "and measure what you ship.",
+)
+out = Console()
+err = Console(stderr=True)
+
+DATA_ROOT_HELP = "Folder holding cifar-10-batches-py / cifar-100-python (default: $CIFARPRESS_DATA, then ~/.cache/cifarpress)."
+
+
+def user_errors(fn):
+    """Turn user-facing errors and Ctrl-C into one line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CifarpressError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code)
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted: finished epochs and stages are saved; re-run the same command to resume[/]")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def set_threads(threads: Optional[int]) -> None:
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+@app.command()
+@user_errors
+def train(
+    model: str = typer.Option("resnet20", "--model", "-m", help="Zoo name (see `cifarpress inspect --list`) or package.module:factory."),
+    dataset: str = typer.Option("cifar10", help="cifar10 or cifar100."),
+    epochs: int = typer.Option(30, min=1),
+    batch_size: int = typer.Option(128, min=1),
+    lr: float = typer.Option(0.2, help="Peak learning rate."),
+    weight_decay: float = typer.Option(5e-4),
+    schedule: str = typer.Option("onecycle", help="onecycle, cosine or constant."),
+    label_smoothing: float = typer.Option(0.0, min=0.0, max=0.5),
+    ema: bool = typer.Option(False, help="Evaluate and keep an exponential moving average of the weights."),
+    init: Optional[str] = typer.Option(None, help="Start from this model file (fine-tuning) instead of random weights."),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="Run folder (default runs/train-<model>). Holds last.pt, model.pt, metrics.json."),
+    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: all cores)."),
+    max_steps_per_epoch: Optional[int] = typer.Option(None, help="Cap steps per epoch (quick trials)."),
+    force: bool = typer.Option(False, help="Discard a previous run in the folder instead of resuming it."),
+):
+    """Train (or fine-tune) a classifier; re-running the same command resumes after the last finished epoch."""
+    from .training import run_training
+
+    set_threads(threads)
+    result = run_training(
+        arch=model, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        schedule=schedule, label_smoothing=label_smoothing, ema=ema, init=init,
+        out_dir=out_dir or Path("runs") / f"train-{model.replace(':', '_')}", data_root=data_root, seed=seed,
+        max_steps_per_epoch=max_steps_per_epoch, force=force,
+    )
+    if result is not None:
+        out.print(f"top-1 {result['top1']:.2f}%  ->  {result['model_path']}")
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    checkpoint: str = typer.Argument(..., help="Model file (.pt), builtin:NAME, or an exported .onnx."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset (default: the one recorded in the model file)."),
+    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
+    arch: Optional[str] = typer.Option(None, help="Architecture, for a plain state-dict checkpoint."),
+    num_classes: Optional[int] = typer.Option(None, help="Class count, for a plain state-dict checkpoint."),
+    threads: Optional[int] = typer.Option(None),
+):
+    """Test-set top-1 accuracy of a model file or an ONNX export."""
+    from .data import load_split
+
+    set_threads(threads)
+    if checkpoint.endswith(".onnx"):
+        from .bench import onnx_accuracy, read_onnx_metadata
+
+        meta = read_onnx_metadata(checkpoint)
+        test = load_split(dataset or meta.get("dataset", "cifar10"), "test", data_root)
+        top1 = onnx_accuracy(checkpoint, test, threads=threads)
+    else:
+        from .checkpoint import load_model
+        from .trainer import evaluate
+
+        model, info = load_model(checkpoint, arch, num_classes)
+        test = load_split(dataset or info["dataset"] or "cifar10", "test", data_root)
+        _check_classes(info["num_classes"], test)
+        top1 = evaluate(model, test)
+    out.print(json.dumps({"model": checkpoint, "top1": round(top1, 3)}))
+
+
+@app.command()
+@user_errors
+def compress(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<recipe name>)."),
+    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
+    force: bool = typer.Option(False, help="Start over instead of resuming after the last finished stage."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch training (default: all cores)."),
+):
+    """Run a recipe's stages in order and write report.json / report.md in the run folder.
+
+    Each stage writes runs/<name>/<NN>-<stage>/ (model.pt, model.onnx, metrics.json).
+    Re-running the same command resumes after the last finished stage."""
+    from .compress import run_recipe
+    from .recipe import load_recipe
+
+    spec = load_recipe(recipe)
+    set_threads(threads)
+    run_dir = run_recipe(spec, out_dir, str(data_root) if data_root else None, force)
+    out.print((run_dir / "report.md").read_text(), markup=False, highlight=False)
+    out.print(f"report: {run_dir / 'report.json'}")
+
+
+@app.command()
+@user_errors
+def export(
+    checkpoint: str = typer.Argument(..., help="Model file (.pt) or builtin:NAME."),
+    output: Path = typer.Option(None, "--output", "-o", help="ONNX file to write (default: next to the model)."),
+    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
+    check_images: int = typer.Option(1000, min=10, help="Real test images compared between PyTorch and onnxruntime."),
+    tolerance: float = typer.Option(1e-4, help="Max abs logit difference before the export counts as failed."),
+    arch: Optional[str] = typer.Option(None, help="Architecture, for a plain state-dict checkpoint."),
+):
+    """Export to ONNX (inputs float32 NCHW RGB in [0, 1], normalization inside) and check it in onnxruntime."""
+    from .checkpoint import load_model
+    from .data import dataset_spec, load_split
+    from .export import check_onnx, export_onnx
+
+    model, info = load_model(checkpoint, arch)
+    spec = dataset_spec(info["dataset"] or "cifar10")
+    test = load_split(spec.name, "test", data_root)
+    _check_classes(info["num_classes"], test)
+    if output is None:
+        source = Path(checkpoint)
+        output = source.with_suffix(".onnx") if source.suffix == ".pt" else Path(f"{info['arch']}.onnx")
+    path = export_onnx(model, output, spec, test.classes, {"arch": info["arch"]})
+    check = check_onnx(model, path, test, check_images, tolerance)
+    out.print(f"{path}: {path.stat().st_size / 1e6:.2f} MB; onnxruntime vs PyTorch on {check.images} test images: "
+              f"max |diff| {check.max_abs_diff:.2e}, top-1 agreement {check.top1_agreement:.2f}%")
+
+
+@app.command()
+@user_errors
+def bench(
+    model: Path = typer.Argument(..., help="ONNX file to measure."),
+    batch: list[int] = typer.Option([1, 64], "--batch", "-b", help="Batch size (repeat for several)."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: all cores)."),
+    seconds: float = typer.Option(3.0, help="Timing budget per batch size."),
+    accuracy: bool = typer.Option(True, help="Also measure test-set top-1 through onnxruntime."),
+    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result here (default: MODEL.bench.json)."),
+):
+    """onnxruntime CPU latency p50/p90/p99, throughput, peak memory, size and top-1 of an ONNX model."""
+    from .bench import bench_onnx, bench_table
+    from .checkpoint import atomic_write_json
+    from .data import load_split
+    from .export import read_onnx_metadata
+
+    if any(b < 1 for b in batch):
+        raise CifarpressError("batch sizes must be >= 1")
+    meta = read_onnx_metadata(model)
+    test = load_split(meta.get("dataset", "cifar10"), "test", data_root) if accuracy else None
+    result = bench_onnx(model, tuple(batch), threads, test, seconds)
+    out.print(bench_table(result))
+    target = json_out or model.with_suffix(".bench.json")
+    atomic_write_json(target, result)
+    out.print(f"wrote {target}")
+
+
+@app.command()
+@user_errors
+def inspect(
+    model: Optional[str] = typer.Argument(None, help="Zoo name, package.module:factory, or a model file (.pt)."),
+    num_classes: int = typer.Option(10, help="Classes, when building from a name."),
+    list_models: bool = typer.Option(False, "--list", help="List the zoo."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Parameters and MACs per layer (MACs of conv and linear layers, one 32x32 image)."""
+    from .checkpoint import load_model
+    from .models import MODELS, build_model
+    from .profile import profile_model, render_profile
+
+    if list_models or model is None:
+        for name in MODELS:
+            out.print(name)
+        return
+    if model.endswith(".pt") or model.startswith("builtin:"):
+        net, _ = load_model(model)
+    else:
+        net = build_model(model, num_classes)
+    prof = profile_model(net)
+    if as_json:
+        out.print_json(json.dumps(prof.to_dict()))
+    else:
+        out.print(render_profile(prof, title=model))
+
+
+def _check_classes(num_classes: int, split) -> None:
+    if num_classes != split.spec.num_classes:
+        raise CifarpressError(
+            f"the model has {num_classes} outputs but {split.spec.name} has {split.spec.num_classes} classes; "
+            f"pass the matching --dataset")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Run a recipe: stages in order, each in runs/<name>/<NN>-<stage>/, then a measured report.
+
+Every model a stage produces is exported, checked in onnxruntime against
+PyTorch and benched, which gives one report row per stage. A stage is done
+when its `done.json` exists; it records a key made of the recipe up to that
+stage, so re-running resumes after the last finished stage and a changed
+stage (and everything after it) runs again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from .bench import bench_onnx, machine_description
+from .checkpoint import atomic_write_json, load_model, save_model
+from .data import CifarSplit, dataset_spec, load_split
+from .errors import CifarpressError
+from .export import check_onnx, export_onnx
+from .models import build_model
+from .profile import profile_model
+from .recipe import ExportStage, Recipe, TrainStage, stage_dir_name
+from .report import write_report
+from .trainer import evaluate
+
+console = Console(stderr=True)
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    run_dir: Path
+    data_root: str | None
+    _splits: dict = field(default_factory=dict)
+
+    def split(self, name: str) -> CifarSplit:
+        if name not in self._splits:
+            self._splits[name] = load_split(self.recipe.dataset, name, self.data_root)
+        return self._splits[name]
+
+    @property
+    def spec(self):
+        return dataset_spec(self.recipe.dataset)
+
+
+def _stage_key(recipe: Recipe, upto: int) -> str:
+    """Hash of everything that determines stage `upto`'s output (the model and stages before it)."""
+    payload = {"dataset": recipe.dataset, "model": recipe.model.model_dump(),
+               "stages": [s.model_dump(exclude_none=True) for s in recipe.stages[:upto]]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def measure_model(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, info: dict) -> dict:
+    """Export, check and bench one stage's model; returns its report row."""
+    test = ctx.split("test")
+    onnx_path = export_onnx(model, stage_dir / "model.onnx", ctx.spec, test.classes,
+                            {"arch": info["arch"], "stage": stage_dir.name})
+    check = check_onnx(model, onnx_path, test, threads=ctx.recipe.bench.threads)
+    prof = profile_model(model)
+    bench = bench_onnx(onnx_path, ctx.recipe.bench.batch_sizes, ctx.recipe.bench.threads, test,
+                       ctx.recipe.bench.seconds)
+    return {
+        "params": prof.params, "macs": prof.macs, "onnx_bytes": bench["onnx_bytes"],
+        "top1": bench["top1"], "top1_torch": evaluate(model, test),
+        "latency_ms": {b: {"p50": v["p50"], "p90": v["p90"], "p99": v["p99"]} for b, v in bench["latency_ms"].items()},
+        "throughput_ips": {b: v["throughput_ips"] for b, v in bench["latency_ms"].items()},
+        "peak_rss_bytes": bench["peak_rss_bytes"], "threads": bench["threads"],
+        "onnxruntime": bench["onnxruntime"], "onnx_check": check.to_dict(),
+        "model": str(stage_dir / "model.pt"), "onnx": str(onnx_path),
+    }
+
+
+def _run_train(ctx: RunContext, cfg: TrainStage, prev_model: Path, stage_dir: Path) -> Path:
+    from .training import run_training
+
+    options = cfg.model_dump()
+    epochs, ema = options.pop("epochs"), options.pop("ema")
+    run_training(arch=None, dataset=ctx.recipe.dataset, epochs=epochs, out_dir=stage_dir, data_root=ctx.data_root,
+                 init=str(prev_model), ema=ema, **options)
+    return stage_dir / "model.pt"
+
+
+def _run_export(ctx: RunContext, cfg: ExportStage, prev_model: Path, stage_dir: Path) -> dict:
+    model, info = load_model(prev_model)
+    onnx_path = export_onnx(model, stage_dir / "model.onnx", ctx.spec, ctx.split("test").classes,
+                            {"arch": info["arch"], "stage": stage_dir.name})
+    check = check_onnx(model, onnx_path, ctx.split("test"), cfg.check_images, cfg.tolerance, ctx.recipe.bench.threads)
+    return {"artifact": str(onnx_path), "format": cfg.format, "onnx_check": check.to_dict(),
+            "bytes": onnx_path.stat().st_size, "source_model": str(prev_model)}
+
+
+def _baseline(ctx: RunContext, stage_dir: Path) -> Path:
+    spec = ctx.recipe.model
+    if spec.checkpoint:
+        model, info = load_model(spec.checkpoint, spec.arch)
+        if info["num_classes"] != ctx.spec.num_classes:
+            raise CifarpressError(f"model.checkpoint has {info['num_classes']} outputs but {ctx.recipe.dataset} "
+                                  f"has {ctx.spec.num_classes} classes; fix dataset or checkpoint")
+        arch = info["arch"]
+    else:
+        torch.manual_seed(0)
+        model, arch = build_model(spec.arch, ctx.spec.num_classes), spec.arch
+    return save_model(stage_dir / "model.pt", model, arch, ctx.spec.num_classes, ctx.recipe.dataset,
+                      {"source": spec.checkpoint or "random init"})
+
+
+def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | None = None,
+               force: bool = False) -> Path:
+    """Run (or resume) a recipe; returns the run folder holding report.json and report.md."""
+    run_dir = Path(out_dir) if out_dir else Path("runs") / recipe.name
+    if force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(recipe, run_dir, data_root or recipe.data_root)
+    ctx.split("test")  # fail early, before any work, if the data is missing
+
+    stages = [("baseline", None)] + [(s.kind, s.config) for s in recipe.stages]
+    rows, artifacts, prev_model = [], [], None
+    for index, (kind, cfg) in enumerate(stages):
+        stage_dir = run_dir / stage_dir_name(index, kind)
+        done_file = stage_dir / "done.json"
+        key = _stage_key(recipe, index)
+        if done_file.exists():
+            done = json.loads(done_file.read_text())
+            if done.get("key") == key:
+                console.print(f"[dim]{stage_dir.name}: done earlier, skipped[/]")
+                rows += [done["row"]] if done.get("row") else []
+                artifacts += [done["artifact"]] if done.get("artifact") else []
+                prev_model = Path(done["model"]) if done.get("model") else prev_model
+                continue
+            # The recipe changed at this stage: it and every later stage run again.
+            for later in sorted(run_dir.glob("[0-9][0-9]-*")):
+                if int(later.name[:2]) >= index:
+                    shutil.rmtree(later)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        console.rule(f"[bold]{stage_dir.name}")
+        done = {"key": key, "stage": kind, "dir": str(stage_dir)}
+        if kind == "export":
+            done["artifact"] = _run_export(ctx, cfg, prev_model, stage_dir)
+            atomic_write_json(stage_dir / "metrics.json", done["artifact"])
+            artifacts.append(done["artifact"])
+        else:
+            model_path = _baseline(ctx, stage_dir) if kind == "baseline" else _run_train(ctx, cfg, prev_model, stage_dir)
+            model, info = load_model(model_path)
+            row = {"stage": kind, "dir": str(stage_dir), **measure_model(ctx, model, stage_dir, info)}
+            atomic_write_json(stage_dir / "metrics.json", row)
+            done.update(row=row, model=str(model_path))
+            rows.append(row)
+            prev_model = model_path
+            console.print(f"{stage_dir.name}: top-1 {row['top1']:.2f}%  params {row['params']:,}  "
+                          f"MACs {row['macs'] / 1e6:.1f}M  ONNX {row['onnx_bytes'] / 1e6:.2f} MB")
+        atomic_write_json(done_file, done)  # written last: a stage without it is not finished
+    write_report(run_dir, recipe, rows, artifacts, machine_description())
+    return run_dir

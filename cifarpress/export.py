@@ -1,0 +1,159 @@
+"""ONNX export that a device can use on its own, checked against PyTorch.
+
+The exported graph takes float32 NCHW RGB in [0, 1] and normalizes inside
+(folded into the first conv by onnxruntime/TensorRT), and its metadata names
+the dataset, the classes and the preprocessing: nothing else ships with it.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import atomic_write, unwrap
+from .data import CifarSplit, DatasetSpec, balanced_subset
+from .errors import CifarpressError
+
+OPSET = 18
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+class NormalizedClassifier(nn.Module):
+    """Wraps a model trained on normalized inputs so it takes pixels in [0, 1]."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) * self.inv_std)
+
+
+class ExportCheckError(CifarpressError):
+    """onnxruntime disagrees with PyTorch beyond tolerance."""
+
+
+@dataclass
+class ExportCheck:
+    images: int
+    max_abs_diff: float
+    top1_agreement: float
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "max_abs_diff": self.max_abs_diff, "top1_agreement": self.top1_agreement}
+
+
+def _torch_export(wrapped: nn.Module, path: str, opset: int) -> None:
+    example = torch.rand(2, 3, 32, 32)
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        try:
+            torch.onnx.export(
+                wrapped, (example,), path, dynamo=True, opset_version=opset, external_data=False,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+            )
+            return
+        except Exception as first:  # user models torch.export cannot trace: try the TorchScript exporter
+            dynamo_error = first
+        try:
+            torch.onnx.export(
+                wrapped, (example,), path, dynamo=False, opset_version=max(17, min(opset, 20)),
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+        except Exception as exc:
+            raise CifarpressError(
+                f"ONNX export failed ({type(dynamo_error).__name__}: {str(dynamo_error).splitlines()[0][:200]}); "
+                f"the model likely uses an operation ONNX cannot express"
+            ) from exc
+
+
+def export_onnx(model: nn.Module, path: str | Path, spec: DatasetSpec, classes: list[str],
+                extra_metadata: dict | None = None, opset: int = OPSET) -> Path:
+    """Write `model` (trained on normalized inputs) as a self-contained ONNX file, atomically."""
+    model = unwrap(model)
+    model = model.to(memory_format=torch.contiguous_format)
+    was_training = model.training
+    wrapped = NormalizedClassifier(model, spec.mean, spec.std).eval()
+    metadata = {
+        "producer": f"cifarpress {__version__}",
+        "dataset": spec.name,
+        "classes": json.dumps(classes),
+        "input": "float32 NCHW RGB 32x32, pixel values in [0, 1]",
+        "preprocessing": json.dumps({"scale": "1/255", "mean": list(spec.mean), "std": list(spec.std),
+                                     "normalization": "inside the graph"}),
+        **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra_metadata or {}).items()},
+    }
+
+    def write(tmp: str) -> None:
+        with torch.no_grad():
+            _torch_export(wrapped, tmp, opset)
+        proto = onnx.load(tmp)
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto)
+        onnx.save(proto, tmp)
+
+    try:
+        return atomic_write(path, write)
+    finally:
+        model.train(was_training)
+
+
+def read_onnx_metadata(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CifarpressError(f"ONNX file {path} not found; export one with `cifarpress export`")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise CifarpressError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "classes" in meta:
+        meta["classes"] = json.loads(meta["classes"])
+    return meta
+
+
+def check_onnx(model: nn.Module, path: str | Path, split: CifarSplit, images: int = 1000,
+               tolerance: float = 1e-4, threads: int | None = None) -> ExportCheck:
+    """Run real images through onnxruntime and PyTorch; raise if logits differ beyond `tolerance`."""
+    from .bench import make_session
+
+    model = unwrap(model).eval()
+    wrapped = NormalizedClassifier(model, split.spec.mean, split.spec.std).eval()
+    count = min(images, len(split))
+    idx = balanced_subset(split.labels, count, seed=1) if count >= split.spec.num_classes else torch.arange(count)
+    x = split.images[idx].float() / 255.0
+    session = make_session(path, threads)
+    max_diff, agree = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(x), 250):
+            batch = x[start:start + 250]
+            ref = wrapped(batch).numpy()
+            got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+            max_diff = max(max_diff, float(np.abs(ref - got).max()))
+            agree += int((ref.argmax(1) == got.argmax(1)).sum())
+    check = ExportCheck(images=len(x), max_abs_diff=max_diff, top1_agreement=100.0 * agree / len(x))
+    if max_diff > tolerance:
+        raise ExportCheckError(
+            f"onnxruntime output of {path} differs from PyTorch by {max_diff:.2e} (> {tolerance:.0e}) on "
+            f"{len(x)} test images, top-1 agreement {check.top1_agreement:.2f}%; the export is not faithful"
+        )
+    return check

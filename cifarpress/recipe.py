@@ -1,0 +1,178 @@
+"""Recipes: YAML files validated by pydantic, with errors that name the field.
+
+    name: quickstart
+    dataset: cifar10
+    model: {arch: resnet20, checkpoint: builtin:resnet20-cifar10}
+    stages:
+      - train: {epochs: 1, lr: 0.01}
+      - export: {format: onnx}
+    bench: {batch_sizes: [1, 64]}
+
+Each stage is a one-key mapping, the key naming the stage type. Relative
+paths are read relative to the recipe file's folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .data import DATASETS
+from .errors import RecipeError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    arch: str = Field(description="Zoo name or package.module:factory")
+    checkpoint: Optional[str] = Field(None, description="Model file, builtin:NAME, or omitted for random init")
+
+
+class TrainStage(Strict):
+    """Train or fine-tune the current model (optionally with an EMA of weights)."""
+
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, le=0.5)
+    ema: bool = False
+    max_steps_per_epoch: Optional[int] = Field(None, ge=1)
+    seed: int = 0
+
+
+class ExportStage(Strict):
+    """Publish the current model as the deployable artifact."""
+
+    format: Literal["onnx"] = "onnx"
+    check_images: int = Field(1000, ge=10, description="Test images compared between PyTorch and onnxruntime")
+    tolerance: float = Field(1e-4, gt=0, description="Max abs logit difference allowed")
+
+
+STAGE_TYPES: dict[str, type[Strict]] = {"train": TrainStage, "export": ExportStage}
+
+
+class Stage(Strict):
+    train: Optional[TrainStage] = None
+    export: Optional[ExportStage] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def one_key(cls, value):
+        if isinstance(value, str) and value in STAGE_TYPES:
+            return {value: {}}  # "- export" is shorthand for "- export: {}"
+        if not isinstance(value, dict) or len(value) != 1:
+            raise ValueError(f"each stage is a mapping with one key, one of: {', '.join(STAGE_TYPES)}")
+        key, body = next(iter(value.items()))
+        if key not in STAGE_TYPES:
+            raise ValueError(f"unknown stage '{key}'; choose one of: {', '.join(STAGE_TYPES)}")
+        return {key: {} if body is None else body}
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STAGE_TYPES if getattr(self, k) is not None)
+
+    @property
+    def config(self) -> Strict:
+        return getattr(self, self.kind)
+
+
+class BenchSpec(Strict):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64], min_length=1)
+    threads: Optional[int] = Field(None, ge=1, description="onnxruntime intra-op threads (default: all cores)")
+    seconds: float = Field(3.0, gt=0, description="Timing budget per batch size")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def positive(cls, sizes):
+        if any(b < 1 for b in sizes):
+            raise ValueError("batch sizes must be >= 1")
+        return sizes
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run folder name under runs/")
+    dataset: Literal[tuple(DATASETS)] = "cifar10"  # type: ignore[valid-type]
+    data_root: Optional[str] = None
+    model: ModelSpec
+    stages: list[Stage] = Field(min_length=1)
+    bench: BenchSpec = Field(default_factory=BenchSpec)
+
+
+def _field_path(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + str(part)
+    return path or "recipe"
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for e in exc.errors():
+        loc = tuple(p for p in e["loc"] if p not in ("function-before[one_key()]",))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `cifarpress compress --help`)"
+        lines.append(f"{source}: {_field_path(loc)}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve(path: str, base: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe file; every problem is a RecipeError naming the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} not found; see recipes/ for examples")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}:{where}: not valid YAML ({problem})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping with name, model and stages")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, str(path))) from None
+    base = path.resolve().parent
+    ckpt = recipe.model.checkpoint
+    if ckpt and not ckpt.startswith("builtin:"):
+        resolved = _resolve(ckpt, base)
+        if not resolved.is_file():
+            raise RecipeError(f"{path}: model.checkpoint: file {resolved} not found; fix the path "
+                              f"(relative paths start at the recipe's folder)")
+        recipe.model.checkpoint = str(resolved)
+    elif ckpt:
+        from .checkpoint import BUILTIN_DIR
+
+        name = ckpt.split(":", 1)[1]
+        if not (BUILTIN_DIR / f"{name}.pt").is_file():
+            known = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.pt"))) or "none"
+            raise RecipeError(f"{path}: model.checkpoint: no built-in checkpoint '{name}' (available: {known})")
+    if recipe.data_root:
+        recipe.data_root = str(_resolve(recipe.data_root, base))
+    if not ckpt and recipe.stages[0].kind != "train":
+        raise RecipeError(f"{path}: stages[0]: a model without a checkpoint must be trained first; "
+                          f"add a train stage or set model.checkpoint")
+    return recipe
+
+
+def stage_dir_name(index: int, kind: str) -> str:
+    return f"{index:02d}-{kind}"
+

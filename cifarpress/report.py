@@ -1,0 +1,77 @@
+"""report.json (stable, for scripts) and report.md (for people) of a compress run.
+
+report.json keeps this shape; fields are only ever added:
+    {"recipe": str, "dataset": str, "machine": {...}, "deployable": {...} | null,
+     "stages": [{"stage": str, "top1": float, "params": int, "macs": int, "onnx_bytes": int,
+                 "latency_ms": {"<batch>": {"p50": float, "p90": float, "p99": float}},
+                 "ratios": {"params": float, "macs": float, "onnx_bytes": float,
+                            "latency_p50_b<batch>": float}, ...}]}
+Ratios are against the first row (the model the recipe started from).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import atomic_write_json, atomic_write_text
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    if not rows:
+        return rows
+    ref = rows[0]
+    for row in rows:
+        ratios = {k: row[k] / ref[k] if ref[k] else None for k in ("params", "macs", "onnx_bytes")}
+        for batch, lat in row["latency_ms"].items():
+            base = ref["latency_ms"].get(batch, {}).get("p50")
+            ratios[f"latency_p50_b{batch}"] = lat["p50"] / base if base else None
+        ratios["top1_delta_pp"] = row["top1"] - ref["top1"]
+        row["ratios"] = ratios
+    return rows
+
+
+def _fmt_ratio(value) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def render_markdown(report: dict) -> str:
+    rows = report["stages"]
+    batches = list(rows[0]["latency_ms"]) if rows else []
+    m = report["machine"]
+    lines = [
+        f"# cifarpress report: {report['recipe']}",
+        "",
+        f"Dataset {report['dataset']}. Measured on {m['cpu']} ({m['cores']} cores), onnxruntime "
+        f"{rows[0]['onnxruntime'] if rows else '?'} CPU, {rows[0]['threads'] if rows else '?'} threads; "
+        f"top-1 on the full test set through onnxruntime.",
+        "",
+        "| stage | top-1 % | Δ pp | params | MACs | ONNX MB | "
+        + " | ".join(f"p50 ms b{b} | p99 ms b{b}" for b in batches) + " |",
+        "|" + "---|" * (6 + 2 * len(batches)),
+    ]
+    for row in rows:
+        r = row["ratios"]
+        cells = [row["stage"], f"{row['top1']:.2f}", f"{r['top1_delta_pp']:+.2f}",
+                 f"{row['params']:,} ({_fmt_ratio(r['params'])})", f"{row['macs'] / 1e6:.1f}M ({_fmt_ratio(r['macs'])})",
+                 f"{row['onnx_bytes'] / 1e6:.2f} ({_fmt_ratio(r['onnx_bytes'])})"]
+        for b in batches:
+            lat = row["latency_ms"][b]
+            cells += [f"{lat['p50']:.3f} ({_fmt_ratio(r[f'latency_p50_b{b}'])})", f"{lat['p99']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for row in rows:
+        c = row["onnx_check"]
+        lines.append(f"- {row['stage']}: ONNX vs PyTorch on {c['images']} test images: max |Δ logit| "
+                     f"{c['max_abs_diff']:.2e}, top-1 agreement {c['top1_agreement']:.2f}%; PyTorch top-1 "
+                     f"{row['top1_torch']:.2f}%")
+    if report.get("deployable"):
+        d = report["deployable"]
+        lines += ["", f"Deployable artifact: `{d['artifact']}` ({d['format']}, {d['bytes'] / 1e6:.2f} MB)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, recipe, rows: list[dict], artifacts: list[dict], machine: dict) -> dict:
+    report = {"recipe": recipe.name, "dataset": recipe.dataset, "machine": machine,
+              "deployable": artifacts[-1] if artifacts else None, "stages": add_ratios(rows)}
+    atomic_write_json(Path(run_dir) / "report.json", report)
+    atomic_write_text(Path(run_dir) / "report.md", render_markdown(report))
+    return report
