@@ -44,7 +44,9 @@ def user_errors(fn):
 def set_threads(threads: Optional[int]) -> None:
     import torch
 
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    # Under torchrun the ranks share the machine's cores.
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // ranks_here))
 
 
 @app.command()
@@ -131,8 +133,9 @@ def compress(
     spec = load_recipe(recipe)
     set_threads(threads)
     run_dir = run_recipe(spec, out_dir, str(data_root) if data_root else None, force)
-    out.print((run_dir / "report.md").read_text(), markup=False, highlight=False)
-    out.print(f"report: {run_dir / 'report.json'}")
+    # Plain print: the Markdown table must not be re-wrapped to the terminal width.
+    print((run_dir / "report.md").read_text(), end="")
+    print(f"report: {run_dir / 'report.json'}")
 
 
 @app.command()

@@ -12,7 +12,7 @@ from .data import dataset_spec, load_split
 from .errors import CifarpressError
 from .models import build_model
 from .plugins import WeightEMA
-from .trainer import Plugin, TrainConfig, Trainer
+from .trainer import Plugin, TrainConfig, Trainer, distributed_context
 
 
 def run_training(arch: str, dataset: str, epochs: int, out_dir: Path, data_root=None, init: str | None = None,
@@ -20,8 +20,11 @@ def run_training(arch: str, dataset: str, epochs: int, out_dir: Path, data_root=
                  **config) -> dict | None:
     """Returns {'top1', 'model_path', 'history'} on rank 0 (None on other ranks)."""
     out_dir = Path(out_dir)
-    if force and out_dir.exists():
+    rank, world = distributed_context()
+    if force and rank == 0 and out_dir.exists():
         shutil.rmtree(out_dir)
+    if world > 1:
+        torch.distributed.barrier()  # no rank may look for last.pt before rank 0 has cleared it
     spec = dataset_spec(dataset)
     if init:
         model, info = load_model(init)
