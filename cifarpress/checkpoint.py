@@ -4,6 +4,12 @@ A model file is a dict that names how to rebuild the network (zoo name or
 `package.module:factory`), its class count and dataset, and its weights, so
 `cifarpress eval model.pt` needs no other argument. `builtin:NAME` refers to
 the checkpoints shipped inside the package.
+
+Compression changes a network's shape, so the file also records the
+constructor arguments of every Conv/BatchNorm/Linear layer and, for a
+quantized model, the quantizer's config: loading builds the named
+architecture, resizes the layers that differ (a pruned model), re-applies the
+quantizer, and only then loads the weights. No pickled code is involved.
 """
 from __future__ import annotations
 
@@ -59,10 +65,59 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def layer_spec(module: nn.Module) -> dict | None:
+    """Constructor arguments of a Conv2d/BatchNorm/Linear layer (subclasses such as quantized layers too)."""
+    if isinstance(module, nn.Conv2d):
+        return {"type": "Conv2d", "in_channels": module.in_channels, "out_channels": module.out_channels,
+                "kernel_size": list(module.kernel_size), "stride": list(module.stride),
+                "padding": list(module.padding) if not isinstance(module.padding, str) else module.padding,
+                "dilation": list(module.dilation), "groups": module.groups, "bias": module.bias is not None,
+                "padding_mode": module.padding_mode}
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return {"type": type(module).__name__ if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d)
+                else ("BatchNorm2d" if isinstance(module, nn.BatchNorm2d) else "BatchNorm1d"),
+                "num_features": module.num_features, "eps": module.eps, "momentum": module.momentum,
+                "affine": module.affine, "track_running_stats": module.track_running_stats}
+    if isinstance(module, nn.Linear):
+        return {"type": "Linear", "in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None}
+    return None
+
+
+def describe_layers(model: nn.Module) -> dict[str, dict]:
+    return {name: spec for name, m in unwrap(model).named_modules() if (spec := layer_spec(m)) is not None}
+
+
+def _build_layer(spec: dict) -> nn.Module:
+    args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k != "type"}
+    return getattr(nn, spec["type"])(**args)
+
+
+def resize_layers(model: nn.Module, specs: dict[str, dict]) -> int:
+    """Replace every layer whose recorded spec differs from the model's; returns how many changed."""
+    current = describe_layers(model)
+    changed = 0
+    for name, spec in specs.items():
+        if name not in current:
+            raise CifarpressError(f"the model file names a layer '{name}' that the architecture does not have")
+        if current[name] != spec:
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, leaf, _build_layer(spec))
+            changed += 1
+    return changed
+
+
 def save_model(path, model: nn.Module, arch: str, num_classes: int, dataset: str, meta: dict | None = None) -> Path:
-    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    model = unwrap(model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "arch": arch, "num_classes": num_classes, "dataset": dataset,
-               "state_dict": state, "meta": meta or {}}
+               "state_dict": state, "layers": describe_layers(model), "meta": meta or {}}
+    from .quantize import quantized_layers  # late: quantize imports this module
+    if quantized_layers(model):
+        from .quantize.ternary import config_from_model
+
+        payload["quantization"] = {"method": "ternary", "config": config_from_model(model).to_dict()}
     return atomic_torch_save(payload, path)
 
 
@@ -109,7 +164,20 @@ def load_model(path: str | os.PathLike, arch: str | None = None, num_classes: in
     if arch is not None and arch != info["arch"] and payload.get("format") == FORMAT:
         raise CifarpressError(f"{path} holds a '{info['arch']}' model, not '{arch}'")
     model = build_model(info["arch"], info["num_classes"])
-    result = model.load_state_dict(state, strict=False)
+    if payload.get("layers"):
+        info["resized_layers"] = resize_layers(model, payload["layers"])
+    if payload.get("quantization"):
+        from .quantize import TernaryConfig, quantize_model
+
+        info["quantization"] = payload["quantization"]
+        quantize_model(model, TernaryConfig.from_dict(payload["quantization"]["config"]))
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch: wrong architecture or class count
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
+        raise CifarpressError(
+            f"{path} does not fit '{info['arch']}' with {info['num_classes']} classes ({first}); "
+            f"check --arch and --num-classes") from None
     if result.missing_keys or result.unexpected_keys:
         raise CifarpressError(
             f"{path} does not fit '{info['arch']}': missing {result.missing_keys[:3]}, "
