@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import CifarpressError
 
@@ -32,7 +33,8 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except CifarpressError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escape: paths and messages may hold [brackets] that are not console markup
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True, emoji=False)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted: finished epochs and stages are saved; re-run the same command to resume[/]")

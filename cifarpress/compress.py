@@ -97,7 +97,7 @@ def _run_export(ctx: RunContext, cfg: ExportStage, prev_model: Path, stage_dir: 
 def _baseline(ctx: RunContext, stage_dir: Path) -> Path:
     spec = ctx.recipe.model
     if spec.checkpoint:
-        model, info = load_model(spec.checkpoint, spec.arch)
+        model, info = load_model(spec.checkpoint, spec.arch, ctx.spec.num_classes)  # class count: plain state dicts
         if info["num_classes"] != ctx.spec.num_classes:
             raise CifarpressError(f"model.checkpoint has {info['num_classes']} outputs but {ctx.recipe.dataset} "
                                   f"has {ctx.spec.num_classes} classes; fix dataset or checkpoint")
@@ -113,14 +113,15 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | Non
                force: bool = False) -> Path:
     """Run (or resume) a recipe; returns the run folder holding report.json and report.md."""
     run_dir = Path(out_dir) if out_dir else Path("runs") / recipe.name
+    ctx = RunContext(recipe, run_dir, data_root or recipe.data_root)
+    ctx.split("test")  # fail early, before any work (and before --force deletes anything), if the data is missing
     if force and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(recipe, run_dir, data_root or recipe.data_root)
-    ctx.split("test")  # fail early, before any work, if the data is missing
 
     stages = [("baseline", None)] + [(s.kind, s.config) for s in recipe.stages]
     rows, artifacts, prev_model = [], [], None
+    bench = recipe.bench.model_dump()
     for index, (kind, cfg) in enumerate(stages):
         stage_dir = run_dir / stage_dir_name(index, kind)
         done_file = stage_dir / "done.json"
@@ -128,7 +129,17 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | Non
         if done_file.exists():
             done = json.loads(done_file.read_text())
             if done.get("key") == key:
-                console.print(f"[dim]{stage_dir.name}: done earlier, skipped[/]")
+                if done.get("row") and done.get("bench") != bench:
+                    # Same model, other bench settings: measure it again (no retraining), so every
+                    # report row has the recipe's batch sizes and threads.
+                    model, info = load_model(done["model"])
+                    done["row"] = {"stage": kind, "dir": str(stage_dir), **measure_model(ctx, model, stage_dir, info)}
+                    done["bench"] = bench
+                    atomic_write_json(stage_dir / "metrics.json", done["row"])
+                    atomic_write_json(done_file, done)
+                    console.print(f"{stage_dir.name}: done earlier; bench settings changed, measured again")
+                else:
+                    console.print(f"[dim]{stage_dir.name}: done earlier, skipped[/]")
                 rows += [done["row"]] if done.get("row") else []
                 artifacts += [done["artifact"]] if done.get("artifact") else []
                 prev_model = Path(done["model"]) if done.get("model") else prev_model
@@ -139,7 +150,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | Non
                     shutil.rmtree(later)
         stage_dir.mkdir(parents=True, exist_ok=True)
         console.rule(f"[bold]{stage_dir.name}")
-        done = {"key": key, "stage": kind, "dir": str(stage_dir)}
+        done = {"key": key, "stage": kind, "dir": str(stage_dir), "bench": bench}
         if kind == "export":
             done["artifact"] = _run_export(ctx, cfg, prev_model, stage_dir)
             atomic_write_json(stage_dir / "metrics.json", done["artifact"])

@@ -136,20 +136,24 @@ def check_onnx(model: nn.Module, path: str | Path, split: CifarSplit, images: in
     """Run real images through onnxruntime and PyTorch; raise if logits differ beyond `tolerance`."""
     from .bench import make_session
 
-    model = unwrap(model).eval()
+    model = unwrap(model)
+    was_training = model.training
     wrapped = NormalizedClassifier(model, split.spec.mean, split.spec.std).eval()
     count = min(images, len(split))
     idx = balanced_subset(split.labels, count, seed=1) if count >= split.spec.num_classes else torch.arange(count)
     x = split.images[idx].float() / 255.0
     session = make_session(path, threads)
     max_diff, agree = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(x), 250):
-            batch = x[start:start + 250]
-            ref = wrapped(batch).numpy()
-            got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
-            max_diff = max(max_diff, float(np.abs(ref - got).max()))
-            agree += int((ref.argmax(1) == got.argmax(1)).sum())
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), 250):
+                batch = x[start:start + 250]
+                ref = wrapped(batch).numpy()
+                got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+                max_diff = max(max_diff, float(np.abs(ref - got).max()))
+                agree += int((ref.argmax(1) == got.argmax(1)).sum())
+    finally:
+        model.train(was_training)  # like export_onnx: leave the caller's model in the mode it was in
     check = ExportCheck(images=len(x), max_abs_diff=max_diff, top1_agreement=100.0 * agree / len(x))
     if max_diff > tolerance:
         raise ExportCheckError(

@@ -1,0 +1,70 @@
+"""The real CIFAR-10 copy ($CIFARPRESS_DATA) and the shipped ResNet-20: accuracy in PyTorch and through ONNX."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import cifarpress
+from cifarpress.bench import onnx_accuracy
+from cifarpress.checkpoint import load_model
+from cifarpress.data import balanced_subset, dataset_spec, load_split
+from cifarpress.export import check_onnx, export_onnx
+from cifarpress.trainer import evaluate
+
+from conftest import CLASSES
+
+PRETRAINED = Path(cifarpress.__file__).parent / "pretrained" / "resnet20-cifar10.pt"
+
+
+@pytest.fixture(scope="module")
+def real_test(real_cifar_root):
+    return load_split("cifar10", "test", real_cifar_root, download_if_missing=False)
+
+
+def test_real_test_split_is_complete_and_balanced(real_test):
+    assert len(real_test) == 10000
+    assert real_test.images.shape == (10000, 3, 32, 32) and real_test.images.dtype == torch.uint8
+    assert torch.bincount(real_test.labels, minlength=10).tolist() == [1000] * 10
+    assert real_test.classes == CLASSES
+
+
+def test_balanced_subset_of_the_real_train_split(real_cifar_root):
+    train = load_split("cifar10", "train", real_cifar_root, download_if_missing=False)
+    assert len(train) == 50000
+    idx = balanced_subset(train.labels, 500)
+    assert len(idx) == 500 and len(torch.unique(idx)) == 500
+    assert torch.equal(idx, idx.sort().values)
+    assert torch.bincount(train.labels[idx], minlength=10).tolist() == [50] * 10
+    assert torch.equal(idx, balanced_subset(train.labels, 500))  # fixed: same subset every time
+    sub = train.subset(idx)
+    assert len(sub) == 500 and torch.equal(sub.images[0], train.images[idx[0]])
+
+
+@pytest.fixture(scope="module")
+def pretrained(real_test):
+    """The shipped ResNet-20 and its PyTorch top-1 on the full real test set."""
+    if not PRETRAINED.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{PRETRAINED} is missing; CI must test the checkpoint the package ships")
+        pytest.skip(f"{PRETRAINED} not there yet (being trained)")
+    torch.set_num_threads(1)
+    model, info = load_model("builtin:resnet20-cifar10")
+    assert info["arch"] == "resnet20" and info["num_classes"] == 10 and info["dataset"] == "cifar10"
+    model.eval()
+    return model, evaluate(model, real_test)
+
+
+def test_pretrained_resnet20_top1(pretrained):
+    _, top1 = pretrained
+    assert top1 >= 90.0, f"shipped resnet20-cifar10 reaches only {top1:.2f}% on the real test set"
+
+
+def test_pretrained_onnx_matches_pytorch(pretrained, real_test, tmp_path):
+    model, top1 = pretrained
+    path = export_onnx(model, tmp_path / "resnet20.onnx", dataset_spec("cifar10"), real_test.classes)
+    check = check_onnx(model, path, real_test, images=1000, tolerance=1e-4, threads=1)  # raises above 1e-4
+    assert check.images == 1000 and check.max_abs_diff <= 1e-4
+    assert abs(onnx_accuracy(path, real_test, threads=1) - top1) <= 0.05
