@@ -249,6 +249,15 @@ class Trainer:
     def fit(self, train: CifarSplit, test: CifarSplit | None) -> TrainResult:
         c = self.config
         torch.manual_seed(c.seed)
+        per_rank_batch = max(1, c.batch_size // self.world)
+        loader = BatchLoader(train, per_rank_batch, train=True, seed=c.seed, shard=(self.rank, self.world),
+                             device=self.device, channels_last=c.channels_last)
+        steps_per_epoch = len(loader) if c.max_steps_per_epoch is None else min(len(loader), c.max_steps_per_epoch)
+        if steps_per_epoch == 0:
+            raise CifarpressError(f"batch size {c.batch_size} exceeds the {len(train)} training images; lower it")
+        # Known before setup() so plug-ins can plan schedules over the whole run (pruning periods, warm-ups).
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, steps_per_epoch * c.epochs
+        total = self.total_steps
         for p in self.plugins:
             p.setup(self)
         base = self.model
@@ -258,13 +267,6 @@ class Trainer:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(base, device_ids=ids)
-        per_rank_batch = max(1, c.batch_size // self.world)
-        loader = BatchLoader(train, per_rank_batch, train=True, seed=c.seed, shard=(self.rank, self.world),
-                             device=self.device, channels_last=c.channels_last)
-        steps_per_epoch = len(loader) if c.max_steps_per_epoch is None else min(len(loader), c.max_steps_per_epoch)
-        if steps_per_epoch == 0:
-            raise CifarpressError(f"batch size {c.batch_size} exceeds the {len(train)} training images; lower it")
-        total = steps_per_epoch * c.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, total, c.schedule, c.warmup_fraction))
         use_amp = c.amp and self.device.type == "cuda"
@@ -341,7 +343,8 @@ class Trainer:
                     console.print(
                         f"epoch {self.epoch}/{c.epochs}  loss {metrics['train_loss']:.3f}  "
                         f"train {metrics['train_acc']:.2f}%  test {metrics.get('top1', float('nan')):.2f}%  "
-                        f"{metrics['images_per_s']:.0f} img/s  {train_time:.0f}s")
+                        f"{metrics['images_per_s']:.0f} img/s  {train_time:.0f}s"
+                        + "".join(f"  {k} {metrics[k]:.3f}" for k in ("group_sparsity",) if k in metrics))
         model = unwrap(self.model)
         for p in self.plugins:
             model = p.finalize(self, model)

@@ -13,10 +13,7 @@ from cifarpress.data import load_split
 from cifarpress.errors import CifarpressError
 from cifarpress.models import build_model
 from cifarpress.profile import profile_model
-from cifarpress.prune import discover_groups, verify_compact
-from cifarpress.prune.dhspg import DhspgPruner
-from cifarpress.prune.hesso import HessoPruner
-from cifarpress.prune.targets import PruneBudget, PruneTarget
+from cifarpress.prune import DhspgPruner, HessoPruner, PruneBudget, PruneTarget, discover_groups, verify_compact
 from cifarpress.trainer import Plugin, TrainConfig, Trainer
 
 # 3 epochs x 4 steps: HESSO warms up 3 steps, prunes in 3 periods of 2 steps, fine-tunes 3
@@ -66,7 +63,7 @@ def assert_frozen_rows_zero(pruner) -> None:
 
 
 def fit_hesso(train, run_dir, target: PruneTarget, seed: int = 0, at: int | None = None):
-    pruner = HessoPruner(target, train_size=len(train), **HESSO)
+    pruner = HessoPruner(target, **HESSO)
     watch = Watch(pruner, at)
     trainer = Trainer(resnet20(seed), CFG, [pruner, watch], run_dir=run_dir, device=torch.device("cpu"), quiet=True)
     return trainer, trainer.fit(train, None), pruner, watch
@@ -125,8 +122,7 @@ def test_hesso_meets_a_macs_target(train, tmp_path):
 
 
 def test_dhspg_drives_groups_to_zero_and_compacts(train):
-    pruner = DhspgPruner(PruneTarget(sparsity=0.5), train_size=len(train), start_fraction=0.1,
-                         end_fraction=0.9, lambda_=10.0)
+    pruner = DhspgPruner(PruneTarget(sparsity=0.5), start_fraction=0.1, end_fraction=0.9, lambda_=10.0)
     trainer = Trainer(resnet20(), CFG, [pruner], device=torch.device("cpu"), quiet=True)
     result = trainer.fit(train, None)
     model = unwrap(trainer.model)
@@ -162,13 +158,15 @@ def test_target_needs_exactly_one_kind_and_a_reachable_value():
 
 def test_model_without_prunable_groups_is_refused(train):
     linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
-    trainer = Trainer(linear, CFG, [HessoPruner(PruneTarget(sparsity=0.5), train_size=len(train))],
+    trainer = Trainer(linear, CFG, [HessoPruner(PruneTarget(sparsity=0.5))],
                       device=torch.device("cpu"), quiet=True)
     with pytest.raises(CifarpressError, match="no prunable channel group"):
         trainer.fit(train, None)
 
 
-def test_pruner_needs_the_run_length(train):
-    trainer = Trainer(resnet20(), CFG, [HessoPruner(PruneTarget(sparsity=0.5))], device=torch.device("cpu"), quiet=True)
-    with pytest.raises(CifarpressError, match="train_size"):
-        trainer.fit(train, None)
+def test_pruner_outside_fit_says_it_needs_the_trainer():
+    # setup() reads the run's length from trainer.total_steps, which only Trainer.fit sets
+    pruner = HessoPruner(PruneTarget(sparsity=0.5))
+    trainer = Trainer(resnet20(), CFG, [pruner], device=torch.device("cpu"), quiet=True)
+    with pytest.raises(CifarpressError, match="Trainer.fit"):
+        pruner.setup(trainer)

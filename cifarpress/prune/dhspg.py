@@ -24,16 +24,16 @@ import torch
 
 from ..errors import CifarpressError
 from ..trainer import Trainer
-from .hesso import GroupPruner, saliency
+from .pruner import GroupPruner, saliency
 from .targets import PruneTarget
 
 
 class DhspgPruner(GroupPruner):
     name = "dhspg"
 
-    def __init__(self, target: PruneTarget, *, train_size: int | None = None, start_fraction: float = 0.1,
-                 end_fraction: float = 0.8, lambda_: float = 0.1, epsilon: float = 0.0, amplify: float = 2.0):
-        super().__init__(target, train_size=train_size, start_fraction=start_fraction, end_fraction=end_fraction)
+    def __init__(self, target: PruneTarget, *, start_fraction: float = 0.1, end_fraction: float = 0.8,
+                 lambda_: float = 0.1, epsilon: float = 0.0, amplify: float = 2.0):
+        super().__init__(target, start_fraction=start_fraction, end_fraction=end_fraction)
         if not lambda_ > 0:
             raise CifarpressError(f"lambda_ must be > 0, got {lambda_!r}")
         if not 0.0 <= epsilon < 1.0:
