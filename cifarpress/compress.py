@@ -24,7 +24,7 @@ from .errors import CifarpressError
 from .export import check_onnx, export_onnx
 from .models import build_model
 from .profile import profile_model
-from .recipe import ExportStage, Recipe, TrainStage, stage_dir_name
+from .recipe import ExportStage, PruneStage, QuantizeStage, Recipe, TrainStage, stage_dir_name
 from .report import write_report
 from .trainer import evaluate
 
@@ -55,43 +55,96 @@ def _stage_key(recipe: Recipe, upto: int) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def export_checked(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, info: dict,
+                   images: int = 1000, tolerance: float | None = None) -> tuple[Path, dict]:
+    """Export a stage's model to ONNX and check it in onnxruntime against PyTorch.
+
+    A quantized model becomes a QDQ graph (int8 weights, codes {-1, 0, 1} for
+    ternary layers) plus a packed 2-bit file; a float model a plain graph.
+    """
+    from .quantize import check_qdq, export_qdq, quantized_layers, save_packed
+
+    test = ctx.split("test")
+    meta = {"arch": info["arch"], "stage": stage_dir.name}
+    extra: dict = {}
+    if quantized_layers(model):
+        onnx_path = export_qdq(model, stage_dir / "model.onnx", ctx.spec, test.classes, meta)
+        subset = test.subset(torch.arange(min(images, len(test))))
+        check = check_qdq(model, onnx_path, subset, tolerance, ctx.recipe.bench.threads)
+        packed = save_packed(model, stage_dir / "model.packed", info["arch"], ctx.spec.num_classes, ctx.recipe.dataset)
+        extra = {"packed": str(packed), "packed_bytes": packed.stat().st_size}
+    else:
+        onnx_path = export_onnx(model, stage_dir / "model.onnx", ctx.spec, test.classes, meta)
+        check = check_onnx(model, onnx_path, test, images, tolerance or 1e-4, ctx.recipe.bench.threads)
+    return onnx_path, {"onnx_check": check.to_dict(), **extra}
+
+
 def measure_model(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, info: dict) -> dict:
     """Export, check and bench one stage's model; returns its report row."""
+    from .quantize import layer_report, quantized_layers
+
     test = ctx.split("test")
-    onnx_path = export_onnx(model, stage_dir / "model.onnx", ctx.spec, test.classes,
-                            {"arch": info["arch"], "stage": stage_dir.name})
-    check = check_onnx(model, onnx_path, test, threads=ctx.recipe.bench.threads)
+    onnx_path, checked = export_checked(ctx, model, stage_dir, info)
     prof = profile_model(model)
     bench = bench_onnx(onnx_path, ctx.recipe.bench.batch_sizes, ctx.recipe.bench.threads, test,
                        ctx.recipe.bench.seconds)
-    return {
+    row = {
         "params": prof.params, "macs": prof.macs, "onnx_bytes": bench["onnx_bytes"],
         "top1": bench["top1"], "top1_torch": evaluate(model, test),
         "latency_ms": {b: {"p50": v["p50"], "p90": v["p90"], "p99": v["p99"]} for b, v in bench["latency_ms"].items()},
         "throughput_ips": {b: v["throughput_ips"] for b, v in bench["latency_ms"].items()},
         "peak_rss_bytes": bench["peak_rss_bytes"], "threads": bench["threads"],
-        "onnxruntime": bench["onnxruntime"], "onnx_check": check.to_dict(),
+        "onnxruntime": bench["onnxruntime"], **checked,
         "model": str(stage_dir / "model.pt"), "onnx": str(onnx_path),
     }
+    if quantized_layers(model):
+        row["layers"] = layer_report(model)
+    return row
+
+
+def _train_stage(ctx: RunContext, cfg, prev_model: Path, stage_dir: Path, plugins=(), ema: bool = False) -> Path:
+    """Fine-tune the previous stage's model with the given plug-ins; resumable inside the stage folder."""
+    from .training import run_training
+
+    run_training(arch=None, dataset=ctx.recipe.dataset, out_dir=stage_dir, data_root=ctx.data_root,
+                 init=str(prev_model), ema=ema, plugins=list(plugins), **cfg.training_options())
+    return stage_dir / "model.pt"
 
 
 def _run_train(ctx: RunContext, cfg: TrainStage, prev_model: Path, stage_dir: Path) -> Path:
-    from .training import run_training
+    return _train_stage(ctx, cfg, prev_model, stage_dir, ema=cfg.ema)
 
-    options = cfg.model_dump()
-    epochs, ema = options.pop("epochs"), options.pop("ema")
-    run_training(arch=None, dataset=ctx.recipe.dataset, epochs=epochs, out_dir=stage_dir, data_root=ctx.data_root,
-                 init=str(prev_model), ema=ema, **options)
-    return stage_dir / "model.pt"
+
+def _run_prune(ctx: RunContext, cfg: PruneStage, prev_model: Path, stage_dir: Path) -> Path:
+    from .prune import DhspgPruner, HessoPruner, PruneTarget
+
+    target = PruneTarget(sparsity=cfg.sparsity, macs=cfg.macs, channel_multiple=cfg.channel_multiple)
+    if cfg.method == "hesso":
+        pruner = HessoPruner(target, start_fraction=cfg.start_fraction, end_fraction=cfg.end_fraction or 0.5,
+                             pruning_periods=cfg.pruning_periods)
+    else:
+        pruner = DhspgPruner(target, start_fraction=cfg.start_fraction, end_fraction=cfg.end_fraction or 0.8,
+                             lambda_=cfg.penalty, epsilon=cfg.epsilon)
+    return _train_stage(ctx, cfg, prev_model, stage_dir, [pruner])
+
+
+def _run_quantize(ctx: RunContext, cfg: QuantizeStage, prev_model: Path, stage_dir: Path) -> Path:
+    from .quantize import TernaryConfig, TernaryQAT
+
+    qcfg = TernaryConfig(scale=cfg.scale, granularity=cfg.granularity, act_bits=cfg.act_bits,
+                         act_granularity=cfg.act_granularity, keep=cfg.keep, warmup_steps=cfg.warmup_steps)
+    # The quantizer goes before the EMA so the average is taken over the quantized layers.
+    return _train_stage(ctx, cfg, prev_model, stage_dir, [TernaryQAT(qcfg)], ema=cfg.ema)
+
+
+MODEL_STAGES = {"train": _run_train, "prune": _run_prune, "quantize": _run_quantize}
 
 
 def _run_export(ctx: RunContext, cfg: ExportStage, prev_model: Path, stage_dir: Path) -> dict:
     model, info = load_model(prev_model)
-    onnx_path = export_onnx(model, stage_dir / "model.onnx", ctx.spec, ctx.split("test").classes,
-                            {"arch": info["arch"], "stage": stage_dir.name})
-    check = check_onnx(model, onnx_path, ctx.split("test"), cfg.check_images, cfg.tolerance, ctx.recipe.bench.threads)
-    return {"artifact": str(onnx_path), "format": cfg.format, "onnx_check": check.to_dict(),
-            "bytes": onnx_path.stat().st_size, "source_model": str(prev_model)}
+    onnx_path, checked = export_checked(ctx, model, stage_dir, info, cfg.check_images, cfg.tolerance)
+    return {"artifact": str(onnx_path), "format": cfg.format, "bytes": onnx_path.stat().st_size,
+            "source_model": str(prev_model), **checked}
 
 
 def _baseline(ctx: RunContext, stage_dir: Path) -> Path:
@@ -156,7 +209,8 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | Non
             atomic_write_json(stage_dir / "metrics.json", done["artifact"])
             artifacts.append(done["artifact"])
         else:
-            model_path = _baseline(ctx, stage_dir) if kind == "baseline" else _run_train(ctx, cfg, prev_model, stage_dir)
+            model_path = (_baseline(ctx, stage_dir) if kind == "baseline"
+                          else MODEL_STAGES[kind](ctx, cfg, prev_model, stage_dir))
             model, info = load_model(model_path)
             row = {"stage": kind, "dir": str(stage_dir), **measure_model(ctx, model, stage_dir, info)}
             atomic_write_json(stage_dir / "metrics.json", row)

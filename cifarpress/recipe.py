@@ -32,8 +32,8 @@ class ModelSpec(Strict):
     checkpoint: Optional[str] = Field(None, description="Model file, builtin:NAME, or omitted for random init")
 
 
-class TrainStage(Strict):
-    """Train or fine-tune the current model (optionally with an EMA of weights)."""
+class TrainingOptions(Strict):
+    """The training-loop settings every training stage shares."""
 
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -43,9 +43,54 @@ class TrainStage(Strict):
     schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
     warmup_fraction: float = Field(0.0, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, le=0.5)
-    ema: bool = False
     max_steps_per_epoch: Optional[int] = Field(None, ge=1)
     seed: int = 0
+
+    def training_options(self) -> dict:
+        return {name: getattr(self, name) for name in TrainingOptions.model_fields}
+
+
+class TrainStage(TrainingOptions):
+    """Train or fine-tune the current model (optionally with an EMA of weights)."""
+
+    ema: bool = False
+
+
+class PruneStage(TrainingOptions):
+    """OTO-style structured pruning: drive whole channel groups to zero while training, then cut them out."""
+
+    epochs: int = Field(10, ge=1)
+    method: Literal["hesso", "dhspg"] = "hesso"
+    sparsity: Optional[float] = Field(None, gt=0, lt=1, description="Fraction of prunable groups to remove")
+    macs: Optional[float] = Field(None, gt=0, lt=1, description="Fraction of MACs to keep")
+    channel_multiple: int = Field(8, ge=1, description="Kept widths rounded to a multiple of this")
+    start_fraction: float = Field(0.1, ge=0, lt=1, description="Share of steps trained before pruning starts")
+    end_fraction: Optional[float] = Field(None, gt=0, le=1, description="Share of steps by which groups are zero "
+                                          "(default 0.5 for hesso, 0.8 for dhspg)")
+    pruning_periods: int = Field(5, ge=1, description="HESSO: periods over which the target is reached")
+    penalty: float = Field(0.1, ge=0, description="DHSPG: group-lasso strength (lambda)")
+    epsilon: float = Field(0.0, ge=0, description="DHSPG: half-space projection threshold")
+
+    @model_validator(mode="after")
+    def one_target(self):
+        if (self.sparsity is None) == (self.macs is None):
+            raise ValueError("give exactly one target: sparsity (fraction of groups removed) "
+                             "or macs (fraction of MACs kept), each in (0, 1)")
+        return self
+
+
+class QuantizeStage(TrainingOptions):
+    """Quantization-aware training: BitNet b1.58 ternary weights ({-1, 0, +1} x scale)."""
+
+    epochs: int = Field(5, ge=1)
+    method: Literal["ternary"] = "ternary"
+    scale: Literal["absmean", "absmedian"] = "absmean"
+    granularity: Literal["tensor", "channel"] = "tensor"
+    act_bits: Optional[Literal[8]] = Field(None, description="8 to quantize layer inputs to int8; omit for float")
+    act_granularity: Literal["tensor", "sample"] = "tensor"
+    keep: Optional[list[str]] = Field(None, description="Layers kept at 8 bits (default: first conv and classifier)")
+    warmup_steps: int = Field(0, ge=0, description="Steps blending from full precision to ternary")
+    ema: bool = False
 
 
 class ExportStage(Strict):
@@ -56,11 +101,14 @@ class ExportStage(Strict):
     tolerance: float = Field(1e-4, gt=0, description="Max abs logit difference allowed")
 
 
-STAGE_TYPES: dict[str, type[Strict]] = {"train": TrainStage, "export": ExportStage}
+STAGE_TYPES: dict[str, type[Strict]] = {"train": TrainStage, "prune": PruneStage, "quantize": QuantizeStage,
+                                         "export": ExportStage}
 
 
 class Stage(Strict):
     train: Optional[TrainStage] = None
+    prune: Optional[PruneStage] = None
+    quantize: Optional[QuantizeStage] = None
     export: Optional[ExportStage] = None
 
     @model_validator(mode="before")

@@ -63,6 +63,17 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- {row['stage']}: ONNX vs PyTorch on {c['images']} test images: max |Δ logit| "
                      f"{c['max_abs_diff']:.2e}, top-1 agreement {c['top1_agreement']:.2f}%; PyTorch top-1 "
                      f"{row['top1_torch']:.2f}%")
+    ref_bytes = rows[0]["onnx_bytes"] if rows else 0
+    for row in rows:
+        if row.get("packed_bytes"):
+            lines.append(f"- {row['stage']}: packed 2-bit artifact {row['packed_bytes'] / 1e3:.1f} KB "
+                         f"({row['packed_bytes'] / ref_bytes:.3f}× the first row's ONNX), QDQ ONNX "
+                         f"{row['onnx_bytes'] / 1e3:.1f} KB")
+        if row.get("layers"):
+            cells = ", ".join(f"{layer['name']} {layer['precision']}"
+                              + (f" ({100 * layer['zero_fraction']:.0f}% zeros)" if layer["precision"] == "ternary" else "")
+                              for layer in row["layers"])
+            lines.append(f"- {row['stage']} layer precisions: {cells}")
     if report.get("deployable"):
         d = report["deployable"]
         lines += ["", f"Deployable artifact: `{d['artifact']}` ({d['format']}, {d['bytes'] / 1e6:.2f} MB)."]

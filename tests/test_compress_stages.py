@@ -1,0 +1,85 @@
+"""prune and quantize stages inside `compress`: they compose in one recipe, and bad settings get one line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cifarpress.checkpoint import load_model, save_model
+from cifarpress.compress import run_recipe
+from cifarpress.errors import CifarpressError, RecipeError
+from cifarpress.models import build_model
+from cifarpress.recipe import load_recipe
+
+BENCH = "bench: {batch_sizes: [1, 4], seconds: 0.05, threads: 1}"
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base") / "base.pt"
+    save_model(path, build_model("resnet20"), "resnet20", 10, "cifar10")
+    return path
+
+
+def write_recipe(tmp_path, checkpoint, stages: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: t\nmodel: {{arch: resnet20, checkpoint: {checkpoint}}}\nstages:\n"
+                    + textwrap.indent(textwrap.dedent(stages).strip(), "  ") + f"\n{BENCH}\n")
+    return path
+
+
+def test_prune_then_ternary_in_one_recipe(tmp_path, tiny_cifar_root, base_checkpoint):
+    recipe = load_recipe(write_recipe(tmp_path, base_checkpoint, """
+        - prune: {sparsity: 0.5, epochs: 4, max_steps_per_epoch: 5, pruning_periods: 2, batch_size: 32, lr: 0.05}
+        - quantize: {epochs: 1, max_steps_per_epoch: 2, batch_size: 32, scale: absmedian}
+        - export
+    """))
+    run_dir = run_recipe(recipe, tmp_path / "run", str(tiny_cifar_root))
+    report = json.loads((run_dir / "report.json").read_text())
+    base, pruned, ternary = report["stages"]
+    assert [r["stage"] for r in report["stages"]] == ["baseline", "prune", "quantize"]
+    # pruning cut channels physically: fewer params and MACs, a smaller ONNX graph
+    assert pruned["params"] < 0.6 * base["params"] and pruned["macs"] < base["macs"]
+    assert pruned["onnx_bytes"] < base["onnx_bytes"]
+    # ternary keeps the pruned shape, and its packed artifact is far smaller than the fp32 ONNX
+    assert ternary["params"] == pruned["params"]
+    assert ternary["packed_bytes"] < base["onnx_bytes"] / 10
+    precisions = {layer["name"]: layer["precision"] for layer in ternary["layers"]}
+    assert precisions["conv1"] == precisions["fc"] == "int8"
+    assert list(precisions.values()).count("ternary") == len(precisions) - 2
+    # the stage's model file reloads as the pruned, quantized network
+    model, info = load_model(run_dir / "02-quantize" / "model.pt")
+    assert info["quantization"]["config"]["scale"] == "absmedian"
+    assert sum(p.numel() for p in model.parameters()) == ternary["params"]
+    assert "ternary" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("stage, field", [
+    ("- prune: {sparsity: 0.5, macs: 0.5}", "stages[0].prune"),
+    ("- prune: {epochs: 2}", "stages[0].prune"),
+    ("- prune: {sparsity: 1.5}", "stages[0].prune.sparsity"),
+    ("- prune: {sparsity: 0.5, method: l1}", "stages[0].prune.method"),
+    ("- quantize: {act_bits: 4}", "stages[0].quantize.act_bits"),
+    ("- quantize: {scale: mean}", "stages[0].quantize.scale"),
+])
+def test_bad_stage_settings_name_the_field(tmp_path, base_checkpoint, stage, field):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write_recipe(tmp_path, base_checkpoint, stage))
+    assert f": {field}: " in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_keep_list_with_unknown_layer_is_one_line(tmp_path, tiny_cifar_root, base_checkpoint):
+    recipe = write_recipe(tmp_path, base_checkpoint, "- quantize: {keep: [conv1, no_such_layer], epochs: 1}")
+    proc = subprocess.run([sys.executable, "-m", "cifarpress.cli", "compress", str(recipe), "--out",
+                           str(tmp_path / "run"), "--data-root", str(tiny_cifar_root), "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no_such_layer" in errors[0]
+    assert "Traceback" not in proc.stderr
