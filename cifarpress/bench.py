@@ -37,10 +37,13 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
-def make_session(path: str | Path, threads: int | None = None):
+def make_session(path: str | Path, threads: int | None = None, optimize: bool = True):
+    """A CPU onnxruntime session; optimize=False runs the graph exactly as written (no fusions)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3

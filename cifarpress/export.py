@@ -131,6 +131,25 @@ def read_onnx_metadata(path: str | Path) -> dict:
     return meta
 
 
+@torch.no_grad()
+def compare_with_onnxruntime(wrapped: nn.Module, session, pixels: torch.Tensor,
+                             batch: int = 250) -> tuple[ExportCheck, float]:
+    """Logits of `wrapped` (PyTorch) vs the onnxruntime session on `pixels` in [0, 1].
+
+    Returns the check (max abs difference, top-1 agreement) and the largest |logit|,
+    against which a relative tolerance can be set."""
+    max_diff, agree, largest = 0.0, 0, 0.0
+    for start in range(0, len(pixels), batch):
+        x = pixels[start:start + batch]
+        ref = wrapped(x).numpy()
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        max_diff = max(max_diff, float(np.abs(ref - got).max()))
+        largest = max(largest, float(np.abs(ref).max()))
+        agree += int((ref.argmax(1) == got.argmax(1)).sum())
+    check = ExportCheck(images=len(pixels), max_abs_diff=max_diff, top1_agreement=100.0 * agree / max(1, len(pixels)))
+    return check, largest
+
+
 def check_onnx(model: nn.Module, path: str | Path, split: CifarSplit, images: int = 1000,
                tolerance: float = 1e-4, threads: int | None = None) -> ExportCheck:
     """Run real images through onnxruntime and PyTorch; raise if logits differ beyond `tolerance`."""
@@ -143,18 +162,11 @@ def check_onnx(model: nn.Module, path: str | Path, split: CifarSplit, images: in
     idx = balanced_subset(split.labels, count, seed=1) if count >= split.spec.num_classes else torch.arange(count)
     x = split.images[idx].float() / 255.0
     session = make_session(path, threads)
-    max_diff, agree = 0.0, 0
     try:
-        with torch.no_grad():
-            for start in range(0, len(x), 250):
-                batch = x[start:start + 250]
-                ref = wrapped(batch).numpy()
-                got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
-                max_diff = max(max_diff, float(np.abs(ref - got).max()))
-                agree += int((ref.argmax(1) == got.argmax(1)).sum())
+        check, _ = compare_with_onnxruntime(wrapped, session, x)
     finally:
         model.train(was_training)  # like export_onnx: leave the caller's model in the mode it was in
-    check = ExportCheck(images=len(x), max_abs_diff=max_diff, top1_agreement=100.0 * agree / len(x))
+    max_diff = check.max_abs_diff
     if max_diff > tolerance:
         raise ExportCheckError(
             f"onnxruntime output of {path} differs from PyTorch by {max_diff:.2e} (> {tolerance:.0e}) on "

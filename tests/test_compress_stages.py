@@ -11,7 +11,7 @@ import torch
 
 from cifarpress.checkpoint import load_model, save_model
 from cifarpress.compress import run_recipe
-from cifarpress.errors import CifarpressError, RecipeError
+from cifarpress.errors import RecipeError
 from cifarpress.models import build_model
 from cifarpress.recipe import load_recipe
 

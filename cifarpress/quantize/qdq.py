@@ -38,7 +38,9 @@ from torch import nn
 from ..checkpoint import atomic_write, unwrap
 from ..data import CifarSplit, DatasetSpec
 from ..errors import CifarpressError
-from ..export import (INPUT_NAME, OPSET, OUTPUT_NAME, ExportCheck, ExportCheckError, NormalizedClassifier,
+from ..bench import make_session
+from ..export import (OPSET, ExportCheck, ExportCheckError, NormalizedClassifier,
+                      compare_with_onnxruntime,
                       export_onnx, read_onnx_metadata)
 from .ternary import INT8_MAX, FakeQuantLayer, _replace_module, config_from_model, quantized_layers
 
@@ -174,25 +176,6 @@ def _as_pixels(images: torch.Tensor | CifarSplit) -> torch.Tensor:
     return images.float()
 
 
-def _session(path: str | Path, threads: int | None, runtime_optimizations: bool):
-    """onnxruntime as bench runs it, or with graph optimizations off, which runs the graph exactly as written."""
-    from ..bench import default_threads, make_session
-
-    if runtime_optimizations:
-        return make_session(path, threads)
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = threads or default_threads()
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise CifarpressError(f"onnxruntime cannot load {path} ({str(exc).splitlines()[0][:200]})") from None
-
-
 def check_qdq(model: nn.Module, path: str | Path, images: torch.Tensor | CifarSplit,
               tolerance: float | None = None, threads: int | None = None,
               runtime_optimizations: bool = False) -> ExportCheck:
@@ -226,20 +209,12 @@ def check_qdq(model: nn.Module, path: str | Path, images: torch.Tensor | CifarSp
     was_training = model.training
     wrapped = NormalizedClassifier(model, preprocessing["mean"], preprocessing["std"]).eval()
     x = _as_pixels(images)
-    session = _session(path, threads, runtime_optimizations)
-    max_diff, agree, largest_logit = 0.0, 0, 0.0
+    session = make_session(path, threads, optimize=runtime_optimizations)
     try:
-        with torch.no_grad():
-            for start in range(0, len(x), 250):
-                batch = x[start:start + 250]
-                ref = wrapped(batch).numpy()
-                got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
-                max_diff = max(max_diff, float(np.abs(ref - got).max()))
-                largest_logit = max(largest_logit, float(np.abs(ref).max()))
-                agree += int((ref.argmax(1) == got.argmax(1)).sum())
+        check, largest_logit = compare_with_onnxruntime(wrapped, session, x)
     finally:
         model.train(was_training)
-    check = ExportCheck(images=len(x), max_abs_diff=max_diff, top1_agreement=100.0 * agree / max(1, len(x)))
+    max_diff = check.max_abs_diff
     if tolerance is None:
         int8_inputs = any(layer.act_bits for layer in quantized_layers(model).values())
         tolerance = ACT_RELATIVE_TOLERANCE * largest_logit if int8_inputs else WEIGHT_ONLY_TOLERANCE
