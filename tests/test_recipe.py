@@ -72,6 +72,13 @@ def test_quickstart_recipe_validates_as_is(builtin_resnet20):
     assert [s.kind for s in recipe.stages] == ["train", "export"]
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(builtin_resnet20, path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem  # the run folder is named after the file
+    assert recipe.stages[-1].kind == "export"  # every shipped recipe ends in a deployable artifact
+
+
 BASE = "name: r\nmodel: {arch: resnet20}\n"
 
 
