@@ -93,7 +93,7 @@ BASE = "name: r\nmodel: {arch: resnet20}\n"
     pytest.param(BASE + "stages:\n  - train: {momentum: 1.5}\n", ["stages[0].train.momentum:"], id="out-of-range-float"),
     pytest.param(BASE + "stages: [train]\nbench: {batch_sizes: [0]}\n", ["bench.batch_sizes:", ">= 1"],
                  id="bad-batch-size"),
-    pytest.param(BASE + "stages:\n  - train\n  - prune: {amount: 0.5}\n", ["stages[1]:", "unknown stage 'prune'", "train"],
+    pytest.param(BASE + "stages:\n  - train\n  - distil: {amount: 0.5}\n", ["stages[1]:", "unknown stage 'distil'", "train"],
                  id="unknown-stage-type"),
     pytest.param(BASE + "stages:\n  - {train: {}, export: {}}\n", ["stages[0]:", "one key"], id="two-key-stage"),
     pytest.param(BASE + "stages:\n  - 7\n", ["stages[0]:", "one key"], id="stage-not-a-mapping"),
