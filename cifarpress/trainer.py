@@ -63,6 +63,9 @@ class Plugin:
     """Base class: every hook is a no-op. Override what a technique needs."""
 
     name = "plugin"
+    # Weight of the cross-entropy on the labels; the Trainer multiplies those of all
+    # plug-ins (vanilla KD, for one, trains on 0.1 x CE + 0.9 x KD).
+    label_weight: float = 1.0
 
     def setup(self, trainer: "Trainer") -> None: ...
 
@@ -189,6 +192,10 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.history: list[dict] = []
 
+    @property
+    def label_weight(self) -> float:
+        return math.prod(p.label_weight for p in self.plugins)
+
     # -- construction -----------------------------------------------------
     def _build_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
         c = self.config
@@ -208,6 +215,8 @@ class Trainer:
         key = asdict(self.config)
         key["plugins"] = [p.name for p in self.plugins]
         key["world"] = self.world
+        if self.label_weight != 1.0:
+            key["label_weight"] = self.label_weight
         return key
 
     def _save(self, optimizer, scheduler, scaler=None) -> None:
@@ -293,7 +302,7 @@ class Trainer:
                         break
                     with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
                         logits = self.model(images)
-                        loss = criterion(logits, labels)
+                        loss = self.label_weight * criterion(logits, labels)
                         for p in self.plugins:
                             extra = p.loss(self, images, labels, logits)
                             if extra is not None:
@@ -343,7 +352,7 @@ class Trainer:
                         f"epoch {self.epoch}/{c.epochs}  loss {metrics['train_loss']:.3f}  "
                         f"train {metrics['train_acc']:.2f}%  test {metrics.get('top1', float('nan')):.2f}%  "
                         f"{metrics['images_per_s']:.0f} img/s  {train_time:.0f}s"
-                        + "".join(f"  {k} {metrics[k]:.3f}" for k in ("group_sparsity",) if k in metrics))
+                        + "".join(f"  {k} {metrics[k]:.3f}" for k in ("group_sparsity", "teacher_time_fraction") if k in metrics))
         model = unwrap(self.model)
         for p in self.plugins:
             model = p.finalize(self, model)

@@ -187,6 +187,23 @@ def test_extra_loss_changes_gradients_and_plugins_compose(tiny):
             assert torch.equal(g0[name], g1[name]), name
 
 
+def test_label_weights_of_plugins_scale_the_cross_entropy(tiny):
+    train, _ = tiny
+    cfg = quick_config(max_steps_per_epoch=1)
+    plain = Recorder("plain", [])
+    Trainer(small_net(), cfg, [plain], device=cpu(), quiet=True).fit(train, None)
+
+    scaled = Recorder("scaled", [])
+    half, fifth = Plugin(), Plugin()
+    half.label_weight, fifth.label_weight = 0.5, 0.2
+    trainer = Trainer(small_net(), cfg, [scaled, half, fifth], device=cpu(), quiet=True)
+    assert trainer.label_weight == pytest.approx(0.1)
+    trainer.fit(train, None)
+    # same model, same batch: every gradient is the plain one times 0.5 x 0.2
+    for name, grad in plain.grads[0].items():
+        assert torch.allclose(scaled.grads[0][name], 0.1 * grad, atol=1e-6, rtol=1e-4), name
+
+
 # -- EMA ------------------------------------------------------------------------------
 
 def hand_ema(snapshots: list[torch.Tensor], start: torch.Tensor, decay: float) -> torch.Tensor:

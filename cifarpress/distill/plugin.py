@@ -20,9 +20,9 @@ from .losses import dkd_loss, kd_loss, nkd_loss
 # ramping that weight up from 0. DKD warms up over 20 of its 240 epochs; keeping
 # that share (1/12) rather than 20 epochs lets a 30-epoch fine-tune warm up for 2.5.
 METHOD_DEFAULTS = {
-    "kd": {"T": 4.0, "weight": 0.9, "warmup_share": 0.0},
-    "dkd": {"T": 4.0, "weight": 1.0, "warmup_share": 20 / 240},
-    "nkd": {"T": 1.0, "weight": 1.0, "warmup_share": 0.0},
+    "kd": {"T": 4.0, "weight": 0.9, "label_weight": 0.1, "warmup_share": 0.0},
+    "dkd": {"T": 4.0, "weight": 1.0, "label_weight": 1.0, "warmup_share": 20 / 240},
+    "nkd": {"T": 1.0, "weight": 1.0, "label_weight": 1.0, "warmup_share": 0.0},
 }
 DKD_MAX_WARMUP_EPOCHS = 20.0
 
@@ -83,18 +83,19 @@ class Distillation(Plugin):
     """Adds a distillation loss from a frozen teacher to the student's training.
 
     method: "kd" (Hinton), "dkd" (decoupled KD; alpha, beta) or "nkd" (normalized KD; gamma).
-    weight: multiplier of the distillation term (default per method, see METHOD_DEFAULTS).
+    weight: multiplier of the distillation term, label_weight: multiplier of the
+    Trainer's cross-entropy on the labels (defaults per method, see METHOD_DEFAULTS).
     T: temperature (default per method). warmup_epochs: linear ramp of the term
     (default: DKD's 20-of-240-epoch share of the run, capped at 20; 0 for kd/nkd).
 
-    Vanilla KD is published as 0.1 x CE + 0.9 x KD; the Trainer weighs CE at 1, so
-    until it can scale its label loss this gives CE + 0.9 x KD.
+    Vanilla KD trains on 0.1 x CE + 0.9 x KD, as published; DKD and NKD keep CE at 1.
     """
 
     name = "distill"
 
     def __init__(self, teacher: nn.Module, method: str = "kd", weight: float | None = None, T: float | None = None,
-                 alpha: float = 1.0, beta: float = 8.0, gamma: float = 1.5, warmup_epochs: float | None = None):
+                 alpha: float = 1.0, beta: float = 8.0, gamma: float = 1.5, warmup_epochs: float | None = None,
+                 label_weight: float | None = None):
         if method not in METHOD_DEFAULTS:
             raise ValueError(f"unknown distillation method '{method}'; choose one of {', '.join(METHOD_DEFAULTS)}")
         defaults = METHOD_DEFAULTS[method]
@@ -102,7 +103,8 @@ class Distillation(Plugin):
         self.method = method
         self.weight = defaults["weight"] if weight is None else weight
         self.T = defaults["T"] if T is None else T
-        if self.weight < 0 or self.T <= 0:
+        self.label_weight = defaults["label_weight"] if label_weight is None else label_weight
+        if self.weight < 0 or self.T <= 0 or self.label_weight < 0:
             raise ValueError(f"distillation weight must be >= 0 and T > 0, got weight {self.weight}, T {self.T}")
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.warmup_epochs = warmup_epochs
