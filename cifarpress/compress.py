@@ -24,7 +24,8 @@ from .errors import CifarpressError
 from .export import check_onnx, export_onnx
 from .models import build_model
 from .profile import profile_model
-from .recipe import ExportStage, PruneStage, QuantizeStage, Recipe, TrainStage, stage_dir_name
+from .recipe import (DistillOptions, DistillStage, ExportStage, PruneStage, QuantizeStage, Recipe, TrainStage,
+                     stage_dir_name)
 from .report import write_report
 from .trainer import evaluate
 
@@ -102,12 +103,30 @@ def measure_model(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, info
     return row
 
 
-def _train_stage(ctx: RunContext, cfg, prev_model: Path, stage_dir: Path, plugins=(), ema: bool = False) -> Path:
-    """Fine-tune the previous stage's model with the given plug-ins; resumable inside the stage folder."""
+def _distillation(ctx: RunContext, opts: DistillOptions | None, prev_model: Path) -> list:
+    """The distillation plug-in a stage's `distill:` block asks for (none without one)."""
+    if opts is None:
+        return []
+    from .distill import Distillation, load_teacher
+
+    teacher = load_teacher(opts.teacher or str(prev_model), ctx.spec.num_classes)
+    return [Distillation(teacher, opts.method, weight=opts.weight, T=opts.temperature, alpha=opts.alpha,
+                         beta=opts.beta, gamma=opts.gamma, warmup_epochs=opts.warmup_epochs,
+                         label_weight=opts.label_weight)]
+
+
+def _train_stage(ctx: RunContext, cfg, prev_model: Path, stage_dir: Path, plugins=(), ema: bool = False,
+                 student: tuple[str, str | None] | None = None) -> Path:
+    """Train with the given plug-ins plus the stage's distillation, resumable inside the stage folder.
+
+    The model trained is the previous stage's, or `student` = (arch, checkpoint or None)."""
     from .training import run_training
 
-    run_training(arch=None, dataset=ctx.recipe.dataset, out_dir=stage_dir, data_root=ctx.data_root,
-                 init=str(prev_model), ema=ema, plugins=list(plugins), **cfg.training_options())
+    # Order matters: the technique changes the model first, distillation adds its loss, the EMA averages last.
+    plugins = list(plugins) + _distillation(ctx, getattr(cfg, "distill", None), prev_model)
+    arch, init = student if student else (None, str(prev_model))
+    run_training(arch=arch, dataset=ctx.recipe.dataset, out_dir=stage_dir, data_root=ctx.data_root,
+                 init=init, ema=ema, plugins=plugins, **cfg.training_options())
     return stage_dir / "model.pt"
 
 
@@ -137,7 +156,11 @@ def _run_quantize(ctx: RunContext, cfg: QuantizeStage, prev_model: Path, stage_d
     return _train_stage(ctx, cfg, prev_model, stage_dir, [TernaryQAT(qcfg)], ema=cfg.ema)
 
 
-MODEL_STAGES = {"train": _run_train, "prune": _run_prune, "quantize": _run_quantize}
+def _run_distill(ctx: RunContext, cfg: DistillStage, prev_model: Path, stage_dir: Path) -> Path:
+    return _train_stage(ctx, cfg, prev_model, stage_dir, ema=cfg.ema, student=(cfg.arch, cfg.checkpoint))
+
+
+MODEL_STAGES = {"train": _run_train, "prune": _run_prune, "quantize": _run_quantize, "distill": _run_distill}
 
 
 def _run_export(ctx: RunContext, cfg: ExportStage, prev_model: Path, stage_dir: Path) -> dict:

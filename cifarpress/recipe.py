@@ -50,10 +50,32 @@ class TrainingOptions(Strict):
         return {name: getattr(self, name) for name in TrainingOptions.model_fields}
 
 
+class DistillOptions(Strict):
+    """Distillation from a teacher, as a loss added to a training stage."""
+
+    teacher: Optional[str] = Field(None, description="Model file or builtin:NAME; omitted = the model entering the stage")
+    method: Literal["kd", "dkd", "nkd"] = "kd"
+    weight: Optional[float] = Field(None, ge=0, description="Distillation term weight (kd 0.9, dkd/nkd 1)")
+    label_weight: Optional[float] = Field(None, ge=0, description="Cross-entropy weight (kd 0.1, dkd/nkd 1)")
+    temperature: Optional[float] = Field(None, gt=0, description="kd/dkd 4, nkd 1")
+    alpha: float = Field(1.0, ge=0, description="DKD: target-class term weight")
+    beta: float = Field(8.0, ge=0, description="DKD: non-target term weight")
+    gamma: float = Field(1.5, ge=0, description="NKD: non-target term weight")
+    warmup_epochs: Optional[float] = Field(None, ge=0, description="Linear ramp of the term (default: dkd epochs/12)")
+
+    @model_validator(mode="after")
+    def method_specific(self):
+        for name, method in (("alpha", "dkd"), ("beta", "dkd"), ("gamma", "nkd")):
+            if name in self.model_fields_set and self.method != method:
+                raise ValueError(f"{name} applies only to method {method}, not {self.method}")
+        return self
+
+
 class TrainStage(TrainingOptions):
     """Train or fine-tune the current model (optionally with an EMA of weights)."""
 
     ema: bool = False
+    distill: Optional[DistillOptions] = None
 
 
 class PruneStage(TrainingOptions):
@@ -70,6 +92,7 @@ class PruneStage(TrainingOptions):
     pruning_periods: int = Field(5, ge=1, description="HESSO: periods over which the target is reached")
     penalty: float = Field(0.1, ge=0, description="DHSPG: group-lasso strength (lambda)")
     epsilon: float = Field(0.0, ge=0, description="DHSPG: half-space projection threshold")
+    distill: Optional[DistillOptions] = None
 
     @model_validator(mode="after")
     def one_target(self):
@@ -91,6 +114,18 @@ class QuantizeStage(TrainingOptions):
     keep: Optional[list[str]] = Field(None, description="Layers kept at 8 bits (default: first conv and classifier)")
     warmup_steps: int = Field(0, ge=0, description="Steps blending from full precision to ternary")
     ema: bool = False
+    distill: Optional[DistillOptions] = None
+
+
+class DistillStage(TrainingOptions):
+    """Train a new student architecture from a teacher (by default the model entering the stage)."""
+
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(0.1, gt=0)
+    arch: str = Field(description="Student: zoo name or package.module:factory")
+    checkpoint: Optional[str] = Field(None, description="Student's starting weights; omitted = random init")
+    distill: DistillOptions = Field(default_factory=DistillOptions)
+    ema: bool = False
 
 
 class ExportStage(Strict):
@@ -102,13 +137,14 @@ class ExportStage(Strict):
 
 
 STAGE_TYPES: dict[str, type[Strict]] = {"train": TrainStage, "prune": PruneStage, "quantize": QuantizeStage,
-                                         "export": ExportStage}
+                                         "distill": DistillStage, "export": ExportStage}
 
 
 class Stage(Strict):
     train: Optional[TrainStage] = None
     prune: Optional[PruneStage] = None
     quantize: Optional[QuantizeStage] = None
+    distill: Optional[DistillStage] = None
     export: Optional[ExportStage] = None
 
     @model_validator(mode="before")
@@ -180,6 +216,23 @@ def _resolve(path: str, base: Path) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def _checked_model_path(value: str, base: Path, recipe_path: Path, field: str) -> str:
+    """A builtin:NAME that exists, or a path (relative to the recipe's folder) to an existing file."""
+    from .checkpoint import BUILTIN_DIR
+
+    if value.startswith("builtin:"):
+        name = value.split(":", 1)[1]
+        if not (BUILTIN_DIR / f"{name}.pt").is_file():
+            known = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.pt"))) or "none"
+            raise RecipeError(f"{recipe_path}: {field}: no built-in checkpoint '{name}' (available: {known})")
+        return value
+    resolved = _resolve(value, base)
+    if not resolved.is_file():
+        raise RecipeError(f"{recipe_path}: {field}: file {resolved} not found; fix the path "
+                          f"(relative paths start at the recipe's folder)")
+    return str(resolved)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Parse and validate a recipe file; every problem is a RecipeError naming the field."""
     path = Path(path)
@@ -200,19 +253,15 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(format_validation_error(exc, str(path))) from None
     base = path.resolve().parent
     ckpt = recipe.model.checkpoint
-    if ckpt and not ckpt.startswith("builtin:"):
-        resolved = _resolve(ckpt, base)
-        if not resolved.is_file():
-            raise RecipeError(f"{path}: model.checkpoint: file {resolved} not found; fix the path "
-                              f"(relative paths start at the recipe's folder)")
-        recipe.model.checkpoint = str(resolved)
-    elif ckpt:
-        from .checkpoint import BUILTIN_DIR
-
-        name = ckpt.split(":", 1)[1]
-        if not (BUILTIN_DIR / f"{name}.pt").is_file():
-            known = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.pt"))) or "none"
-            raise RecipeError(f"{path}: model.checkpoint: no built-in checkpoint '{name}' (available: {known})")
+    if ckpt:
+        recipe.model.checkpoint = _checked_model_path(ckpt, base, path, "model.checkpoint")
+    for i, stage in enumerate(recipe.stages):
+        cfg = stage.config
+        for owner, field, label in ((getattr(cfg, "distill", None), "teacher", "distill.teacher"),
+                                    (cfg, "checkpoint", "checkpoint")):
+            value = getattr(owner, field, None) if owner is not None else None
+            if value:
+                setattr(owner, field, _checked_model_path(value, base, path, f"stages[{i}].{stage.kind}.{label}"))
     if recipe.data_root:
         recipe.data_root = str(_resolve(recipe.data_root, base))
     if not ckpt and recipe.stages[0].kind != "train":

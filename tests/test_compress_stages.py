@@ -11,7 +11,7 @@ import torch
 
 from cifarpress.checkpoint import load_model, save_model
 from cifarpress.compress import run_recipe
-from cifarpress.errors import RecipeError
+from cifarpress.errors import CifarpressError, RecipeError
 from cifarpress.models import build_model
 from cifarpress.recipe import load_recipe
 
@@ -83,3 +83,42 @@ def test_keep_list_with_unknown_layer_is_one_line(tmp_path, tiny_cifar_root, bas
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no_such_layer" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_distill_block_in_prune_and_a_distill_stage(tmp_path, tiny_cifar_root, base_checkpoint):
+    recipe = load_recipe(write_recipe(tmp_path, base_checkpoint, """
+        - prune: {sparsity: 0.3, epochs: 2, max_steps_per_epoch: 5, pruning_periods: 1, batch_size: 32,
+                  distill: {method: dkd}}
+        - distill: {arch: resnet20, epochs: 1, max_steps_per_epoch: 2, batch_size: 32, distill: {method: nkd}}
+        - export
+    """))
+    run_dir = run_recipe(recipe, tmp_path / "run", str(tiny_cifar_root))
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [r["stage"] for r in report["stages"]] == ["baseline", "prune", "distill"]
+    pruned, student = report["stages"][1:]
+    assert pruned["params"] < report["stages"][0]["params"]
+    # the distill stage trained a fresh full-width resnet20 student from the pruned teacher
+    assert student["params"] == report["stages"][0]["params"]
+    # the prune stage trained with the distillation term: its teacher cost was measured every epoch
+    prune_history = torch.load(run_dir / "01-prune" / "model.pt", weights_only=True)["meta"]["history"]
+    assert all("teacher_time_fraction" in epoch for epoch in prune_history)
+
+
+@pytest.mark.parametrize("block, needle", [
+    ("distill: {teacher: missing.pt}", "stages[0].train.distill.teacher: file"),
+    ("distill: {method: kd, alpha: 2}", "stages[0].train.distill: alpha applies only to method dkd"),
+    ("distill: {teacher: builtin:nope}", "no built-in checkpoint 'nope'"),
+])
+def test_bad_distill_settings_name_the_field(tmp_path, base_checkpoint, block, needle):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write_recipe(tmp_path, base_checkpoint, f"- train: {{{block}}}"))
+    assert needle in str(info.value)
+
+
+def test_teacher_with_other_class_count_is_one_clear_error(tmp_path, tiny_cifar_root, base_checkpoint):
+    teacher = tmp_path / "teacher100.pt"
+    save_model(teacher, build_model("resnet20", 100), "resnet20", 100, "cifar100")
+    recipe = load_recipe(write_recipe(tmp_path, base_checkpoint,
+                                      f"- train: {{epochs: 1, max_steps_per_epoch: 1, distill: {{teacher: {teacher}}}}}"))
+    with pytest.raises(CifarpressError, match="100 outputs"):
+        run_recipe(recipe, tmp_path / "run", str(tiny_cifar_root))
