@@ -143,53 +143,113 @@ def compress(
 @user_errors
 def export(
     checkpoint: str = typer.Argument(..., help="Model file (.pt) or builtin:NAME."),
-    output: Path = typer.Option(None, "--output", "-o", help="ONNX file to write (default: next to the model)."),
+    output: Path = typer.Option(None, "--output", "-o", help="File to write (default: next to the model)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx, or tensorrt (builds an engine from the ONNX; needs an NVIDIA GPU)."),
+    precision: str = typer.Option("fp16", help="TensorRT: fp32, fp16 or int8 (int8: QDQ scales if the model is quantized, "
+                                              "else entropy calibration on training images)."),
+    max_batch: int = typer.Option(256, min=1, help="TensorRT: largest batch of the optimization profile."),
+    calib_images: int = typer.Option(1024, min=10, help="TensorRT int8: class-balanced training images for calibration."),
     data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
     check_images: int = typer.Option(1000, min=10, help="Real test images compared between PyTorch and onnxruntime."),
     tolerance: float = typer.Option(1e-4, help="Max abs logit difference before the export counts as failed."),
     arch: Optional[str] = typer.Option(None, help="Architecture, for a plain state-dict checkpoint."),
 ):
-    """Export to ONNX (inputs float32 NCHW RGB in [0, 1], normalization inside) and check it in onnxruntime."""
+    """Export to ONNX (inputs float32 NCHW RGB in [0, 1], normalization inside), checked in onnxruntime;
+    optionally build a TensorRT engine from it with a JSON sidecar."""
     from .checkpoint import load_model
     from .data import dataset_spec, load_split
     from .export import check_onnx, export_onnx
+    import torch
 
+    from .quantize import check_qdq, export_qdq, quantized_layers
+
+    if fmt not in ("onnx", "tensorrt"):
+        raise CifarpressError(f"unknown --format '{fmt}'; use onnx or tensorrt")
+    if fmt == "tensorrt":
+        from .tensorrt_engine import require_tensorrt
+
+        require_tensorrt()  # fail in one sentence before any work on a machine without it
     model, info = load_model(checkpoint, arch)
     spec = dataset_spec(info["dataset"] or "cifar10")
     test = load_split(spec.name, "test", data_root)
     _check_classes(info["num_classes"], test)
-    if output is None:
-        source = Path(checkpoint)
-        output = source.with_suffix(".onnx") if source.suffix == ".pt" else Path(f"{info['arch']}.onnx")
-    path = export_onnx(model, output, spec, test.classes, {"arch": info["arch"]})
-    check = check_onnx(model, path, test, check_images, tolerance)
+    source = Path(checkpoint)
+    stem = source.with_suffix("") if source.suffix == ".pt" else Path(info["arch"])
+    onnx_path = output if (output and fmt == "onnx") else stem.with_suffix(".onnx")
+    if quantized_layers(model):
+        path = export_qdq(model, onnx_path, spec, test.classes, {"arch": info["arch"]})
+        check = check_qdq(model, path, test.subset(torch.arange(min(check_images, len(test)))))
+    else:
+        path = export_onnx(model, onnx_path, spec, test.classes, {"arch": info["arch"]})
+        check = check_onnx(model, path, test, check_images, tolerance)
     out.print(f"{path}: {path.stat().st_size / 1e6:.2f} MB; onnxruntime vs PyTorch on {check.images} test images: "
               f"max |diff| {check.max_abs_diff:.2e}, top-1 agreement {check.top1_agreement:.2f}%")
+    if fmt == "tensorrt":
+        from .tensorrt_engine import (build_engine, calibration_cache_path, calibration_images,
+                                      make_entropy_calibrator, onnx_has_qdq)
+
+        calibrator = None
+        if precision == "int8" and not onnx_has_qdq(path):
+            train_split = load_split(spec.name, "train", data_root)
+            calibrator = make_entropy_calibrator(calibration_images(train_split, calib_images),
+                                                 calibration_cache_path(path))
+        engine = build_engine(path, output or stem.with_suffix(f".{precision}.engine"), precision,
+                              max_batch=max_batch, calibrator=calibrator)
+        out.print(f"{engine}: {engine.stat().st_size / 1e6:.2f} MB TensorRT {precision} engine (+ {engine.name}.json)")
 
 
 @app.command()
 @user_errors
 def bench(
-    model: Path = typer.Argument(..., help="ONNX file to measure."),
+    model: Path = typer.Argument(..., help="ONNX file (CPU, onnxruntime) or TensorRT .engine (GPU, Jetson)."),
     batch: list[int] = typer.Option([1, 64], "--batch", "-b", help="Batch size (repeat for several)."),
+    device: str = typer.Option("cpu", help="cpu (onnxruntime), gpu (TensorRT engine) or jetson (TensorRT + tegrastats)."),
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: all cores)."),
-    seconds: float = typer.Option(3.0, help="Timing budget per batch size."),
-    accuracy: bool = typer.Option(True, help="Also measure test-set top-1 through onnxruntime."),
+    seconds: float = typer.Option(3.0, help="Timing budget per batch size (CPU)."),
+    iters: int = typer.Option(200, min=10, help="Timed iterations per batch size (GPU)."),
+    accuracy: bool = typer.Option(True, help="Also measure test-set top-1."),
     data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result here (default: MODEL.bench.json)."),
 ):
-    """onnxruntime CPU latency p50/p90/p99, throughput, peak memory, size and top-1 of an ONNX model."""
-    from .bench import bench_onnx, bench_table
+    """Latency p50/p90/p99, throughput, peak memory, size and top-1 of an exported model on the target."""
     from .checkpoint import atomic_write_json
     from .data import load_split
-    from .export import read_onnx_metadata
 
     if any(b < 1 for b in batch):
         raise CifarpressError("batch sizes must be >= 1")
-    meta = read_onnx_metadata(model)
-    test = load_split(meta.get("dataset", "cifar10"), "test", data_root) if accuracy else None
-    result = bench_onnx(model, tuple(batch), threads, test, seconds)
-    out.print(bench_table(result))
+    if device not in ("cpu", "gpu", "jetson"):
+        raise CifarpressError(f"unknown --device '{device}'; use cpu, gpu or jetson")
+    is_engine = model.suffix in (".engine", ".plan")
+    if device == "cpu" and is_engine:
+        raise CifarpressError(f"{model} is a TensorRT engine; bench it with --device gpu or --device jetson")
+    if device != "cpu" and not is_engine:
+        raise CifarpressError(f"--device {device} benches a TensorRT engine; build one with "
+                              f"`cifarpress export MODEL.pt --format tensorrt` and pass the .engine file")
+    if is_engine:
+        from .tensorrt_engine import bench_engine, read_sidecar, require_tensorrt
+
+        require_tensorrt()
+        if not model.is_file():
+            raise CifarpressError(f"engine {model} not found; build one with `cifarpress export --format tensorrt`")
+        dataset = read_sidecar(model).get("dataset") or "cifar10"
+        test = load_split(dataset, "test", data_root) if accuracy else None
+        if device == "jetson":
+            from .tegrastats import TegraStatsSampler
+
+            with TegraStatsSampler() as sampler:
+                result = bench_engine(model, tuple(batch), iters, test)
+            result["tegrastats"] = sampler.summary()
+        else:
+            result = bench_engine(model, tuple(batch), iters, test)
+        out.print_json(json.dumps(result))
+    else:
+        from .bench import bench_onnx, bench_table
+        from .export import read_onnx_metadata
+
+        meta = read_onnx_metadata(model)
+        test = load_split(meta.get("dataset", "cifar10"), "test", data_root) if accuracy else None
+        result = bench_onnx(model, tuple(batch), threads, test, seconds)
+        out.print(bench_table(result))
     target = json_out or model.with_suffix(".bench.json")
     atomic_write_json(target, result)
     out.print(f"wrote {target}")
