@@ -1,0 +1,251 @@
+"""INT8 post-training quantization: calibrators, manifests, QDQ export and its TensorRT rules, ZeroQ."""
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from cifarpress.bench import make_session
+from cifarpress.calibrate import (AbsHistogram, activation_scale, calibration_manifest, calibrator_threshold,
+                                  load_manifest, manifest_images, save_manifest, synthesize_images)
+from cifarpress.data import dataset_spec, load_split
+from cifarpress.errors import CifarpressError
+from cifarpress.export import NormalizedClassifier
+from cifarpress.models import build_model
+from cifarpress.quantize.int8 import check_int8_rules, describe_int8, export_int8_qdq, quantize_weight
+
+SPEC = dataset_spec("cifar10")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def true_mse(x: np.ndarray, threshold: float) -> float:
+    step = threshold / 127
+    return float(((x - np.clip(np.rint(x / step), -128, 127) * step) ** 2).mean())
+
+
+@pytest.fixture(scope="module")
+def gaussian_with_outliers() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.concatenate([rng.normal(size=200_000), [25.0, -40.0, 33.0]]).astype(np.float32)
+
+
+# -- calibrators ---------------------------------------------------------------------------
+
+def test_minmax_is_absmax_and_zeros_are_counted_apart():
+    x = np.array([0.0, -3.5, 1.0, 0.0, 2.0], dtype=np.float32)
+    hist = AbsHistogram.of(x)
+    assert calibrator_threshold(hist, "minmax") == pytest.approx(3.5)
+    assert hist.zeros == 2 and hist.counts.sum() == 3 and hist.total == 5
+    assert activation_scale(0.0) == pytest.approx(1 / 127)  # all-zero tensor: any positive scale
+
+
+def test_percentile_clips_heavy_tails(gaussian_with_outliers):
+    hist = AbsHistogram.of(gaussian_with_outliers)
+    threshold = calibrator_threshold(hist, "percentile")
+    assert 3.0 < threshold < 5.0 < hist.absmax  # the 99.99th percentile of |N(0,1)| is 3.9
+
+
+def test_entropy_and_mse_thresholds_are_sensible(gaussian_with_outliers):
+    hist = AbsHistogram.of(gaussian_with_outliers)
+    entropy, mse = calibrator_threshold(hist, "entropy"), calibrator_threshold(hist, "mse")
+    assert 2.0 < entropy < 10.0 <= hist.absmax
+    assert 2.0 < mse <= hist.absmax
+    # the MSE calibrator's threshold is (near) the best of all candidates by the real quantization error
+    errors = {name: true_mse(gaussian_with_outliers, calibrator_threshold(hist, name))
+              for name in ("minmax", "percentile", "entropy", "mse")}
+    assert errors["mse"] <= 1.02 * min(errors.values())
+    assert errors["minmax"] > errors["mse"]
+
+
+def test_calibrators_keep_the_range_of_an_outlier_free_uniform():
+    x = np.random.default_rng(1).uniform(-2, 2, size=100_000).astype(np.float32)
+    hist = AbsHistogram.of(x)
+    for name in ("percentile", "entropy", "mse"):
+        assert calibrator_threshold(hist, name) == pytest.approx(hist.absmax, rel=0.03), name
+    with pytest.raises(CifarpressError, match="unknown calibrator"):
+        calibrator_threshold(hist, "kl")
+
+
+def test_quantize_weight_per_channel():
+    w = np.stack([np.linspace(-1, 1, 9), np.linspace(-0.01, 0.02, 9), np.zeros(9)]).reshape(3, 1, 3, 3)
+    codes, scale = quantize_weight(w.astype(np.float32))
+    assert codes.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (3,)
+    assert scale == pytest.approx([1 / 127, 0.02 / 127, 1.0])  # zero channel: scale 1, codes 0
+    assert np.abs(codes).max() == 127 and not codes[2].any()
+    assert np.abs(codes * scale[:, None, None, None] - w).max() <= scale.max() / 2 + 1e-7
+    _, shared = quantize_weight(w.astype(np.float32), per_channel=False)
+    assert np.all(shared == shared[0])
+
+
+# -- manifests -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_train(tiny_cifar_root):
+    return load_split("cifar10", "train", tiny_cifar_root, download_if_missing=False)
+
+
+def test_manifest_is_balanced_deterministic_and_round_trips(tmp_path, tiny_train):
+    manifest = calibration_manifest("cifar10", tiny_train.labels, 50, seed=3)
+    assert manifest["split"] == "train" and manifest["count"] == 50 and len(set(manifest["indices"])) == 50
+    per_class = collections.Counter(tiny_train.labels[manifest["indices"]].tolist())
+    assert set(per_class.values()) == {5}
+    assert calibration_manifest("cifar10", tiny_train.labels, 50, seed=3) == manifest
+    assert calibration_manifest("cifar10", tiny_train.labels, 50, seed=4)["indices"] != manifest["indices"]
+    path = save_manifest(manifest, tmp_path / "m.json")
+    assert load_manifest(path) == manifest
+    assert manifest_images(manifest, tiny_train).shape == (50, 3, 32, 32)
+    path.write_text(json.dumps(manifest | {"split": "test"}))
+    with pytest.raises(CifarpressError, match="training split"):
+        load_manifest(path)
+
+
+@pytest.mark.parametrize("count", [512, 2048])
+def test_shipped_manifests(count):
+    manifest = load_manifest(REPO / "calibration" / f"cifar10-train-{count}.json")
+    assert manifest["dataset"] == "cifar10" and manifest["count"] == count
+    assert max(manifest["indices"]) < 50_000
+
+
+# -- the QDQ export --------------------------------------------------------------------------
+
+def random_resnet20(seed: int = 0) -> nn.Module:
+    """A random resnet20 whose BNs fold into non-trivial per-channel scales and biases."""
+    torch.manual_seed(seed)
+    model = build_model("resnet20", 10)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory, tiny_train):
+    model = random_resnet20()
+    manifest = calibration_manifest("cifar10", tiny_train.labels, 100, seed=0)
+    path = export_int8_qdq(model, tmp_path_factory.mktemp("int8") / "resnet20-int8.onnx", SPEC,
+                           tiny_train.classes, manifest_images(manifest, tiny_train), "entropy",
+                           manifest=manifest, threads=1)
+    return model, path
+
+
+def test_int8_export_follows_tensorrt_rules(int8_export):
+    _, path = int8_export
+    assert check_int8_rules(path) == []
+    proto = onnx.load(str(path))
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    assert ops["Conv"] == 21 and ops["Gemm"] == 1
+    assert ops["QuantizeLinear"] == ops["DequantizeLinear"] - 22  # 22 weight DQs, all else in pairs
+    quantization = describe_int8(path)
+    assert quantization["scheme"] == "int8" and quantization["calibrator"] == "entropy"
+    assert quantization["calibration"]["manifest"]["count"] == 100
+
+
+def _without_dq_before_first_conv(proto: onnx.ModelProto) -> None:
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    quantize = producers[producers[conv.input[0]].input[0]]
+    conv.input[0] = quantize.input[0]  # the conv now reads the float tensor
+
+
+def _set_zero_point(value: np.ndarray):
+    def edit(proto: onnx.ModelProto) -> None:
+        zp = next(t for t in proto.graph.initializer if "_zero_point_" in t.name)
+        zp.CopyFrom(numpy_helper.from_array(value, zp.name))
+    return edit
+
+
+def _weight_dq_axis_removed(proto: onnx.ModelProto) -> None:
+    dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_quantized"))
+    del dq.attribute[:]
+
+
+@pytest.mark.parametrize("break_graph, message", [
+    (_without_dq_before_first_conv, "data input is not dequantized"),
+    (_set_zero_point(np.array(3, np.int8)), "non-zero zero point"),
+    (_set_zero_point(np.array(128, np.uint8)), "not int8"),
+    (_weight_dq_axis_removed, "per output channel on axis 0"),
+])
+def test_broken_graphs_are_reported(int8_export, break_graph, message):
+    proto = onnx.load(str(int8_export[1]))
+    break_graph(proto)
+    problems = check_int8_rules(proto)
+    assert problems and any(message in p for p in problems), problems
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_int8_logits_track_fp32(int8_export, tiny_cifar_root, optimize):
+    model, path = int8_export
+    test = load_split("cifar10", "test", tiny_cifar_root, download_if_missing=False)
+    pixels = test.images.float() / 255
+    with torch.no_grad():
+        reference = NormalizedClassifier(model, SPEC.mean, SPEC.std).eval()(pixels).numpy()
+    logits = make_session(path, 1, optimize=optimize).run(["logits"], {"input": pixels.numpy()})[0]
+    assert cosine(logits, reference) > 0.98
+    # Random nets give every image similar logits; what tells images apart must survive too
+    # (a single conv's weight scale off by 1.5x drops this to 0.990).
+    assert cosine(logits - logits.mean(0), reference - reference.mean(0)) > 0.995
+
+
+def test_onnxruntime_runs_every_conv_in_int8(int8_export, tmp_path):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(int8_export[1]), opts, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+    assert ops["QLinearConv"] == 21 and ops["Conv"] == 0, ops
+    assert ops["QLinearAdd"] >= 8, ops
+
+
+def test_plain_tensorrt_placement_per_tensor_minmax(int8_export, tiny_train, tmp_path):
+    """Without the pre-ReLU pairs and with per-tensor weights the graph still follows the rules and the model."""
+    model, fused_path = int8_export
+    path = export_int8_qdq(model, tmp_path / "plain.onnx", SPEC, tiny_train.classes, tiny_train.images[:64],
+                           "minmax", per_channel=False, fuse_for_onnxruntime=False, threads=1)
+    assert check_int8_rules(path) == []
+    proto = onnx.load(str(path))
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    fused_ops = collections.Counter(n.op_type for n in onnx.load(str(fused_path)).graph.node)
+    assert fused_ops["QuantizeLinear"] - ops["QuantizeLinear"] == 18  # 1 stem + 9 block ReLUs, 8 residual Adds
+    weight_scales = [numpy_helper.to_array(t) for t in proto.graph.initializer if t.name.endswith("weight_scale")]
+    assert len(weight_scales) == 22 and all(np.all(s == s[0]) for s in weight_scales)
+    pixels = tiny_train.images[:50].float() / 255
+    with torch.no_grad():
+        reference = NormalizedClassifier(model, SPEC.mean, SPEC.std).eval()(pixels).numpy()
+    logits = make_session(path, 1).run(["logits"], {"input": pixels.numpy()})[0]
+    assert cosine(logits - logits.mean(0), reference - reference.mean(0)) > 0.99
+
+
+def test_export_rejects_normalized_calibration_images(tmp_path):
+    normalized = torch.randn(8, 3, 32, 32) * 2
+    with pytest.raises(CifarpressError, match="not normalized"):
+        export_int8_qdq(random_resnet20(), tmp_path / "x.onnx", SPEC, [str(i) for i in range(10)], normalized)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# -- data-free calibration ------------------------------------------------------------------
+
+def test_zeroq_images_approach_the_bn_statistics():
+    result = synthesize_images(random_resnet20(1), SPEC, count=8, steps=30, seed=0)
+    assert result.pixels.shape == (8, 3, 32, 32)
+    assert 0.0 <= float(result.pixels.min()) and float(result.pixels.max()) <= 1.0
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    with pytest.raises(CifarpressError, match="BatchNorm"):
+        synthesize_images(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10)), SPEC, steps=1)
