@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -82,6 +83,18 @@ def train(
     )
     if result is not None:
         out.print(f"top-1 {result['top1']:.2f}%  ->  {result['model_path']}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, gloo's worker threads can abort the process during C++ static
+        # teardown ("terminate called without an active exception") after all work is
+        # done and saved. Wait for every rank, close the group, and leave without that teardown.
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @app.command("eval")
