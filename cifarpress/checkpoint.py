@@ -74,8 +74,7 @@ def layer_spec(module: nn.Module) -> dict | None:
                 "dilation": list(module.dilation), "groups": module.groups, "bias": module.bias is not None,
                 "padding_mode": module.padding_mode}
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return {"type": type(module).__name__ if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d)
-                else ("BatchNorm2d" if isinstance(module, nn.BatchNorm2d) else "BatchNorm1d"),
+        return {"type": "BatchNorm2d" if isinstance(module, nn.BatchNorm2d) else "BatchNorm1d",
                 "num_features": module.num_features, "eps": module.eps, "momentum": module.momentum,
                 "affine": module.affine, "track_running_stats": module.track_running_stats}
     if isinstance(module, nn.Linear):

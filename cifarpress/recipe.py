@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data import DATASETS
-from .errors import RecipeError
+from .errors import CifarpressError, RecipeError
 
 
 class Strict(BaseModel):
@@ -218,13 +218,13 @@ def _resolve(path: str, base: Path) -> Path:
 
 def _checked_model_path(value: str, base: Path, recipe_path: Path, field: str) -> str:
     """A builtin:NAME that exists, or a path (relative to the recipe's folder) to an existing file."""
-    from .checkpoint import BUILTIN_DIR
+    from .checkpoint import resolve_checkpoint
 
     if value.startswith("builtin:"):
-        name = value.split(":", 1)[1]
-        if not (BUILTIN_DIR / f"{name}.pt").is_file():
-            known = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.pt"))) or "none"
-            raise RecipeError(f"{recipe_path}: {field}: no built-in checkpoint '{name}' (available: {known})")
+        try:
+            resolve_checkpoint(value)  # the one place that knows where built-ins live
+        except CifarpressError as exc:
+            raise RecipeError(f"{recipe_path}: {field}: {exc}") from None
         return value
     resolved = _resolve(value, base)
     if not resolved.is_file():
