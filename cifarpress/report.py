@@ -2,17 +2,23 @@
 
 report.json keeps this shape; fields are only ever added:
     {"recipe": str, "dataset": str, "machine": {...}, "deployable": {...} | null,
+     "plot": "report.png" | null,
      "stages": [{"stage": str, "top1": float, "params": int, "macs": int, "onnx_bytes": int,
                  "latency_ms": {"<batch>": {"p50": float, "p90": float, "p99": float}},
                  "ratios": {"params": float, "macs": float, "onnx_bytes": float,
                             "latency_p50_b<batch>": float}, ...}]}
 Ratios are against the first row (the model the recipe started from).
+"plot" names the Pareto plot (cifarpress/plot.py) next to the report; null when it could not be drawn.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .checkpoint import atomic_write_json, atomic_write_text
+from .plot import write_pareto_plot
+
+PLOT_NAME = "report.png"
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
@@ -77,12 +83,32 @@ def render_markdown(report: dict) -> str:
     if report.get("deployable"):
         d = report["deployable"]
         lines += ["", f"Deployable artifact: `{d['artifact']}` ({d['format']}, {d['bytes'] / 1e6:.2f} MB)."]
+    if report.get("plot"):
+        lines += ["", f"Pareto plot (top-1 vs latency and vs ONNX size): [{report['plot']}]({report['plot']})",
+                  "", f"![top-1 vs latency and ONNX size]({report['plot']})"]
     return "\n".join(lines) + "\n"
 
 
+def _write_json_md(run_dir: Path, report: dict) -> None:
+    atomic_write_json(run_dir / "report.json", report)
+    atomic_write_text(run_dir / "report.md", render_markdown(report))
+
+
 def write_report(run_dir: Path, recipe, rows: list[dict], artifacts: list[dict], machine: dict) -> dict:
+    """report.json and report.md first, then report.png; if drawing fails, the two stay with "plot": null."""
+    run_dir = Path(run_dir)
     report = {"recipe": recipe.name, "dataset": recipe.dataset, "machine": machine,
-              "deployable": artifacts[-1] if artifacts else None, "stages": add_ratios(rows)}
-    atomic_write_json(Path(run_dir) / "report.json", report)
-    atomic_write_text(Path(run_dir) / "report.md", render_markdown(report))
+              "deployable": artifacts[-1] if artifacts else None, "stages": add_ratios(rows), "plot": None}
+    _write_json_md(run_dir, report)
+    if not rows:
+        (run_dir / PLOT_NAME).unlink(missing_ok=True)
+        return report
+    try:
+        write_pareto_plot(run_dir / PLOT_NAME, report)
+    except Exception as exc:  # a plot is a convenience: never lose the report over it
+        (run_dir / PLOT_NAME).unlink(missing_ok=True)  # not a stale plot of an earlier run
+        print(f"warning: {PLOT_NAME} not drawn ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+        return report
+    report["plot"] = PLOT_NAME
+    _write_json_md(run_dir, report)
     return report
