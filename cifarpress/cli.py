@@ -1,4 +1,4 @@
-"""`cifarpress` command line: train, eval, compress, export, bench, inspect."""
+"""`cifarpress` command line: train, eval, compress, prune, quantize, export, bench, inspect."""
 from __future__ import annotations
 
 import functools
@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import CifarpressError
+from .errors import CifarpressError, RecipeError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -150,6 +150,169 @@ def compress(
     # Plain print: the Markdown table must not be re-wrapped to the terminal width.
     print((run_dir / "report.md").read_text(), end="")
     print(f"report: {run_dir / 'report.json'}")
+
+
+BENCH_BATCH_HELP = "Batch size of the onnxruntime bench of each model (repeat for several; default 1 and 64)."
+BENCH_SECONDS_HELP = "Timing budget per batch size of each bench (default 3)."
+BENCH_THREADS_HELP = "onnxruntime intra-op threads of the benches (default: all cores)."
+CHECKPOINT_HELP = "Model file (.pt) or builtin:NAME to compress."
+ARCH_HELP = ("Architecture (zoo name or package.module:factory); default: the one recorded in the model file, "
+             "else resnet20. Needed for a plain state-dict checkpoint.")
+DATASET_HELP = "cifar10 or cifar100 (default: the one recorded in the model file, else cifar10)."
+DISTILL_HELP = "Add a distillation loss from the model entering the stage: kd, dkd or nkd (default: none)."
+
+
+def _recorded_model(checkpoint: str) -> dict:
+    """arch and dataset recorded in a cifarpress model file; {} for anything else (the recipe checks report it)."""
+    from .checkpoint import FORMAT, read_checkpoint
+
+    try:
+        payload = read_checkpoint(checkpoint)
+    except CifarpressError:
+        return {}
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        return {}
+    return {k: payload.get(k) for k in ("arch", "dataset")}
+
+
+def _run_single_stage(kind: str, stage: dict[str, tuple[str, object]], *, checkpoint: str, arch: Optional[str],
+                      dataset: Optional[str], out_dir: Optional[Path], data_root: Optional[Path],
+                      threads: Optional[int], force: bool, bench_batch: Optional[list[int]],
+                      bench_seconds: Optional[float], bench_threads: Optional[int]) -> None:
+    """Run a recipe of the model, one `kind` stage and an export, and print its report like `compress`.
+
+    `stage` maps the stage's fields to (option, value); options left unset (None) keep the stage's defaults.
+    The recipe goes through the same validation and file checks as a recipe file, with messages naming
+    the options."""
+    import re
+
+    from .compress import run_recipe
+    from .recipe import recipe_from_dict
+
+    recorded = _recorded_model(checkpoint)
+    arch = arch or recorded.get("arch") or "resnet20"
+    body = {field: value for field, (_, value) in stage.items() if value is not None}
+    if "distill" in body:
+        body["distill"] = {"method": body["distill"]}
+    bench = {"batch_sizes": bench_batch or None, "seconds": bench_seconds, "threads": bench_threads}
+    raw = {
+        "name": f"{kind}-{re.sub(r'[^A-Za-z0-9_.-]', '_', arch)}",
+        "dataset": dataset or recorded.get("dataset") or "cifar10",
+        "model": {"arch": arch, "checkpoint": checkpoint},
+        "stages": [{kind: body}, {"export": {}}],
+        "bench": {k: v for k, v in bench.items() if v is not None},
+    }
+    labels = {"dataset": "--dataset", "model.arch": "--arch", "model.checkpoint": "--checkpoint",
+              "bench.batch_sizes": "--bench-batch", "bench.seconds": "--bench-seconds",
+              "bench.threads": "--bench-threads", f"stages[0].{kind}": kind}
+    labels |= {f"stages[0].{kind}.{field}": f"{option} ({kind}.{field})" for field, (option, _) in stage.items()}
+    if "distill" in stage:
+        labels[f"stages[0].{kind}.distill.method"] = f"--distill ({kind}.distill.method)"
+    spec = recipe_from_dict(raw, Path.cwd(), f"cifarpress {kind}", labels, relative_to="the current folder")
+    set_threads(threads)
+    run_dir = run_recipe(spec, out_dir, str(data_root) if data_root else None, force)
+    print((run_dir / "report.md").read_text(), end="")
+    print(f"report: {run_dir / 'report.json'}")
+
+
+@app.command()
+@user_errors
+def prune(
+    checkpoint: str = typer.Option("builtin:resnet20-cifar10", "--checkpoint", "-c", help=CHECKPOINT_HELP),
+    arch: Optional[str] = typer.Option(None, help=ARCH_HELP),
+    dataset: Optional[str] = typer.Option(None, help=DATASET_HELP),
+    method: Optional[str] = typer.Option(None, help="hesso (default) or dhspg."),
+    target: float = typer.Option(0.5, help="Pruning target in (0, 1): with --target-kind sparsity the fraction of "
+                                           "prunable channel groups removed, with --target-kind macs the fraction "
+                                           "of MACs kept."),
+    target_kind: str = typer.Option("sparsity", help="What --target measures: sparsity or macs."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs while pruning (default 10)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.01)."),
+    batch_size: Optional[int] = typer.Option(None, help="Training batch size (default 128)."),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default 5e-4)."),
+    schedule: Optional[str] = typer.Option(None, help="onecycle, cosine (default) or constant."),
+    channel_multiple: Optional[int] = typer.Option(None, help="Kept widths rounded to a multiple of this (default 8)."),
+    start_fraction: Optional[float] = typer.Option(None, help="Share of steps trained before pruning starts (default 0.1)."),
+    end_fraction: Optional[float] = typer.Option(None, help="Share of steps by which the pruned groups are zero "
+                                                            "(default 0.5 for hesso, 0.8 for dhspg)."),
+    pruning_periods: Optional[int] = typer.Option(None, help="HESSO: periods over which the target is reached (default 5)."),
+    penalty: Optional[float] = typer.Option(None, help="DHSPG: group-lasso strength lambda (default 0.1)."),
+    epsilon: Optional[float] = typer.Option(None, help="DHSPG: half-space projection threshold (default 0)."),
+    distill: Optional[str] = typer.Option(None, help=DISTILL_HELP),
+    max_steps_per_epoch: Optional[int] = typer.Option(None, help="Cap steps per epoch (quick trials)."),
+    seed: Optional[int] = typer.Option(None, help="Training seed (default 0)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/prune-<arch>)."),
+    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch training (default: all cores)."),
+    force: bool = typer.Option(False, help="Start over instead of resuming after the last finished stage."),
+    bench_batch: Optional[list[int]] = typer.Option(None, "--bench-batch", "-b", help=BENCH_BATCH_HELP),
+    bench_seconds: Optional[float] = typer.Option(None, help=BENCH_SECONDS_HELP),
+    bench_threads: Optional[int] = typer.Option(None, help=BENCH_THREADS_HELP),
+):
+    """Structured pruning of one model (the `prune` recipe stage), then export; writes report.json / report.md.
+
+    Stages go to <out>/00-baseline, 01-prune, 02-export; re-running the same command resumes."""
+    if target_kind not in ("sparsity", "macs"):
+        raise RecipeError(f"cifarpress prune: --target-kind: '{target_kind}' is not sparsity or macs")
+    _run_single_stage("prune", {
+        "method": ("--method", method), target_kind: ("--target", target),
+        "epochs": ("--epochs", epochs), "lr": ("--lr", lr), "batch_size": ("--batch-size", batch_size),
+        "weight_decay": ("--weight-decay", weight_decay), "schedule": ("--schedule", schedule),
+        "channel_multiple": ("--channel-multiple", channel_multiple),
+        "start_fraction": ("--start-fraction", start_fraction), "end_fraction": ("--end-fraction", end_fraction),
+        "pruning_periods": ("--pruning-periods", pruning_periods), "penalty": ("--penalty", penalty),
+        "epsilon": ("--epsilon", epsilon), "distill": ("--distill", distill),
+        "max_steps_per_epoch": ("--max-steps-per-epoch", max_steps_per_epoch), "seed": ("--seed", seed),
+    }, checkpoint=checkpoint, arch=arch, dataset=dataset, out_dir=out_dir, data_root=data_root, threads=threads,
+        force=force, bench_batch=bench_batch, bench_seconds=bench_seconds, bench_threads=bench_threads)
+
+
+@app.command()
+@user_errors
+def quantize(
+    checkpoint: str = typer.Option("builtin:resnet20-cifar10", "--checkpoint", "-c", help=CHECKPOINT_HELP),
+    arch: Optional[str] = typer.Option(None, help=ARCH_HELP),
+    dataset: Optional[str] = typer.Option(None, help=DATASET_HELP),
+    method: Optional[str] = typer.Option(None, help="ternary (default): BitNet b1.58 weights {-1, 0, +1} x scale."),
+    scale: Optional[str] = typer.Option(None, help="Ternary scale: absmean (default) or absmedian."),
+    granularity: Optional[str] = typer.Option(None, help="Scale per tensor (default) or per output channel: tensor or channel."),
+    act_bits: Optional[int] = typer.Option(None, help="8 to quantize layer inputs to int8 (default: float inputs)."),
+    act_granularity: Optional[str] = typer.Option(None, help="Activation scale per tensor (default) or per sample."),
+    keep: Optional[list[str]] = typer.Option(None, help="Layer kept at 8 bits (repeat for several; default: first conv "
+                                                        "and classifier)."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Steps blending from full precision to ternary (default 0)."),
+    ema: bool = typer.Option(False, "--ema", help="Evaluate and keep an exponential moving average of the weights."),
+    epochs: Optional[int] = typer.Option(None, help="Quantization-aware training epochs (default 5)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.01)."),
+    batch_size: Optional[int] = typer.Option(None, help="Training batch size (default 128)."),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default 5e-4)."),
+    schedule: Optional[str] = typer.Option(None, help="onecycle, cosine (default) or constant."),
+    distill: Optional[str] = typer.Option(None, help=DISTILL_HELP),
+    max_steps_per_epoch: Optional[int] = typer.Option(None, help="Cap steps per epoch (quick trials)."),
+    seed: Optional[int] = typer.Option(None, help="Training seed (default 0)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/quantize-<arch>)."),
+    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch training (default: all cores)."),
+    force: bool = typer.Option(False, help="Start over instead of resuming after the last finished stage."),
+    bench_batch: Optional[list[int]] = typer.Option(None, "--bench-batch", "-b", help=BENCH_BATCH_HELP),
+    bench_seconds: Optional[float] = typer.Option(None, help=BENCH_SECONDS_HELP),
+    bench_threads: Optional[int] = typer.Option(None, help=BENCH_THREADS_HELP),
+):
+    """Quantization-aware training of one model (the `quantize` recipe stage), then export (QDQ ONNX and a
+    packed 2-bit file); writes report.json / report.md.
+
+    Stages go to <out>/00-baseline, 01-quantize, 02-export; re-running the same command resumes."""
+    _run_single_stage("quantize", {
+        "method": ("--method", method), "scale": ("--scale", scale), "granularity": ("--granularity", granularity),
+        "act_bits": ("--act-bits", act_bits), "act_granularity": ("--act-granularity", act_granularity),
+        "keep": ("--keep", keep or None), "warmup_steps": ("--warmup-steps", warmup_steps),
+        "ema": ("--ema", ema or None),
+        "epochs": ("--epochs", epochs), "lr": ("--lr", lr), "batch_size": ("--batch-size", batch_size),
+        "weight_decay": ("--weight-decay", weight_decay), "schedule": ("--schedule", schedule),
+        "distill": ("--distill", distill),
+        "max_steps_per_epoch": ("--max-steps-per-epoch", max_steps_per_epoch), "seed": ("--seed", seed),
+    }, checkpoint=checkpoint, arch=arch, dataset=dataset, out_dir=out_dir, data_root=data_root, threads=threads,
+        force=force, bench_batch=bench_batch, bench_seconds=bench_seconds, bench_threads=bench_threads)
 
 
 @app.command()

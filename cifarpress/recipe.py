@@ -200,14 +200,22 @@ def _field_path(loc: tuple) -> str:
     return path or "recipe"
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
+def _labelled(path: str, labels: dict[str, str] | None) -> str:
+    """`path` with its longest prefix found in `labels` replaced by that label (e.g. a command's option)."""
+    for key in sorted(labels or {}, key=len, reverse=True):
+        if path == key or path.startswith((key + ".", key + "[")):
+            return labels[key] + path[len(key):]
+    return path
+
+
+def format_validation_error(exc: ValidationError, source: str, labels: dict[str, str] | None = None) -> str:
     lines = []
     for e in exc.errors():
         loc = tuple(p for p in e["loc"] if p not in ("function-before[one_key()]",))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `cifarpress compress --help`)"
-        lines.append(f"{source}: {_field_path(loc)}: {msg}")
+        lines.append(f"{source}: {_labelled(_field_path(loc), labels)}: {msg}")
     return "\n".join(lines)
 
 
@@ -216,21 +224,58 @@ def _resolve(path: str, base: Path) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def _checked_model_path(value: str, base: Path, recipe_path: Path, field: str) -> str:
-    """A builtin:NAME that exists, or a path (relative to the recipe's folder) to an existing file."""
+def _checked_model_path(value: str, base: Path, source: str, field: str, relative_to: str) -> str:
+    """A builtin:NAME that exists, or a path (relative to `base`) to an existing file."""
     from .checkpoint import resolve_checkpoint
 
     if value.startswith("builtin:"):
         try:
             resolve_checkpoint(value)  # the one place that knows where built-ins live
         except CifarpressError as exc:
-            raise RecipeError(f"{recipe_path}: {field}: {exc}") from None
+            raise RecipeError(f"{source}: {field}: {exc}") from None
         return value
     resolved = _resolve(value, base)
     if not resolved.is_file():
-        raise RecipeError(f"{recipe_path}: {field}: file {resolved} not found; fix the path "
-                          f"(relative paths start at the recipe's folder)")
+        raise RecipeError(f"{source}: {field}: file {resolved} not found; fix the path "
+                          f"(relative paths start at {relative_to})")
     return str(resolved)
+
+
+def recipe_from_dict(raw: dict, base: Path, source: str | Path, labels: dict[str, str] | None = None,
+                     relative_to: str = "the recipe's folder") -> Recipe:
+    """Validate a recipe mapping and check its model files; every problem is a RecipeError naming the field.
+
+    Relative paths (checkpoints, teachers, data_root) are read relative to `base`, described as
+    `relative_to` in messages. Each message starts with `source` (the recipe file, or the command that
+    built the mapping); `labels` renames field paths in messages, e.g. {"stages[0].prune.sparsity":
+    "--target"} for a command whose option sets that field.
+    """
+    source = str(source)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source, labels)) from None
+    base = Path(base).resolve()
+
+    def checked(value: str, field: str) -> str:
+        return _checked_model_path(value, base, source, _labelled(field, labels), relative_to)
+
+    ckpt = recipe.model.checkpoint
+    if ckpt:
+        recipe.model.checkpoint = checked(ckpt, "model.checkpoint")
+    for i, stage in enumerate(recipe.stages):
+        cfg = stage.config
+        for owner, field, label in ((getattr(cfg, "distill", None), "teacher", "distill.teacher"),
+                                    (cfg, "checkpoint", "checkpoint")):
+            value = getattr(owner, field, None) if owner is not None else None
+            if value:
+                setattr(owner, field, checked(value, f"stages[{i}].{stage.kind}.{label}"))
+    if recipe.data_root:
+        recipe.data_root = str(_resolve(recipe.data_root, base))
+    if not ckpt and recipe.stages[0].kind != "train":
+        raise RecipeError(f"{source}: stages[0]: a model without a checkpoint must be trained first; "
+                          f"add a train stage or set model.checkpoint")
+    return recipe
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -247,27 +292,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}:{where}: not valid YAML ({problem})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with name, model and stages")
-    try:
-        recipe = Recipe.model_validate(raw)
-    except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, str(path))) from None
-    base = path.resolve().parent
-    ckpt = recipe.model.checkpoint
-    if ckpt:
-        recipe.model.checkpoint = _checked_model_path(ckpt, base, path, "model.checkpoint")
-    for i, stage in enumerate(recipe.stages):
-        cfg = stage.config
-        for owner, field, label in ((getattr(cfg, "distill", None), "teacher", "distill.teacher"),
-                                    (cfg, "checkpoint", "checkpoint")):
-            value = getattr(owner, field, None) if owner is not None else None
-            if value:
-                setattr(owner, field, _checked_model_path(value, base, path, f"stages[{i}].{stage.kind}.{label}"))
-    if recipe.data_root:
-        recipe.data_root = str(_resolve(recipe.data_root, base))
-    if not ckpt and recipe.stages[0].kind != "train":
-        raise RecipeError(f"{path}: stages[0]: a model without a checkpoint must be trained first; "
-                          f"add a train stage or set model.checkpoint")
-    return recipe
+    return recipe_from_dict(raw, path.resolve().parent, path)
 
 
 def stage_dir_name(index: int, kind: str) -> str:
