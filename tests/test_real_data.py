@@ -1,4 +1,4 @@
-"""The real CIFAR-10 copy ($CIFARPRESS_DATA) and the shipped ResNet-20: accuracy in PyTorch and through ONNX."""
+"""The real CIFAR-10 copy ($CIFARPRESS_DATA) and the shipped ResNet-20/56: accuracy in PyTorch and through ONNX."""
 from __future__ import annotations
 
 import os
@@ -16,7 +16,9 @@ from cifarpress.trainer import evaluate
 
 from conftest import CLASSES
 
-PRETRAINED = Path(cifarpress.__file__).parent / "pretrained" / "resnet20-cifar10.pt"
+PRETRAINED_DIR = Path(cifarpress.__file__).parent / "pretrained"
+# builtin name -> the least top-1 it must reach on the real test set (it also must reproduce what its file records)
+SHIPPED = {"resnet20-cifar10": 85.0, "resnet56-cifar10": 87.0}
 
 
 @pytest.fixture(scope="module")
@@ -43,31 +45,33 @@ def test_balanced_subset_of_the_real_train_split(real_cifar_root):
     assert len(sub) == 500 and torch.equal(sub.images[0], train.images[idx[0]])
 
 
-@pytest.fixture(scope="module")
-def pretrained(real_test):
-    """The shipped ResNet-20 and its PyTorch top-1 on the full real test set."""
-    if not PRETRAINED.is_file():
+@pytest.fixture(scope="module", params=sorted(SHIPPED))
+def pretrained(request, real_test):
+    """A shipped checkpoint, its builtin name and its PyTorch top-1 on the full real test set."""
+    name = request.param
+    path = PRETRAINED_DIR / f"{name}.pt"
+    if not path.is_file():
         if os.environ.get("CI"):
-            pytest.fail(f"{PRETRAINED} is missing; CI must test the checkpoint the package ships")
-        pytest.skip(f"{PRETRAINED} not there yet (being trained)")
+            pytest.fail(f"{path} is missing; CI must test the checkpoints the package ships")
+        pytest.skip(f"{path} not there yet (being trained)")
     torch.set_num_threads(1)
-    model, info = load_model("builtin:resnet20-cifar10")
-    assert info["arch"] == "resnet20" and info["num_classes"] == 10 and info["dataset"] == "cifar10"
+    model, info = load_model(f"builtin:{name}")
+    assert info["arch"] == name.split("-")[0] and info["num_classes"] == 10 and info["dataset"] == "cifar10"
     model.eval()
-    return model, evaluate(model, real_test)
+    return model, name, evaluate(model, real_test)
 
 
-def test_pretrained_resnet20_top1(pretrained):
+def test_pretrained_top1(pretrained):
     """The shipped checkpoint is a trained one, and reproduces the accuracy its file records."""
-    model, top1 = pretrained
-    recorded = torch.load(PRETRAINED, weights_only=True)["meta"]["top1"]
+    model, name, top1 = pretrained
+    recorded = torch.load(PRETRAINED_DIR / f"{name}.pt", weights_only=True)["meta"]["top1"]
     assert top1 == pytest.approx(recorded, abs=0.01)
-    assert top1 >= 85.0, f"shipped resnet20-cifar10 reaches only {top1:.2f}% on the real test set"
+    assert top1 >= SHIPPED[name], f"shipped {name} reaches only {top1:.2f}% on the real test set"
 
 
 def test_pretrained_onnx_matches_pytorch(pretrained, real_test, tmp_path):
-    model, top1 = pretrained
-    path = export_onnx(model, tmp_path / "resnet20.onnx", dataset_spec("cifar10"), real_test.classes)
+    model, name, top1 = pretrained
+    path = export_onnx(model, tmp_path / f"{name}.onnx", dataset_spec("cifar10"), real_test.classes)
     check = check_onnx(model, path, real_test, images=1000, tolerance=1e-4, threads=1)  # raises above 1e-4
     assert check.images == 1000 and check.max_abs_diff <= 1e-4
     assert abs(onnx_accuracy(path, real_test, threads=1) - top1) <= 0.05
