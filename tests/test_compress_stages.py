@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ import torch
 from cifarpress.checkpoint import load_model, save_model
 from cifarpress.compress import run_recipe
 from cifarpress.errors import CifarpressError, RecipeError
+
+REPO = Path(__file__).resolve().parents[1]
 from cifarpress.models import build_model
 from cifarpress.recipe import load_recipe
 
@@ -122,3 +125,22 @@ def test_teacher_with_other_class_count_is_one_clear_error(tmp_path, tiny_cifar_
                                       f"- train: {{epochs: 1, max_steps_per_epoch: 1, distill: {{teacher: {teacher}}}}}"))
     with pytest.raises(CifarpressError, match="100 outputs"):
         run_recipe(recipe, tmp_path / "run", str(tiny_cifar_root))
+
+
+def test_shipped_prune_distill_recipe_runs_end_to_end(tmp_path, tiny_cifar_root):
+    """recipes/resnet20-prune-distill.yaml as shipped (both built-in checkpoints), on tiny data with a tiny budget."""
+    import yaml
+
+    from cifarpress.recipe import recipe_from_dict
+
+    path = REPO / "recipes" / "resnet20-prune-distill.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["stages"][0]["prune"].update(epochs=2, max_steps_per_epoch=3, batch_size=32, pruning_periods=1)
+    raw["bench"] = {"batch_sizes": [1], "seconds": 0.05}
+    recipe = recipe_from_dict(raw, path.parent, path)
+    run_dir = run_recipe(recipe, tmp_path / "run", str(tiny_cifar_root))
+    report = json.loads((run_dir / "report.json").read_text())
+    baseline, pruned = report["stages"]
+    assert pruned["stage"] == "prune" and pruned["macs"] <= 0.55 * baseline["macs"]
+    history = torch.load(run_dir / "01-prune" / "model.pt", weights_only=True)["meta"]["history"]
+    assert all("teacher_time_fraction" in epoch for epoch in history)  # the ResNet-56 teacher took part
