@@ -42,24 +42,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cifarpress.bench import machine_description, make_session, measure_latency
+from cifarpress.bench import machine_description, measure_latency, onnx_predictions
 from cifarpress.calibrate import (CALIBRATORS, collect_statistics, load_manifest, manifest_filename, manifest_images,
                                   synthesize_images)
 from cifarpress.checkpoint import atomic_write_json, load_model
 from cifarpress.data import balanced_subset, dataset_spec, load_split
-from cifarpress.export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from cifarpress.export import INPUT_NAME, export_onnx
 from cifarpress.quantize.int8 import check_int8_rules, export_int8_qdq, plan_int8
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 FP32 = "fp32"
 ORT_REFERENCES = {"ort-quantize_static": "int8", "ort-quantize_static-u8": "uint8"}  # arm -> activation type
-
-
-def predictions(path: Path, pixels: np.ndarray, threads: int, batch: int = 500) -> np.ndarray:
-    session = make_session(path, threads)
-    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i:i + batch]})[0].argmax(1)
-                           for i in range(0, len(pixels), batch)])
 
 
 def ort_quantize_static(float_path: Path, out: Path, pixels: np.ndarray, activations: str = "int8",
@@ -157,7 +151,7 @@ def main() -> None:
         console.print(f"built {len(arms)} files; measuring accuracy and latency ...")
         reference = None
         for name, arm in arms.items():
-            predicted = predictions(arm["file"], test_pixels, args.threads)
+            predicted = onnx_predictions(arm["file"], test_pixels, args.threads)
             reference = predicted if reference is None else reference
             arm["top1"] = 100.0 * float((predicted == labels).mean())
             arm["agreement_with_fp32"] = 100.0 * float((predicted == reference).mean())

@@ -29,22 +29,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cifarpress.bench import machine_description, make_session, measure_latency
+from cifarpress.bench import machine_description, measure_latency, onnx_predictions
 from cifarpress.checkpoint import atomic_write_json, load_model
 from cifarpress.compress import run_recipe
 from cifarpress.data import load_split
-from cifarpress.export import INPUT_NAME, OUTPUT_NAME, NormalizedClassifier, read_onnx_metadata
+from cifarpress.export import NormalizedClassifier, read_onnx_metadata
 from cifarpress.quantize import layer_report, load_packed, quantized_layers
 from cifarpress.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
-
-
-def onnx_predictions(path: Path, pixels: np.ndarray, threads: int, batch: int = 500) -> np.ndarray:
-    session = make_session(path, threads)
-    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i:i + batch]})[0].argmax(1)
-                           for i in range(0, len(pixels), batch)])
 
 
 @torch.no_grad()

@@ -53,15 +53,21 @@ def make_session(path: str | Path, threads: int | None = None, optimize: bool = 
         raise CifarpressError(f"onnxruntime cannot load {path} ({str(exc).splitlines()[0][:200]})") from None
 
 
+def onnx_predictions(path: str | Path, images, threads: int | None = None, batch: int = 500) -> np.ndarray:
+    """Predicted class per image through onnxruntime; images NCHW, uint8 (0-255) or float pixels in [0, 1]."""
+    session = make_session(path, threads)
+    predicted = []
+    for start in range(0, len(images), batch):
+        x = images[start:start + batch]
+        x = np.asarray(x.numpy() if hasattr(x, "numpy") else x)
+        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
+        predicted.append(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].argmax(1))
+    return np.concatenate(predicted)
+
+
 def onnx_accuracy(path: str | Path, split: CifarSplit, threads: int | None = None, batch: int = 500) -> float:
     """Top-1 (%) of an exported model (inputs in [0, 1]) on a split, through onnxruntime."""
-    session = make_session(path, threads)
-    correct = 0
-    for start in range(0, len(split), batch):
-        x = split.images[start:start + batch].numpy().astype(np.float32) / 255.0
-        logits = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-        correct += int((logits.argmax(1) == split.labels[start:start + batch].numpy()).sum())
-    return 100.0 * correct / len(split)
+    return 100.0 * float((onnx_predictions(path, split.images, threads, batch) == split.labels.numpy()).mean())
 
 
 def measure_latency(path: str | Path, batch_sizes=(1, 64), threads: int | None = None,
