@@ -76,7 +76,7 @@ def machine_title(report: dict) -> str:
 
 def _panel(ax, xs: list, ys: list, names: list[str], xlabel: str, log: bool = False) -> None:
     idx = [i for i, x in enumerate(xs) if x is not None and ys[i] is not None]
-    front = pareto_front([(xs[i], ys[i]) if i in idx else (None, None) for i in range(len(xs))])
+    front = pareto_front(list(zip(xs, ys)))  # it skips the points with a missing value itself
     rest = [i for i in idx if i not in front]
     if rest:
         ax.scatter([xs[i] for i in rest], [ys[i] for i in rest], s=40, facecolors="none",

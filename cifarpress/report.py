@@ -100,15 +100,14 @@ def write_report(run_dir: Path, recipe, rows: list[dict], artifacts: list[dict],
     report = {"recipe": recipe.name, "dataset": recipe.dataset, "machine": machine,
               "deployable": artifacts[-1] if artifacts else None, "stages": add_ratios(rows), "plot": None}
     _write_json_md(run_dir, report)
-    if not rows:
-        (run_dir / PLOT_NAME).unlink(missing_ok=True)
-        return report
     try:
-        write_pareto_plot(run_dir / PLOT_NAME, report)
+        if rows:
+            write_pareto_plot(run_dir / PLOT_NAME, report)
+            report["plot"] = PLOT_NAME
     except Exception as exc:  # a plot is a convenience: never lose the report over it
-        (run_dir / PLOT_NAME).unlink(missing_ok=True)  # not a stale plot of an earlier run
         print(f"warning: {PLOT_NAME} not drawn ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
-        return report
-    report["plot"] = PLOT_NAME
-    _write_json_md(run_dir, report)
+    if report["plot"]:
+        _write_json_md(run_dir, report)
+    else:
+        (run_dir / PLOT_NAME).unlink(missing_ok=True)  # not a stale plot of an earlier run
     return report
