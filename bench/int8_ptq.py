@@ -16,7 +16,7 @@ calibration/, class-balanced training images):
                     (fast there, but not a graph TensorRT takes)
 Each arm gets: top-1 through onnxruntime on the test set, agreement of its
 predictions with fp32, file size, latency p50 at batch 1 and 64
-(cifarpress.bench.measure_latency, fixed threads, arms interleaved in rounds so
+(cifarpress.bench.interleaved_latency, fixed threads, arms interleaved in rounds so
 machine noise hits them alike, median over rounds), and the number of
 TensorRT explicit-quantization rule violations (check_int8_rules).
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import statistics as stats_lib
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cifarpress.bench import machine_description, measure_latency, onnx_predictions
+from cifarpress.bench import interleaved_latency, machine_description, onnx_predictions
 from cifarpress.calibrate import (CALIBRATORS, collect_statistics, load_manifest, manifest_filename, manifest_images,
                                   synthesize_images)
 from cifarpress.checkpoint import atomic_write_json, load_model
@@ -159,14 +158,11 @@ def main() -> None:
             violations = check_int8_rules(arm["file"]) if name != FP32 else []
             arm["trt_rule_violations"] = len(violations)
             arm["first_violations"] = violations[:3]
-            arm["latency_rounds"] = []
-        for _ in range(rounds):
-            for arm in arms.values():
-                measured = measure_latency(arm["file"], (1, 64), args.threads, seconds)
-                arm["latency_rounds"].append({b: v["p50"] for b, v in measured["latency_ms"].items()})
-                arm["onnxruntime"] = measured["onnxruntime"]
-        for arm in arms.values():
-            arm["latency_ms_p50"] = {b: stats_lib.median(r[b] for r in arm["latency_rounds"]) for b in ("1", "64")}
+        latency = interleaved_latency({name: arm["file"] for name, arm in arms.items()}, (1, 64), args.threads,
+                                      seconds, rounds)
+        for name, arm in arms.items():
+            arm["latency_rounds"], arm["latency_ms_p50"] = latency["rounds"][name], latency["p50"][name]
+            arm["onnxruntime"] = latency["onnxruntime"]
         base = arms[FP32]
         for arm in arms.values():
             arm["latency_vs_fp32"] = {b: arm["latency_ms_p50"][b] / base["latency_ms_p50"][b] for b in ("1", "64")}

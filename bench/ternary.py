@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cifarpress.bench import machine_description, measure_latency, onnx_predictions
+from cifarpress.bench import interleaved_latency, machine_description, onnx_predictions
 from cifarpress.checkpoint import atomic_write_json, load_model
 from cifarpress.compress import run_recipe
 from cifarpress.data import load_split
@@ -108,13 +107,9 @@ def main() -> None:
     def top1(predicted: np.ndarray) -> float:
         return 100.0 * float((predicted == labels).mean())
 
-    latency = {"fp32": [], "ternary-qdq": []}
-    for _ in range(args.rounds):
-        for name, path in (("fp32", fp32_onnx), ("ternary-qdq", qdq_onnx)):
-            measured = measure_latency(path, (1, 64), args.threads, args.seconds)
-            latency[name].append({b: v["p50"] for b, v in measured["latency_ms"].items()})
-    latency_p50 = {name: {b: statistics.median(r[b] for r in rounds) for b in ("1", "64")}
-                   for name, rounds in latency.items()}
+    latency = interleaved_latency({"fp32": fp32_onnx, "ternary-qdq": qdq_onnx}, (1, 64), args.threads,
+                                  args.seconds, args.rounds)
+    latency_p50 = latency["p50"]
 
     stage_cfg = next(s.config for s in recipe.stages if s.kind == "quantize")
     result = {
@@ -131,9 +126,9 @@ def main() -> None:
                   "ternary_packed": packed.stat().st_size},
         "packed_reload": {**bit_exact(ternary, reloaded),
                           "logits_identical": bool(torch.equal(logits_tern, logits_reloaded))},
-        "latency_ms_p50": latency_p50, "latency_rounds": latency,
+        "latency_ms_p50": latency_p50, "latency_rounds": latency["rounds"],
         "layers": layer_report(ternary), "machine": machine_description(), "torch": torch.__version__,
-        "onnxruntime": measured["onnxruntime"],
+        "onnxruntime": latency["onnxruntime"],
     }
     result["top1"]["drop_pp"] = result["top1"]["fp32_onnxruntime"] - result["top1"]["ternary_qdq_onnxruntime"]
     result["packed_vs_fp32_onnx"] = result["bytes"]["ternary_packed"] / result["bytes"]["fp32_onnx"]

@@ -86,6 +86,26 @@ def measure_latency(path: str | Path, batch_sizes=(1, 64), threads: int | None =
     return result
 
 
+def interleaved_latency(files: dict, batch_sizes=(1, 64), threads: int | None = None, seconds: float = 3.0,
+                        rounds: int = 3) -> dict:
+    """p50 latency of several ONNX files measured side by side: every round times each file once, in turn,
+    so machine noise hits them alike; the result is the median over rounds.
+
+    Returns {"p50": {name: {batch: ms}}, "rounds": {name: [{batch: ms}, ...]}, "onnxruntime": version}."""
+    import statistics
+
+    per_round: dict = {name: [] for name in files}
+    version = None
+    for _ in range(rounds):
+        for name, path in files.items():
+            measured = measure_latency(path, batch_sizes, threads, seconds)
+            per_round[name].append({b: v["p50"] for b, v in measured["latency_ms"].items()})
+            version = measured["onnxruntime"]
+    p50 = {name: {str(b): statistics.median(r[str(b)] for r in runs) for b in batch_sizes}
+           for name, runs in per_round.items()}
+    return {"p50": p50, "rounds": per_round, "onnxruntime": version}
+
+
 def bench_onnx(path: str | Path, batch_sizes=(1, 64), threads: int | None = None,
                test_split: CifarSplit | None = None, seconds: float = 3.0) -> dict:
     """Full measurement of one ONNX file; accuracy only when a test split is given."""

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from cifarpress.bench import measure_latency, onnx_accuracy
+import cifarpress.bench as bench_module
+from cifarpress.bench import interleaved_latency, measure_latency, onnx_accuracy
 from cifarpress.checkpoint import save_model
 from cifarpress.cli import app
 from cifarpress.data import dataset_spec, load_split
@@ -140,6 +141,22 @@ def test_measure_latency(exported):
         assert lat["throughput_ips"] > 0
     assert result["peak_rss_bytes"] > 0
     assert result["threads"] == 1 and result["onnxruntime"] == ort.__version__
+
+
+def test_interleaved_latency_alternates_files_and_takes_the_median(monkeypatch):
+    calls = []
+    fake_ms = {"a": iter([5.0, 1.0, 3.0]), "b": iter([2.0, 9.0, 4.0])}
+
+    def fake_measure(path, batch_sizes, threads, seconds):
+        calls.append(path)
+        ms = next(fake_ms[path])
+        return {"latency_ms": {str(b): {"p50": ms * b} for b in batch_sizes}, "onnxruntime": "x"}
+
+    monkeypatch.setattr(bench_module, "measure_latency", fake_measure)
+    result = interleaved_latency({"A": "a", "B": "b"}, (1, 64), threads=1, seconds=0.1, rounds=3)
+    assert calls == ["a", "b"] * 3  # each round visits every file once, in turn
+    assert result["p50"] == {"A": {"1": 3.0, "64": 192.0}, "B": {"1": 4.0, "64": 256.0}}
+    assert [r["1"] for r in result["rounds"]["B"]] == [2.0, 9.0, 4.0]
 
 
 def test_onnx_accuracy_matches_pytorch(exported, tiny_test):
