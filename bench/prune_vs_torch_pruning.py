@@ -1,0 +1,273 @@
+"""Our HESSO pruning vs Torch-Pruning, from the same trained checkpoint, at the same MACs and fine-tuning budget.
+
+    pip install torch-pruning   # only this benchmark needs it
+    python bench/prune_vs_torch_pruning.py --model builtin:resnet20-cifar10 --macs 0.5 --epochs 10 [--threads 2]
+                                           [--arms hesso,tp-magnitude,tp-taylor] [--hesso-run DIR]
+
+Arms (each in its own resumable folder under --work, default
+runs/bench-prune/<arch>-macs<M>-<E>ep/<arm>/):
+  hesso         ours: HESSO drives whole zero-invariant groups to zero during the
+                E epochs (widths kept in multiples of --channel-multiple), then the
+                compact network is cut out. --hesso-run DIR takes a finished run of
+                the same budget instead (e.g. a `cifarpress compress` prune stage).
+  tp-magnitude  Torch-Pruning one-shot with GroupMagnitudeImportance (L2), then E
+                epochs of fine-tuning.
+  tp-taylor     Torch-Pruning one-shot with GroupTaylorImportance (gradients from
+                1,024 class-balanced training images), then E epochs of fine-tuning.
+Torch-Pruning runs as its users run it: uniform per-layer ratio, classifier left
+alone, widths unrounded; the ratio is searched so its MACs land at or under the
+target. Every arm trains with the same options as a `prune:` recipe stage
+(lr, cosine schedule, batch 128, weight decay 5e-4, seed 0). Arms may run in
+separate processes (--arms); a run that finds every arm finished compares them.
+
+Comparison, in one run: top-1 through onnxruntime on the full test set, params
+and MACs (cifarpress.profile), ONNX bytes, and onnxruntime latency p50 at batch 1
+and 64 with the baseline and all arms timed in turn (interleaved_latency,
+fixed threads, median over rounds). Writes bench/results/prune_vs_torch_pruning-<arch>.json
+and keeps our arm as bench/results/<arch>-hesso.onnx.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from cifarpress.bench import interleaved_latency, machine_description, onnx_accuracy
+from cifarpress.checkpoint import atomic_write_json, load_model, save_model
+from cifarpress.data import Normalizer, balanced_subset, dataset_spec, load_split
+from cifarpress.errors import CifarpressError
+from cifarpress.export import check_onnx, export_onnx
+from cifarpress.profile import profile_model
+from cifarpress.prune import HessoPruner, PruneTarget
+from cifarpress.recipe import PruneStage
+from cifarpress.training import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+ARMS = ("hesso", "tp-magnitude", "tp-taylor")
+BUDGET_KEYS = ("epochs", "lr", "schedule", "batch_size", "weight_decay", "warmup_fraction")
+
+
+def import_torch_pruning():
+    try:
+        import torch_pruning
+    except ImportError:
+        raise SystemExit("this benchmark compares against Torch-Pruning: pip install torch-pruning") from None
+    return torch_pruning
+
+
+def classifier_layers(model: nn.Module, num_classes: int) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+
+
+def add_taylor_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize) -> None:
+    """Accumulate loss gradients on a fixed image set: Taylor importance scores weights by weight x gradient."""
+    model.eval()  # BN running stats stay those of the trained model
+    model.zero_grad()
+    for start in range(0, len(images), 128):
+        x = normalize(images[start:start + 128])
+        nn.functional.cross_entropy(model(x), labels[start:start + 128]).backward()
+
+
+def torch_pruning_prune(baseline: nn.Module, importance: str, macs_fraction: float, num_classes: int,
+                        grad_images, grad_labels, normalize) -> tuple[nn.Module, dict]:
+    """One-shot Torch-Pruning at the largest uniform ratio whose MACs are <= the target fraction."""
+    tp = import_torch_pruning()
+    example = torch.randn(1, 3, 32, 32)
+    base_macs = profile_model(baseline).macs
+
+    def prune_at(ratio: float) -> tuple[nn.Module, int]:
+        model = copy.deepcopy(baseline)
+        if importance == "taylor":
+            add_taylor_gradients(model, grad_images, grad_labels, normalize)
+            scorer = tp.importance.GroupTaylorImportance()
+        else:
+            scorer = tp.importance.GroupMagnitudeImportance(p=2)
+        pruner = tp.pruner.BasePruner(model, example, importance=scorer, pruning_ratio=ratio,
+                                      ignored_layers=classifier_layers(model, num_classes))
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        return model, profile_model(model).macs
+
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(14):  # bisection on the ratio; MACs fall monotonically as it grows
+        mid = (lo + hi) / 2
+        model, macs = prune_at(mid)
+        if macs <= macs_fraction * base_macs:
+            hi, best = mid, (model, macs, mid)
+        else:
+            lo = mid
+    if best is None:
+        raise CifarpressError(f"Torch-Pruning could not reach {macs_fraction:g} of the MACs")
+    model, macs, ratio = best
+    return model, {"pruning_ratio": ratio, "macs_fraction": macs / base_macs, "importance": importance,
+                   "torch_pruning": tp.__version__}
+
+
+def budget_of(stage: PruneStage) -> dict:
+    options = stage.training_options()
+    return {k: options[k] for k in BUDGET_KEYS if k in options}
+
+
+def check_reused_run(run: Path, budget: dict) -> Path:
+    model_path = run / "model.pt"
+    if not model_path.is_file():
+        raise SystemExit(f"--hesso-run {run} has no model.pt; point it at a finished prune stage folder")
+    _, info = load_model(model_path)
+    used = {**info["meta"].get("train_config", {}), "epochs": info["meta"].get("epochs")}
+    differs = {k: (used.get(k), v) for k, v in budget.items() if used.get(k) != v}
+    if differs:
+        raise SystemExit(f"--hesso-run {run} was trained with a different budget (run, asked): {differs}")
+    return model_path
+
+
+def train_arm(arm: str, args, stage: PruneStage, baseline_path: str, work: Path, console: Console) -> None:
+    out = work / arm
+    if (out / "model.pt").exists():
+        console.print(f"{arm}: finished earlier, kept")
+        return
+    started = time.perf_counter()
+    options = stage.training_options()
+    if arm == "hesso":
+        pruner = HessoPruner(PruneTarget(macs=stage.macs, channel_multiple=stage.channel_multiple),
+                             start_fraction=stage.start_fraction, end_fraction=stage.end_fraction or 0.5,
+                             pruning_periods=stage.pruning_periods)
+        run_training(arch=None, dataset=args.dataset, out_dir=out, data_root=args.data_root,
+                     init=baseline_path, plugins=[pruner], **options)
+    else:
+        pruned_path = out / "pruned-before-finetune.pt"
+        if not pruned_path.exists():
+            baseline, info = load_model(baseline_path)
+            spec = dataset_spec(args.dataset)
+            train = load_split(args.dataset, "train", args.data_root)
+            idx = balanced_subset(train.labels, 1024, seed=0)
+            pruned, how = torch_pruning_prune(baseline, arm.split("-", 1)[1], stage.macs, spec.num_classes,
+                                              train.images[idx], train.labels[idx],
+                                              Normalizer(spec.mean, spec.std))
+            console.print(f"{arm}: ratio {how['pruning_ratio']:.4f} keeps {how['macs_fraction']:.3f} of the MACs")
+            save_model(pruned_path, pruned, info["arch"], info["num_classes"], info["dataset"], {"torch_pruning": how})
+        run_training(arch=None, dataset=args.dataset, out_dir=out, data_root=args.data_root,
+                     init=str(pruned_path), **options)
+    if not (out / "seconds.json").exists():  # the first, uninterrupted run's wall time; a resume adds nothing
+        atomic_write_json(out / "seconds.json", {"train_s": time.perf_counter() - started, "threads": args.threads})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="builtin:resnet20-cifar10", help="trained baseline checkpoint")
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--macs", type=float, default=0.5, help="fraction of MACs kept")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--channel-multiple", type=int, default=8)
+    parser.add_argument("--arms", default=",".join(ARMS), help="arms to compare (and train, if unfinished)")
+    parser.add_argument("--only", default=None, help="train only these arms now, compare later")
+    parser.add_argument("--hesso-run", default=None, help="finished prune stage folder to use as the hesso arm")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="latency rounds")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing per batch size and round")
+    parser.add_argument("--work", default=None)
+    parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="smoke tests only")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--out", default=None, help="results JSON (default bench/results/prune_vs_torch_pruning-<arch>.json)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    console = Console(width=150)
+
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    if any(a.startswith("tp-") for a in arms):
+        import_torch_pruning()
+    stage = PruneStage(method="hesso", macs=args.macs, epochs=args.epochs, lr=args.lr,
+                       channel_multiple=args.channel_multiple, max_steps_per_epoch=args.max_steps_per_epoch)
+    baseline, info = load_model(args.model)
+    arch = info["arch"]
+    work = Path(args.work) if args.work else REPO / "runs" / "bench-prune" / f"{arch}-macs{args.macs:g}-{args.epochs}ep"
+    budget = budget_of(stage)
+
+    model_files = {}
+    for arm in arms:
+        if arm == "hesso" and args.hesso_run:
+            model_files[arm] = check_reused_run(Path(args.hesso_run), budget)
+            continue
+        if args.only is None or arm in args.only.split(","):
+            console.rule(f"[bold]{arm}")
+            train_arm(arm, args, stage, args.model, work, console)
+        model_files[arm] = work / arm / "model.pt"
+    missing = [a for a, p in model_files.items() if not p.exists()]
+    if missing:
+        console.print(f"arms still to train: {', '.join(missing)}; run again to compare")
+        return
+
+    spec = dataset_spec(args.dataset)
+    test = load_split(args.dataset, "test", args.data_root)
+    onnx_dir = work / "onnx"
+    models = {"baseline": baseline} | {arm: load_model(p)[0] for arm, p in model_files.items()}
+    results, files = {}, {}
+    for name, model in models.items():
+        path = export_onnx(model, onnx_dir / f"{name}.onnx", spec, test.classes,
+                           {"arch": arch, "bench": "prune_vs_torch_pruning", "arm": name})
+        check_onnx(model, path, test, 1000, 1e-4, args.threads)
+        prof = profile_model(model)
+        seconds_file = model_files.get(name, Path("-")).parent / "seconds.json"
+        results[name] = {"top1_onnxruntime": onnx_accuracy(path, test, args.threads), "params": prof.params,
+                         "macs": prof.macs, "onnx_bytes": path.stat().st_size,
+                         "train_s": json.loads(seconds_file.read_text())["train_s"] if seconds_file.exists() else None}
+        files[name] = path
+    console.print("measuring latency (baseline and arms in turn) ...")
+    latency = interleaved_latency(files, (1, 64), args.threads, args.seconds, args.rounds)
+    base = results["baseline"]
+    for name, r in results.items():
+        r["latency_ms_p50"] = latency["p50"][name]
+        r["latency_vs_baseline"] = {b: r["latency_ms_p50"][b] / base["latency_ms_p50"][b] for b in ("1", "64")}
+        r["macs_vs_baseline"] = r["macs"] / base["macs"]
+        r["top1_delta_pp"] = r["top1_onnxruntime"] - base["top1_onnxruntime"]
+    tp_arms = [a for a in arms if a.startswith("tp-")]
+    best_tp = max(tp_arms, key=lambda a: results[a]["top1_onnxruntime"]) if tp_arms else None
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    kept = None
+    if "hesso" in arms and args.max_steps_per_epoch is None:
+        kept = RESULTS / f"{arch}-hesso.onnx"
+        kept.write_bytes(files["hesso"].read_bytes())
+    out = {
+        "baseline_checkpoint": args.model, "arch": arch, "dataset": args.dataset, "macs_target": args.macs,
+        "budget": {**budget, "from": args.model, "channel_multiple_hesso": args.channel_multiple,
+                   "max_steps_per_epoch": args.max_steps_per_epoch},
+        "hesso_run": args.hesso_run, "arms": results, "test_images": len(test), "threads": args.threads,
+        "latency_rounds": latency["rounds"], "latency_seconds": args.seconds,
+        "hesso_top1_minus_best_torch_pruning_pp":
+            results["hesso"]["top1_onnxruntime"] - results[best_tp]["top1_onnxruntime"]
+            if best_tp and "hesso" in results else None,
+        "kept_onnx": str(kept.relative_to(REPO)) if kept else None,
+        "machine": machine_description(), "torch": torch.__version__, "onnxruntime": latency["onnxruntime"],
+    }
+    out_path = Path(args.out) if args.out else RESULTS / f"prune_vs_torch_pruning-{arch}.json"
+    atomic_write_json(out_path, out)
+
+    table = Table(title=f"{arch} pruned to {args.macs:g} of MACs, {args.epochs} epochs each, {args.threads} threads, "
+                        f"{out['machine']['cpu']}")
+    for col in ("arm", "top-1 %", "Δ pp", "params", "MACs ×", "ONNX MB", "b1 ms", "b64 ms", "b1 ×", "b64 ×",
+                "train min"):
+        table.add_column(col, justify="left" if col == "arm" else "right")
+    for name, r in results.items():
+        lat, ratio = r["latency_ms_p50"], r["latency_vs_baseline"]
+        table.add_row(name, f"{r['top1_onnxruntime']:.2f}", f"{r['top1_delta_pp']:+.2f}", f"{r['params']:,}",
+                      f"{r['macs_vs_baseline']:.3f}", f"{r['onnx_bytes'] / 1e6:.2f}", f"{lat['1']:.3f}",
+                      f"{lat['64']:.2f}", f"{ratio['1']:.2f}", f"{ratio['64']:.2f}",
+                      f"{r['train_s'] / 60:.1f}" if r["train_s"] else "-")
+    table.caption = f"wrote {out_path}" + (f" and {kept}" if kept else "")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
