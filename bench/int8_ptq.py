@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="latency rounds (default 3, quick 1)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--keep", default=None, help="folder to keep every arm's ONNX file in (e.g. for ort_op_profile)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console(width=150)  # the table is wider than a default pipe
@@ -174,6 +175,10 @@ def main() -> None:
             headline = RESULTS / f"{arch}-int8-qdq.onnx"
             RESULTS.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(arms[args.headline]["file"], headline)
+        if args.keep:
+            Path(args.keep).mkdir(parents=True, exist_ok=True)
+            for name, arm in arms.items():
+                shutil.copyfile(arm["file"], Path(args.keep) / f"{arch}-{name}.onnx")
         for arm in arms.values():
             arm["file"] = arm["file"].name
 
