@@ -6,13 +6,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from .errors import CifarpressError, RecipeError
+from .recipe import PruneStage, QuantizeStage, TrainingOptions, load_recipe, recipe_from_dict
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -142,7 +143,6 @@ def compress(
     Each stage writes runs/<name>/<NN>-<stage>/ (model.pt, model.onnx, metrics.json).
     Re-running the same command resumes after the last finished stage."""
     from .compress import run_recipe
-    from .recipe import load_recipe
 
     spec = load_recipe(recipe)
     set_threads(threads)
@@ -162,6 +162,34 @@ DATASET_HELP = "cifar10 or cifar100 (default: the one recorded in the model file
 DISTILL_HELP = "Add a distillation loss from the model entering the stage: kd, dkd or nkd (default: none)."
 
 
+def _default(stage: type, field: str) -> str:
+    """' (default X)' from the recipe stage's own field, so a help text cannot drift from the recipe."""
+    return f" (default {stage.model_fields[field].default:g})" if isinstance(
+        stage.model_fields[field].default, float) else f" (default {stage.model_fields[field].default})"
+
+
+# Options every single-stage command (prune, quantize) shares; None = the stage's default.
+Checkpoint = Annotated[str, typer.Option("--checkpoint", "-c", help=CHECKPOINT_HELP)]
+Arch = Annotated[Optional[str], typer.Option(help=ARCH_HELP)]
+Dataset = Annotated[Optional[str], typer.Option(help=DATASET_HELP)]
+Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate" + _default(TrainingOptions, "lr") + ".")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Training batch size" + _default(TrainingOptions, "batch_size")
+                                                        + ".")]
+WeightDecay = Annotated[Optional[float], typer.Option(help="Weight decay" + _default(TrainingOptions, "weight_decay")
+                                                             + ".")]
+Schedule = Annotated[Optional[str], typer.Option(help="onecycle, cosine or constant"
+                                                       + _default(TrainingOptions, "schedule") + ".")]
+Distill = Annotated[Optional[str], typer.Option(help=DISTILL_HELP)]
+MaxSteps = Annotated[Optional[int], typer.Option(help="Cap steps per epoch (quick trials).")]
+Seed = Annotated[Optional[int], typer.Option(help="Training seed" + _default(TrainingOptions, "seed") + ".")]
+DataRoot = Annotated[Optional[Path], typer.Option(help=DATA_ROOT_HELP)]
+Threads = Annotated[Optional[int], typer.Option(help="CPU threads for torch training (default: all cores).")]
+Force = Annotated[bool, typer.Option(help="Start over instead of resuming after the last finished stage.")]
+BenchBatch = Annotated[Optional[list[int]], typer.Option("--bench-batch", "-b", help=BENCH_BATCH_HELP)]
+BenchSeconds = Annotated[Optional[float], typer.Option(help=BENCH_SECONDS_HELP)]
+BenchThreads = Annotated[Optional[int], typer.Option(help=BENCH_THREADS_HELP)]
+
+
 def _recorded_model(checkpoint: str) -> dict:
     """arch and dataset recorded in a cifarpress model file; {} for anything else (the recipe checks report it)."""
     from .checkpoint import FORMAT, read_checkpoint
@@ -175,20 +203,21 @@ def _recorded_model(checkpoint: str) -> dict:
     return {k: payload.get(k) for k in ("arch", "dataset")}
 
 
-def _run_single_stage(kind: str, stage: dict[str, tuple[str, object]], *, checkpoint: str, arch: Optional[str],
-                      dataset: Optional[str], out_dir: Optional[Path], data_root: Optional[Path],
+def _run_single_stage(kind: str, values: dict[str, object], option_names: dict[str, str], *, checkpoint: str,
+                      arch: Optional[str], dataset: Optional[str], out_dir: Optional[Path], data_root: Optional[Path],
                       threads: Optional[int], force: bool, bench_batch: Optional[list[int]],
                       bench_seconds: Optional[float], bench_threads: Optional[int]) -> None:
     """Run a recipe of the model, one `kind` stage and an export, and print its report like `compress`.
 
-    `stage` maps the stage's fields to (option, value); options left unset (None) keep the stage's defaults.
+    `values` maps the stage's fields to the options' values; unset ones (None) keep the stage's defaults. Each
+    field's option is --field-name unless `option_names` says otherwise.
     The recipe goes through the same validation and file checks as a recipe file, with messages naming
     the options."""
     import re
 
     from .compress import run_recipe
-    from .recipe import recipe_from_dict
 
+    stage = {field: (option_names.get(field, "--" + field.replace("_", "-")), value) for field, value in values.items()}
     recorded = _recorded_model(checkpoint)
     arch = arch or recorded.get("arch") or "resnet20"
     body = {field: value for field, (_, value) in stage.items() if value is not None}
@@ -218,101 +247,109 @@ def _run_single_stage(kind: str, stage: dict[str, tuple[str, object]], *, checkp
 @app.command()
 @user_errors
 def prune(
-    checkpoint: str = typer.Option("builtin:resnet20-cifar10", "--checkpoint", "-c", help=CHECKPOINT_HELP),
-    arch: Optional[str] = typer.Option(None, help=ARCH_HELP),
-    dataset: Optional[str] = typer.Option(None, help=DATASET_HELP),
-    method: Optional[str] = typer.Option(None, help="hesso (default) or dhspg."),
-    target: float = typer.Option(0.5, help="Pruning target in (0, 1): with --target-kind sparsity the fraction of "
-                                           "prunable channel groups removed, with --target-kind macs the fraction "
-                                           "of MACs kept."),
-    target_kind: str = typer.Option("sparsity", help="What --target measures: sparsity or macs."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs while pruning (default 10)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.01)."),
-    batch_size: Optional[int] = typer.Option(None, help="Training batch size (default 128)."),
-    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default 5e-4)."),
-    schedule: Optional[str] = typer.Option(None, help="onecycle, cosine (default) or constant."),
-    channel_multiple: Optional[int] = typer.Option(None, help="Kept widths rounded to a multiple of this (default 8)."),
-    start_fraction: Optional[float] = typer.Option(None, help="Share of steps trained before pruning starts (default 0.1)."),
-    end_fraction: Optional[float] = typer.Option(None, help="Share of steps by which the pruned groups are zero "
-                                                            "(default 0.5 for hesso, 0.8 for dhspg)."),
-    pruning_periods: Optional[int] = typer.Option(None, help="HESSO: periods over which the target is reached (default 5)."),
-    penalty: Optional[float] = typer.Option(None, help="DHSPG: group-lasso strength lambda (default 0.1)."),
-    epsilon: Optional[float] = typer.Option(None, help="DHSPG: half-space projection threshold (default 0)."),
-    distill: Optional[str] = typer.Option(None, help=DISTILL_HELP),
-    max_steps_per_epoch: Optional[int] = typer.Option(None, help="Cap steps per epoch (quick trials)."),
-    seed: Optional[int] = typer.Option(None, help="Training seed (default 0)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/prune-<arch>)."),
-    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch training (default: all cores)."),
-    force: bool = typer.Option(False, help="Start over instead of resuming after the last finished stage."),
-    bench_batch: Optional[list[int]] = typer.Option(None, "--bench-batch", "-b", help=BENCH_BATCH_HELP),
-    bench_seconds: Optional[float] = typer.Option(None, help=BENCH_SECONDS_HELP),
-    bench_threads: Optional[int] = typer.Option(None, help=BENCH_THREADS_HELP),
+    checkpoint: Checkpoint = "builtin:resnet20-cifar10",
+    arch: Arch = None,
+    dataset: Dataset = None,
+    method: Annotated[Optional[str], typer.Option(help="hesso or dhspg" + _default(PruneStage, "method") + ".")] = None,
+    target: Annotated[float, typer.Option(help="Pruning target in (0, 1): with --target-kind sparsity the fraction "
+                                               "of prunable channel groups removed, with --target-kind macs the "
+                                               "fraction of MACs kept.")] = 0.5,
+    target_kind: Annotated[str, typer.Option(help="What --target measures: sparsity or macs.")] = "sparsity",
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs while pruning"
+                                                       + _default(PruneStage, "epochs") + ".")] = None,
+    lr: Lr = None,
+    batch_size: BatchSize = None,
+    weight_decay: WeightDecay = None,
+    schedule: Schedule = None,
+    channel_multiple: Annotated[Optional[int], typer.Option(help="Kept widths rounded to a multiple of this"
+                                                                 + _default(PruneStage, "channel_multiple") + ".")] = None,
+    start_fraction: Annotated[Optional[float], typer.Option(help="Share of steps trained before pruning starts"
+                                                                 + _default(PruneStage, "start_fraction") + ".")] = None,
+    end_fraction: Annotated[Optional[float], typer.Option(help="Share of steps by which the pruned groups are zero "
+                                                               "(default 0.5 for hesso, 0.8 for dhspg).")] = None,
+    pruning_periods: Annotated[Optional[int], typer.Option(help="HESSO: periods over which the target is reached"
+                                                                + _default(PruneStage, "pruning_periods") + ".")] = None,
+    penalty: Annotated[Optional[float], typer.Option(help="DHSPG: group-lasso strength lambda"
+                                                          + _default(PruneStage, "penalty") + ".")] = None,
+    epsilon: Annotated[Optional[float], typer.Option(help="DHSPG: half-space projection threshold"
+                                                          + _default(PruneStage, "epsilon") + ".")] = None,
+    distill: Distill = None,
+    max_steps_per_epoch: MaxSteps = None,
+    seed: Seed = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default runs/prune-<arch>).")] = None,
+    data_root: DataRoot = None,
+    threads: Threads = None,
+    force: Force = False,
+    bench_batch: BenchBatch = None,
+    bench_seconds: BenchSeconds = None,
+    bench_threads: BenchThreads = None,
 ):
     """Structured pruning of one model (the `prune` recipe stage), then export; writes report.json / report.md.
 
     Stages go to <out>/00-baseline, 01-prune, 02-export; re-running the same command resumes."""
     if target_kind not in ("sparsity", "macs"):
         raise RecipeError(f"cifarpress prune: --target-kind: '{target_kind}' is not sparsity or macs")
-    _run_single_stage("prune", {
-        "method": ("--method", method), target_kind: ("--target", target),
-        "epochs": ("--epochs", epochs), "lr": ("--lr", lr), "batch_size": ("--batch-size", batch_size),
-        "weight_decay": ("--weight-decay", weight_decay), "schedule": ("--schedule", schedule),
-        "channel_multiple": ("--channel-multiple", channel_multiple),
-        "start_fraction": ("--start-fraction", start_fraction), "end_fraction": ("--end-fraction", end_fraction),
-        "pruning_periods": ("--pruning-periods", pruning_periods), "penalty": ("--penalty", penalty),
-        "epsilon": ("--epsilon", epsilon), "distill": ("--distill", distill),
-        "max_steps_per_epoch": ("--max-steps-per-epoch", max_steps_per_epoch), "seed": ("--seed", seed),
-    }, checkpoint=checkpoint, arch=arch, dataset=dataset, out_dir=out_dir, data_root=data_root, threads=threads,
-        force=force, bench_batch=bench_batch, bench_seconds=bench_seconds, bench_threads=bench_threads)
+    _run_single_stage("prune", dict(
+        method=method, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, schedule=schedule,
+        channel_multiple=channel_multiple, start_fraction=start_fraction, end_fraction=end_fraction,
+        pruning_periods=pruning_periods, penalty=penalty, epsilon=epsilon, distill=distill,
+        max_steps_per_epoch=max_steps_per_epoch, seed=seed, **{target_kind: target},
+    ), {target_kind: "--target"}, checkpoint=checkpoint, arch=arch, dataset=dataset, out_dir=out_dir,
+        data_root=data_root, threads=threads, force=force, bench_batch=bench_batch, bench_seconds=bench_seconds,
+        bench_threads=bench_threads)
 
 
 @app.command()
 @user_errors
 def quantize(
-    checkpoint: str = typer.Option("builtin:resnet20-cifar10", "--checkpoint", "-c", help=CHECKPOINT_HELP),
-    arch: Optional[str] = typer.Option(None, help=ARCH_HELP),
-    dataset: Optional[str] = typer.Option(None, help=DATASET_HELP),
-    method: Optional[str] = typer.Option(None, help="ternary (default): BitNet b1.58 weights {-1, 0, +1} x scale."),
-    scale: Optional[str] = typer.Option(None, help="Ternary scale: absmean (default) or absmedian."),
-    granularity: Optional[str] = typer.Option(None, help="Scale per tensor (default) or per output channel: tensor or channel."),
-    act_bits: Optional[int] = typer.Option(None, help="8 to quantize layer inputs to int8 (default: float inputs)."),
-    act_granularity: Optional[str] = typer.Option(None, help="Activation scale per tensor (default) or per sample."),
-    keep: Optional[list[str]] = typer.Option(None, help="Layer kept at 8 bits (repeat for several; default: first conv "
-                                                        "and classifier)."),
-    warmup_steps: Optional[int] = typer.Option(None, help="Steps blending from full precision to ternary (default 0)."),
-    ema: bool = typer.Option(False, "--ema", help="Evaluate and keep an exponential moving average of the weights."),
-    epochs: Optional[int] = typer.Option(None, help="Quantization-aware training epochs (default 5)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.01)."),
-    batch_size: Optional[int] = typer.Option(None, help="Training batch size (default 128)."),
-    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default 5e-4)."),
-    schedule: Optional[str] = typer.Option(None, help="onecycle, cosine (default) or constant."),
-    distill: Optional[str] = typer.Option(None, help=DISTILL_HELP),
-    max_steps_per_epoch: Optional[int] = typer.Option(None, help="Cap steps per epoch (quick trials)."),
-    seed: Optional[int] = typer.Option(None, help="Training seed (default 0)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/quantize-<arch>)."),
-    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch training (default: all cores)."),
-    force: bool = typer.Option(False, help="Start over instead of resuming after the last finished stage."),
-    bench_batch: Optional[list[int]] = typer.Option(None, "--bench-batch", "-b", help=BENCH_BATCH_HELP),
-    bench_seconds: Optional[float] = typer.Option(None, help=BENCH_SECONDS_HELP),
-    bench_threads: Optional[int] = typer.Option(None, help=BENCH_THREADS_HELP),
+    checkpoint: Checkpoint = "builtin:resnet20-cifar10",
+    arch: Arch = None,
+    dataset: Dataset = None,
+    method: Annotated[Optional[str], typer.Option(help="ternary: BitNet b1.58 weights {-1, 0, +1} x scale"
+                                                       + _default(QuantizeStage, "method") + ".")] = None,
+    scale: Annotated[Optional[str], typer.Option(help="Ternary scale: absmean or absmedian"
+                                                      + _default(QuantizeStage, "scale") + ".")] = None,
+    granularity: Annotated[Optional[str], typer.Option(help="One scale per tensor or per output channel: tensor or "
+                                                            "channel" + _default(QuantizeStage, "granularity") + ".")] = None,
+    act_bits: Annotated[Optional[int], typer.Option(help="8 to quantize layer inputs to int8 "
+                                                         "(default: float inputs).")] = None,
+    act_granularity: Annotated[Optional[str], typer.Option(help="Activation scale per tensor or per sample"
+                                                                + _default(QuantizeStage, "act_granularity") + ".")] = None,
+    keep: Annotated[Optional[list[str]], typer.Option(help="Layer kept at 8 bits (repeat for several; default: first "
+                                                           "conv and classifier).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Steps blending from full precision to ternary"
+                                                             + _default(QuantizeStage, "warmup_steps") + ".")] = None,
+    ema: Annotated[bool, typer.Option("--ema", help="Evaluate and keep an exponential moving average of the "
+                                                    "weights.")] = False,
+    epochs: Annotated[Optional[int], typer.Option(help="Quantization-aware training epochs"
+                                                       + _default(QuantizeStage, "epochs") + ".")] = None,
+    lr: Lr = None,
+    batch_size: BatchSize = None,
+    weight_decay: WeightDecay = None,
+    schedule: Schedule = None,
+    distill: Distill = None,
+    max_steps_per_epoch: MaxSteps = None,
+    seed: Seed = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default runs/quantize-<arch>).")] = None,
+    data_root: DataRoot = None,
+    threads: Threads = None,
+    force: Force = False,
+    bench_batch: BenchBatch = None,
+    bench_seconds: BenchSeconds = None,
+    bench_threads: BenchThreads = None,
 ):
     """Quantization-aware training of one model (the `quantize` recipe stage), then export (QDQ ONNX and a
     packed 2-bit file); writes report.json / report.md.
 
     Stages go to <out>/00-baseline, 01-quantize, 02-export; re-running the same command resumes."""
-    _run_single_stage("quantize", {
-        "method": ("--method", method), "scale": ("--scale", scale), "granularity": ("--granularity", granularity),
-        "act_bits": ("--act-bits", act_bits), "act_granularity": ("--act-granularity", act_granularity),
-        "keep": ("--keep", keep or None), "warmup_steps": ("--warmup-steps", warmup_steps),
-        "ema": ("--ema", ema or None),
-        "epochs": ("--epochs", epochs), "lr": ("--lr", lr), "batch_size": ("--batch-size", batch_size),
-        "weight_decay": ("--weight-decay", weight_decay), "schedule": ("--schedule", schedule),
-        "distill": ("--distill", distill),
-        "max_steps_per_epoch": ("--max-steps-per-epoch", max_steps_per_epoch), "seed": ("--seed", seed),
-    }, checkpoint=checkpoint, arch=arch, dataset=dataset, out_dir=out_dir, data_root=data_root, threads=threads,
-        force=force, bench_batch=bench_batch, bench_seconds=bench_seconds, bench_threads=bench_threads)
+    _run_single_stage("quantize", dict(
+        method=method, scale=scale, granularity=granularity, act_bits=act_bits, act_granularity=act_granularity,
+        keep=keep or None, warmup_steps=warmup_steps, ema=ema or None, epochs=epochs, lr=lr, batch_size=batch_size,
+        weight_decay=weight_decay, schedule=schedule, distill=distill, max_steps_per_epoch=max_steps_per_epoch,
+        seed=seed,
+    ), {}, checkpoint=checkpoint, arch=arch, dataset=dataset, out_dir=out_dir, data_root=data_root,
+        threads=threads, force=force, bench_batch=bench_batch, bench_seconds=bench_seconds,
+        bench_threads=bench_threads)
 
 
 @app.command()

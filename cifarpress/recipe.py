@@ -19,7 +19,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .data import DATASETS
+from .datasets import DATASETS
 from .errors import CifarpressError, RecipeError
 
 
