@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--channel-multiple", type=int, default=8)
     parser.add_argument("--arms", default=",".join(ARMS), help="arms to compare (and train, if unfinished)")
     parser.add_argument("--only", default=None, help="train only these arms now, compare later")
+    parser.add_argument("--train-only", action="store_true", help="train the unfinished arms, do not compare yet")
     parser.add_argument("--hesso-run", default=None, help="finished prune stage folder to use as the hesso arm")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="latency rounds")
@@ -204,8 +205,8 @@ def main() -> None:
             train_arm(arm, args, stage, args.model, work, console)
         model_files[arm] = work / arm / "model.pt"
     missing = [a for a, p in model_files.items() if not p.exists()]
-    if missing:
-        console.print(f"arms still to train: {', '.join(missing)}; run again to compare")
+    if missing or args.train_only:
+        console.print(f"arms still to train: {', '.join(missing) or 'none'}; run again (without --train-only) to compare")
         return
 
     spec = dataset_spec(args.dataset)

@@ -119,6 +119,49 @@ def bench_onnx(path: str | Path, batch_sizes=(1, 64), threads: int | None = None
     return result
 
 
+def compare_onnx(paths: list[Path], batch_sizes=(1, 64), threads: int | None = None,
+                 test_split: CifarSplit | None = None, seconds: float = 3.0, rounds: int = 3) -> dict:
+    """Several ONNX files measured side by side: latency timed in turn (interleaved_latency), size, top-1,
+    and each one's ratios to the first (the reference)."""
+    threads = threads or default_threads()
+    names = [str(p) for p in paths]
+    if len(set(names)) != len(names):
+        raise CifarpressError("compare: the same file is named twice; give each model once")
+    latency = interleaved_latency(dict(zip(names, paths)), batch_sizes, threads, seconds, rounds)
+    models = []
+    for name, path in zip(names, paths):
+        row = {"model": name, "onnx_bytes": Path(path).stat().st_size, "latency_ms_p50": latency["p50"][name],
+               "latency_rounds": latency["rounds"][name]}
+        if test_split is not None:
+            row["top1"] = onnx_accuracy(path, test_split, threads)
+        models.append(row)
+    ref = models[0]
+    for row in models:
+        row["size_vs_first"] = row["onnx_bytes"] / ref["onnx_bytes"]
+        row["latency_vs_first"] = {b: row["latency_ms_p50"][b] / ref["latency_ms_p50"][b]
+                                   for b in row["latency_ms_p50"]}
+        if "top1" in row:
+            row["top1_delta_pp"] = row["top1"] - ref["top1"]
+    return {"models": models, "batch_sizes": [int(b) for b in batch_sizes], "threads": threads, "rounds": rounds,
+            "seconds": seconds, "onnxruntime": latency["onnxruntime"], "machine": machine_description()}
+
+
+def compare_table(result: dict) -> Table:
+    batches = [str(b) for b in result["batch_sizes"]]
+    table = Table(title=f"side by side on {result['machine']['cpu']} (onnxruntime {result['onnxruntime']}, "
+                        f"{result['threads']} threads, median of {result['rounds']} rounds)")
+    columns = ["model", "top-1 %", "Δ pp", "MB", "size ×"] + [f"b{b} ms" for b in batches] + [f"b{b} ×" for b in batches]
+    for col in columns:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in result["models"]:
+        top1 = (f"{row['top1']:.2f}", f"{row['top1_delta_pp']:+.2f}") if "top1" in row else ("-", "-")
+        table.add_row(Path(row["model"]).name, *top1, f"{row['onnx_bytes'] / 1e6:.2f}", f"{row['size_vs_first']:.2f}",
+                      *(f"{row['latency_ms_p50'][b]:.3f}" for b in batches),
+                      *(f"{row['latency_vs_first'][b]:.2f}" for b in batches))
+    table.caption = "ratios against the first model"
+    return table
+
+
 def bench_table(result: dict) -> Table:
     table = Table(title=f"{Path(result['model']).name} on {result['machine']['cpu']} "
                         f"(onnxruntime {result['onnxruntime']}, {result['threads']} threads)")

@@ -1,4 +1,4 @@
-"""`cifarpress` command line: train, eval, compress, prune, quantize, export, bench, inspect."""
+"""`cifarpress` command line: train, eval, compress, prune, quantize, export, bench, compare, inspect."""
 from __future__ import annotations
 
 import functools
@@ -466,6 +466,47 @@ def bench(
     target = json_out or model.with_suffix(".bench.json")
     atomic_write_json(target, result)
     out.print(f"wrote {target}")
+
+
+@app.command()
+@user_errors
+def compare(
+    models: list[Path] = typer.Argument(..., help="Two or more ONNX files; the first is the reference of the ratios."),
+    batch: list[int] = typer.Option([1, 64], "--batch", "-b", help="Batch size (repeat for several)."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: all cores)."),
+    seconds: float = typer.Option(3.0, help="Timing budget per batch size, file and round."),
+    rounds: int = typer.Option(3, min=1, help="Rounds; each times every file once, in turn; medians are reported."),
+    accuracy: bool = typer.Option(True, help="Also measure each file's test-set top-1."),
+    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result here as JSON."),
+):
+    """Several exported models side by side on this CPU: latency (timed in turn, so machine noise hits all
+    alike), size and top-1, with ratios against the first."""
+    from .bench import compare_onnx, compare_table
+    from .checkpoint import atomic_write_json
+    from .data import load_split
+    from .export import read_onnx_metadata
+
+    if len(models) < 2:
+        raise CifarpressError("compare needs two or more ONNX files (the first is the reference); "
+                              "for one file use `cifarpress bench`")
+    if any(b < 1 for b in batch):
+        raise CifarpressError("batch sizes must be >= 1")
+    for path in models:
+        if not path.is_file():
+            raise CifarpressError(f"{path} not found; export a model with `cifarpress export` first")
+        if path.suffix != ".onnx":
+            raise CifarpressError(f"{path} is not an .onnx file; compare measures ONNX files in onnxruntime")
+    datasets = {read_onnx_metadata(p).get("dataset", "cifar10") for p in models}
+    if accuracy and len(datasets) > 1:
+        raise CifarpressError(f"the files were trained on different datasets ({', '.join(sorted(datasets))}); "
+                              f"compare models of one dataset, or pass --no-accuracy")
+    test = load_split(datasets.pop(), "test", data_root) if accuracy else None
+    result = compare_onnx(models, tuple(batch), threads, test, seconds, rounds)
+    out.print(compare_table(result))
+    if json_out:
+        atomic_write_json(json_out, result)
+        out.print(f"wrote {json_out}")
 
 
 @app.command()

@@ -200,6 +200,37 @@ def test_cli_bench_writes_json(tmp_path, exported, tiny_cifar_root):
     assert {"cpu", "cores"} <= set(result["machine"])
 
 
+def test_cli_compare_times_files_in_turn_and_gives_ratios_to_the_first(tmp_path, exported, tiny_cifar_root):
+    model, _, source = exported
+    smaller = copy.deepcopy(model)
+    smaller.layer3 = nn.Identity()  # a genuinely different graph: fewer layers, smaller file
+    smaller.fc = nn.Linear(32, 10)
+    small_path = export_onnx(smaller, tmp_path / "small.onnx", SPEC, CLASSES, {"arch": "resnet20"})
+    out = tmp_path / "cmp.json"
+    proc = cli(["compare", str(source), str(small_path), "-b", "1", "-b", "4", "--threads", "1", "--seconds", "0.1",
+                "--rounds", "2", "--data-root", str(tiny_cifar_root), "--json", str(out)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    ref, other = result["models"]
+    assert ref["model"] == str(source) and other["model"] == str(small_path)
+    assert ref["size_vs_first"] == 1.0 and ref["latency_vs_first"] == {"1": 1.0, "4": 1.0}
+    assert other["size_vs_first"] == pytest.approx(small_path.stat().st_size / source.stat().st_size)
+    assert other["size_vs_first"] < 1.0
+    assert other["latency_vs_first"]["4"] == pytest.approx(other["latency_ms_p50"]["4"] / ref["latency_ms_p50"]["4"])
+    assert len(other["latency_rounds"]) == 2 and result["threads"] == 1
+    assert 0.0 <= other["top1"] <= 100.0 and other["top1_delta_pp"] == pytest.approx(other["top1"] - ref["top1"])
+
+
+@pytest.mark.parametrize("case, needle", [("one", "two or more"), ("missing", "not found"), ("pt", "not an .onnx")])
+def test_cli_compare_bad_input_is_one_line(tmp_path, exported, case, needle):
+    _, pt, source = exported
+    other = {"one": [], "missing": [str(tmp_path / "nope.onnx")], "pt": [str(pt)]}[case]
+    proc = cli(["compare", str(source), *other, "--threads", "1", "--no-accuracy"])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+
+
 def test_cli_inspect():
     # in-process (the command's own code, no interpreter start-up): JSON, and a table with the same totals
     runner = CliRunner()
@@ -229,7 +260,7 @@ def test_cli_help():
     proc = cli(["--help"])  # the real entry point
     assert proc.returncode == 0 and "Usage" in proc.stdout, proc.stderr
     runner = CliRunner()
-    for command in ("train", "eval", "compress", "export", "bench", "inspect"):
+    for command in ("train", "eval", "compress", "export", "bench", "compare", "inspect"):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0, (command, result.output)
         assert "Usage" in result.output, command
