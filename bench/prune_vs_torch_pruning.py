@@ -10,6 +10,8 @@ runs/bench-prune/<arch>-macs<M>-<E>ep/<arm>/):
                 E epochs (widths kept in multiples of --channel-multiple), then the
                 compact network is cut out. --hesso-run DIR takes a finished run of
                 the same budget instead (e.g. a `cifarpress compress` prune stage).
+  hesso-per-mac the same, with `selection: score-per-mac` (groups ranked by score per
+                MAC saved instead of by score).
   tp-magnitude  Torch-Pruning one-shot with GroupMagnitudeImportance (L2), then E
                 epochs of fine-tuning.
   tp-taylor     Torch-Pruning one-shot with GroupTaylorImportance (gradients from
@@ -51,7 +53,7 @@ from cifarpress.training import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
-ARMS = ("hesso", "tp-magnitude", "tp-taylor")
+ARMS = ("hesso", "hesso-per-mac", "tp-magnitude", "tp-taylor")
 BUDGET_KEYS = ("epochs", "lr", "schedule", "batch_size", "weight_decay", "warmup_fraction")
 
 
@@ -135,8 +137,9 @@ def train_arm(arm: str, args, stage: PruneStage, baseline_path: str, work: Path,
         return
     started = time.perf_counter()
     options = stage.training_options()
-    if arm == "hesso":
-        pruner = HessoPruner(PruneTarget(macs=stage.macs, channel_multiple=stage.channel_multiple),
+    if arm.startswith("hesso"):
+        selection = "score-per-mac" if arm == "hesso-per-mac" else "score"
+        pruner = HessoPruner(PruneTarget(macs=stage.macs, channel_multiple=stage.channel_multiple, selection=selection),
                              start_fraction=stage.start_fraction, end_fraction=stage.end_fraction or 0.5,
                              pruning_periods=stage.pruning_periods)
         run_training(arch=None, dataset=args.dataset, out_dir=out, data_root=args.data_root,
@@ -167,7 +170,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--channel-multiple", type=int, default=8)
-    parser.add_argument("--arms", default=",".join(ARMS), help="arms to compare (and train, if unfinished)")
+    parser.add_argument("--arms", default="hesso,tp-magnitude,tp-taylor", help="arms to compare (and train, if unfinished)")
     parser.add_argument("--only", default=None, help="train only these arms now, compare later")
     parser.add_argument("--train-only", action="store_true", help="train the unfinished arms, do not compare yet")
     parser.add_argument("--hesso-run", default=None, help="finished prune stage folder to use as the hesso arm")
@@ -234,22 +237,25 @@ def main() -> None:
         r["top1_delta_pp"] = r["top1_onnxruntime"] - base["top1_onnxruntime"]
     tp_arms = [a for a in arms if a.startswith("tp-")]
     best_tp = max(tp_arms, key=lambda a: results[a]["top1_onnxruntime"]) if tp_arms else None
+    our_arms = [a for a in arms if a.startswith("hesso")]
+    best_ours = max(our_arms, key=lambda a: results[a]["top1_onnxruntime"]) if our_arms else None
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     kept = None
-    if "hesso" in arms and args.max_steps_per_epoch is None:
+    if best_ours and args.max_steps_per_epoch is None:
         kept = RESULTS / f"{arch}-hesso.onnx"
-        kept.write_bytes(files["hesso"].read_bytes())
+        kept.write_bytes(files[best_ours].read_bytes())
     out = {
         "baseline_checkpoint": args.model, "arch": arch, "dataset": args.dataset, "macs_target": args.macs,
         "budget": {**budget, "from": args.model, "channel_multiple_hesso": args.channel_multiple,
                    "max_steps_per_epoch": args.max_steps_per_epoch},
         "hesso_run": args.hesso_run, "arms": results, "test_images": len(test), "threads": args.threads,
         "latency_rounds": latency["rounds"], "latency_seconds": args.seconds,
-        "hesso_top1_minus_best_torch_pruning_pp":
-            results["hesso"]["top1_onnxruntime"] - results[best_tp]["top1_onnxruntime"]
-            if best_tp and "hesso" in results else None,
-        "kept_onnx": str(kept.relative_to(REPO)) if kept else None,
+        "best_ours": best_ours, "best_torch_pruning": best_tp,
+        "ours_minus_torch_pruning_pp":
+            results[best_ours]["top1_onnxruntime"] - results[best_tp]["top1_onnxruntime"]
+            if best_tp and best_ours else None,
+        "kept_onnx": str(kept.relative_to(REPO)) if kept else None, "kept_arm": best_ours if kept else None,
         "machine": machine_description(), "torch": torch.__version__, "onnxruntime": latency["onnxruntime"],
     }
     out_path = Path(args.out) if args.out else RESULTS / f"prune_vs_torch_pruning-{arch}.json"

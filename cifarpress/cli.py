@@ -263,6 +263,9 @@ def prune(
     schedule: Schedule = None,
     channel_multiple: Annotated[Optional[int], typer.Option(help="Kept widths rounded to a multiple of this"
                                                                  + _default(PruneStage, "channel_multiple") + ".")] = None,
+    selection: Annotated[Optional[str], typer.Option(help="With --target-kind macs: cut the lowest-scoring groups "
+                                                          "(score) or the lowest score per MAC saved (score-per-mac)"
+                                                          + _default(PruneStage, "selection") + ".")] = None,
     start_fraction: Annotated[Optional[float], typer.Option(help="Share of steps trained before pruning starts"
                                                                  + _default(PruneStage, "start_fraction") + ".")] = None,
     end_fraction: Annotated[Optional[float], typer.Option(help="Share of steps by which the pruned groups are zero "
@@ -291,7 +294,8 @@ def prune(
         raise RecipeError(f"cifarpress prune: --target-kind: '{target_kind}' is not sparsity or macs")
     _run_single_stage("prune", dict(
         method=method, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, schedule=schedule,
-        channel_multiple=channel_multiple, start_fraction=start_fraction, end_fraction=end_fraction,
+        channel_multiple=channel_multiple, selection=selection, start_fraction=start_fraction,
+        end_fraction=end_fraction,
         pruning_periods=pruning_periods, penalty=penalty, epsilon=epsilon, distill=distill,
         max_steps_per_epoch=max_steps_per_epoch, seed=seed, **{target_kind: target},
     ), {target_kind: "--target"}, checkpoint=checkpoint, arch=arch, dataset=dataset, out_dir=out_dir,

@@ -137,7 +137,8 @@ def _run_train(ctx: RunContext, cfg: TrainStage, prev_model: Path, stage_dir: Pa
 def _run_prune(ctx: RunContext, cfg: PruneStage, prev_model: Path, stage_dir: Path) -> Path:
     from .prune import DhspgPruner, HessoPruner, PruneTarget
 
-    target = PruneTarget(sparsity=cfg.sparsity, macs=cfg.macs, channel_multiple=cfg.channel_multiple)
+    target = PruneTarget(sparsity=cfg.sparsity, macs=cfg.macs, channel_multiple=cfg.channel_multiple,
+                         selection=cfg.selection)
     if cfg.method == "hesso":
         pruner = HessoPruner(target, start_fraction=cfg.start_fraction, end_fraction=cfg.end_fraction or 0.5,
                              pruning_periods=cfg.pruning_periods)

@@ -156,6 +156,26 @@ def test_target_needs_exactly_one_kind_and_a_reachable_value():
         PruneBudget(model, groupset, PruneTarget(macs=0.05))
 
 
+def test_score_per_mac_selection_spends_the_mac_budget_on_costly_groups():
+    model = resnet20().eval()
+    groupset = discover_groups(model)
+    plain = PruneBudget(model, groupset, PruneTarget(macs=0.5))
+    per_mac = PruneBudget(model, groupset, PruneTarget(macs=0.5, selection="score-per-mac"))
+    cost = torch.tensor(per_mac.mac_counter.group_cost)
+    # group costs add up to at least the full model's prunable MACs (cut in and out channels overlap)
+    assert cost.min() > 0 and cost.sum() >= per_mac.mac_counter.full - per_mac.mac_counter.fixed
+    equal = torch.ones(len(groupset))
+    for budget in (plain, per_mac):
+        chosen = budget.select(equal, [], 1.0)
+        assert budget.mac_counter.count(chosen) <= 0.5 * budget.mac_counter.full
+    by_score, by_cost = plain.select(equal, [], 1.0), per_mac.select(equal, [], 1.0)
+    # at equal scores the per-MAC rule takes the costliest groups, so it reaches the target cutting fewer
+    assert cost[by_cost].mean() > cost[by_score].mean()
+    assert len(by_cost) < len(by_score)
+    with pytest.raises(CifarpressError, match="score or score-per-mac"):
+        PruneTarget(macs=0.5, selection="cheapest")
+
+
 def test_model_without_prunable_groups_is_refused(train):
     linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     trainer = Trainer(linear, CFG, [HessoPruner(PruneTarget(sparsity=0.5))],

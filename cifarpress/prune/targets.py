@@ -43,6 +43,10 @@ class PruneTarget:
     sparsity: float | None = None
     macs: float | None = None
     channel_multiple: int = 8
+    # macs targets only: "score" cuts the lowest-scoring chunks first; "score-per-mac" the lowest score per
+    # MAC saved, which spends the budget on channels that cost many MACs (early, high-resolution layers)
+    # instead of emptying the cheap, parameter-heavy late ones.
+    selection: str = "score"
 
     def __post_init__(self):
         given = [name for name in ("sparsity", "macs") if getattr(self, name) is not None]
@@ -55,6 +59,8 @@ class PruneTarget:
         if isinstance(self.channel_multiple, bool) or not isinstance(self.channel_multiple, int) \
                 or self.channel_multiple < 1:
             raise CifarpressError(f"channel_multiple must be an integer >= 1, got {self.channel_multiple!r}")
+        if self.selection not in ("score", "score-per-mac"):
+            raise CifarpressError(f"prune selection must be score or score-per-mac, got {self.selection!r}")
 
 
 class PruneBudget:
@@ -120,6 +126,10 @@ class PruneBudget:
         score = scores.detach().float().cpu().tolist()
         chosen = set(int(g) for g in pruned)
         tally = self.mac_counter.tally(chosen) if self.target.macs is not None else None
+        if tally is not None and self.target.selection == "score-per-mac":
+            cost = self.mac_counter.group_cost
+            mean_cost = sum(cost) / len(cost)
+            score = [s * mean_cost / max(c, 1e-12) for s, c in zip(score, cost)]
         free = [sorted((g for g in members if g not in chosen), key=lambda g: (score[g], g))
                 for members in self.units]
         taken = [len(members) - len(rest) for members, rest in zip(self.units, free)]
@@ -225,6 +235,9 @@ class MacCounter:
                 n_slots += 1
             self.layers.append((layer.macs, tuple(weight.shape), slots))
         self.n_slots = n_slots
+        # MACs each group costs in the full model (its share of every layer it narrows)
+        slot_cost = {slot: macs / shape[d] for macs, shape, slots in self.layers for d, slot in slots}
+        self.group_cost = [sum(slot_cost[slot] * c for slot, c in touches) for touches in self.touches]
 
     def tally(self, ids=()) -> "MacTally":
         t = MacTally(self)
