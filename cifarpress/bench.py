@@ -151,8 +151,12 @@ def compare_table(result: dict) -> Table:
     table = Table(title=f"side by side on {result['machine']['cpu']} (onnxruntime {result['onnxruntime']}, "
                         f"{result['threads']} threads, median of {result['rounds']} rounds)")
     columns = ["model", "top-1 %", "Δ pp", "MB", "size ×"] + [f"b{b} ms" for b in batches] + [f"b{b} ×" for b in batches]
+    width = max(len(Path(row["model"]).name) for row in result["models"])
     for col in columns:
-        table.add_column(col, justify="left" if col == "model" else "right")
+        if col == "model":  # the names are what the table is about: never cut them short
+            table.add_column(col, no_wrap=True, min_width=min(width, 48), overflow="fold")
+        else:
+            table.add_column(col, justify="right")
     for row in result["models"]:
         top1 = (f"{row['top1']:.2f}", f"{row['top1_delta_pp']:+.2f}") if "top1" in row else ("-", "-")
         table.add_row(Path(row["model"]).name, *top1, f"{row['onnx_bytes'] / 1e6:.2f}", f"{row['size_vs_first']:.2f}",
