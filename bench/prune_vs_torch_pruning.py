@@ -8,10 +8,11 @@ Arms (each in its own resumable folder under --work, default
 runs/bench-prune/<arch>-macs<M>-<E>ep/<arm>/):
   hesso         ours: HESSO drives whole zero-invariant groups to zero during the
                 E epochs (widths kept in multiples of --channel-multiple), then the
-                compact network is cut out. --hesso-run DIR takes a finished run of
-                the same budget instead (e.g. a `cifarpress compress` prune stage).
-  hesso-per-mac the same, with `selection: score-per-mac` (groups ranked by score per
-                MAC saved instead of by score).
+                compact network is cut out; groups ranked by score alone (`selection:
+                score`). --hesso-run DIR takes a finished run of the same budget
+                instead (e.g. a `cifarpress compress` prune stage).
+  hesso-per-mac the same with `selection: score-per-mac` (score per MAC saved; the
+                default of a `prune` stage).
   tp-magnitude  Torch-Pruning one-shot with GroupMagnitudeImportance (L2), then E
                 epochs of fine-tuning.
   tp-taylor     Torch-Pruning one-shot with GroupTaylorImportance (gradients from
@@ -138,7 +139,7 @@ def train_arm(arm: str, args, stage: PruneStage, baseline_path: str, work: Path,
     started = time.perf_counter()
     options = stage.training_options()
     if arm.startswith("hesso"):
-        selection = "score-per-mac" if arm == "hesso-per-mac" else "score"
+        selection = "score-per-mac" if arm == "hesso-per-mac" else "score"  # "hesso": the original rule
         pruner = HessoPruner(PruneTarget(macs=stage.macs, channel_multiple=stage.channel_multiple, selection=selection),
                              start_fraction=stage.start_fraction, end_fraction=stage.end_fraction or 0.5,
                              pruning_periods=stage.pruning_periods)

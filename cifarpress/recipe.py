@@ -87,7 +87,7 @@ class PruneStage(TrainingOptions):
     macs: Optional[float] = Field(None, gt=0, lt=1, description="Fraction of MACs to keep")
     channel_multiple: int = Field(8, ge=1, description="Kept widths rounded to a multiple of this")
     selection: Literal["score", "score-per-mac"] = Field(
-        "score", description="macs target: cut the lowest-scoring groups, or the lowest score per MAC saved")
+        "score-per-mac", description="macs target: cut the lowest score per MAC saved, or the lowest-scoring groups")
     start_fraction: float = Field(0.1, ge=0, lt=1, description="Share of steps trained before pruning starts")
     end_fraction: Optional[float] = Field(None, gt=0, le=1, description="Share of steps by which groups are zero "
                                           "(default 0.5 for hesso, 0.8 for dhspg)")

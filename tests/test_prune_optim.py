@@ -159,7 +159,7 @@ def test_target_needs_exactly_one_kind_and_a_reachable_value():
 def test_score_per_mac_selection_spends_the_mac_budget_on_costly_groups():
     model = resnet20().eval()
     groupset = discover_groups(model)
-    plain = PruneBudget(model, groupset, PruneTarget(macs=0.5))
+    plain = PruneBudget(model, groupset, PruneTarget(macs=0.5, selection="score"))
     per_mac = PruneBudget(model, groupset, PruneTarget(macs=0.5, selection="score-per-mac"))
     cost = torch.tensor(per_mac.mac_counter.group_cost)
     # group costs add up to at least the full model's prunable MACs (cut in and out channels overlap)

@@ -43,10 +43,10 @@ class PruneTarget:
     sparsity: float | None = None
     macs: float | None = None
     channel_multiple: int = 8
-    # macs targets only: "score" cuts the lowest-scoring chunks first; "score-per-mac" the lowest score per
-    # MAC saved, which spends the budget on channels that cost many MACs (early, high-resolution layers)
-    # instead of emptying the cheap, parameter-heavy late ones.
-    selection: str = "score"
+    # macs targets only: "score-per-mac" cuts the lowest score per MAC saved first, spending the budget on
+    # channels that cost many MACs (early, high-resolution layers); "score" the lowest-scoring chunks, which
+    # empties the cheap, parameter-heavy late layers (ResNet-20 at 50% MACs, 10 epochs: 80.9% vs 84.6%).
+    selection: str = "score-per-mac"
 
     def __post_init__(self):
         given = [name for name in ("sparsity", "macs") if getattr(self, name) is not None]
