@@ -25,7 +25,7 @@ separate processes (--arms); a run that finds every arm finished compares them.
 
 Comparison, in one run: top-1 through onnxruntime on the full test set, params
 and MACs (cifarpress.profile), ONNX bytes, and onnxruntime latency p50 at batch 1
-and 64 with the baseline and all arms timed in turn (interleaved_latency,
+and 64 with the baseline and all arms timed in turn (cifarpress.bench.compare_onnx,
 fixed threads, median over rounds). Writes bench/results/prune_vs_torch_pruning-<arch>.json
 and keeps our arm as bench/results/<arch>-hesso.onnx.
 """
@@ -42,13 +42,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from cifarpress.bench import interleaved_latency, machine_description, onnx_accuracy
-from cifarpress.checkpoint import atomic_write_json, load_model, save_model
+from cifarpress.bench import compare_onnx
+from cifarpress.checkpoint import atomic_write_json, load_model, read_checkpoint, save_model
+from cifarpress.compress import prune_plugin
 from cifarpress.data import Normalizer, balanced_subset, dataset_spec, load_split
 from cifarpress.errors import CifarpressError
 from cifarpress.export import check_onnx, export_onnx
 from cifarpress.profile import profile_model
-from cifarpress.prune import HessoPruner, PruneTarget
 from cifarpress.recipe import PruneStage
 from cifarpress.training import run_training
 
@@ -123,8 +123,8 @@ def check_reused_run(run: Path, budget: dict) -> Path:
     model_path = run / "model.pt"
     if not model_path.is_file():
         raise SystemExit(f"--hesso-run {run} has no model.pt; point it at a finished prune stage folder")
-    _, info = load_model(model_path)
-    used = {**info["meta"].get("train_config", {}), "epochs": info["meta"].get("epochs")}
+    meta = read_checkpoint(model_path).get("meta", {})
+    used = {**meta.get("train_config", {}), "epochs": meta.get("epochs")}
     differs = {k: (used.get(k), v) for k, v in budget.items() if used.get(k) != v}
     if differs:
         raise SystemExit(f"--hesso-run {run} was trained with a different budget (run, asked): {differs}")
@@ -139,10 +139,9 @@ def train_arm(arm: str, args, stage: PruneStage, baseline_path: str, work: Path,
     started = time.perf_counter()
     options = stage.training_options()
     if arm.startswith("hesso"):
-        selection = "score-per-mac" if arm == "hesso-per-mac" else "score"  # "hesso": the original rule
-        pruner = HessoPruner(PruneTarget(macs=stage.macs, channel_multiple=stage.channel_multiple, selection=selection),
-                             start_fraction=stage.start_fraction, end_fraction=stage.end_fraction or 0.5,
-                             pruning_periods=stage.pruning_periods)
+        # "hesso" keeps the original rule, score alone; "hesso-per-mac" the stage default
+        pruner = prune_plugin(stage.model_copy(update={"selection": "score-per-mac" if arm == "hesso-per-mac"
+                                                       else "score"}))
         run_training(arch=None, dataset=args.dataset, out_dir=out, data_root=args.data_root,
                      init=baseline_path, plugins=[pruner], **options)
     else:
@@ -217,25 +216,24 @@ def main() -> None:
     test = load_split(args.dataset, "test", args.data_root)
     onnx_dir = work / "onnx"
     models = {"baseline": baseline} | {arm: load_model(p)[0] for arm, p in model_files.items()}
-    results, files = {}, {}
+    files = {}
     for name, model in models.items():
-        path = export_onnx(model, onnx_dir / f"{name}.onnx", spec, test.classes,
-                           {"arch": arch, "bench": "prune_vs_torch_pruning", "arm": name})
-        check_onnx(model, path, test, 1000, 1e-4, args.threads)
+        files[name] = export_onnx(model, onnx_dir / f"{name}.onnx", spec, test.classes,
+                                  {"arch": arch, "bench": "prune_vs_torch_pruning", "arm": name})
+        check_onnx(model, files[name], test, 1000, 1e-4, args.threads)
+    console.print("measuring accuracy, and latency with the baseline and the arms timed in turn ...")
+    compared = compare_onnx(list(files.values()), (1, 64), args.threads, test, args.seconds, args.rounds)
+    results = {}
+    for (name, model), row in zip(models.items(), compared["models"]):
         prof = profile_model(model)
-        seconds_file = model_files.get(name, Path("-")).parent / "seconds.json"
-        results[name] = {"top1_onnxruntime": onnx_accuracy(path, test, args.threads), "params": prof.params,
-                         "macs": prof.macs, "onnx_bytes": path.stat().st_size,
-                         "train_s": json.loads(seconds_file.read_text())["train_s"] if seconds_file.exists() else None}
-        files[name] = path
-    console.print("measuring latency (baseline and arms in turn) ...")
-    latency = interleaved_latency(files, (1, 64), args.threads, args.seconds, args.rounds)
-    base = results["baseline"]
-    for name, r in results.items():
-        r["latency_ms_p50"] = latency["p50"][name]
-        r["latency_vs_baseline"] = {b: r["latency_ms_p50"][b] / base["latency_ms_p50"][b] for b in ("1", "64")}
-        r["macs_vs_baseline"] = r["macs"] / base["macs"]
-        r["top1_delta_pp"] = r["top1_onnxruntime"] - base["top1_onnxruntime"]
+        seconds_file = model_files[name].parent / "seconds.json" if name in model_files else None
+        results[name] = {"top1_onnxruntime": row["top1"], "params": prof.params, "macs": prof.macs,
+                         "onnx_bytes": row["onnx_bytes"], "latency_ms_p50": row["latency_ms_p50"],
+                         "latency_vs_baseline": row["latency_vs_first"], "top1_delta_pp": row["top1_delta_pp"],
+                         "train_s": json.loads(seconds_file.read_text())["train_s"]
+                         if seconds_file and seconds_file.exists() else None}
+    for r in results.values():
+        r["macs_vs_baseline"] = r["macs"] / results["baseline"]["macs"]
     tp_arms = [a for a in arms if a.startswith("tp-")]
     best_tp = max(tp_arms, key=lambda a: results[a]["top1_onnxruntime"]) if tp_arms else None
     our_arms = [a for a in arms if a.startswith("hesso")]
@@ -251,13 +249,14 @@ def main() -> None:
         "budget": {**budget, "from": args.model, "channel_multiple_hesso": args.channel_multiple,
                    "max_steps_per_epoch": args.max_steps_per_epoch},
         "hesso_run": args.hesso_run, "arms": results, "test_images": len(test), "threads": args.threads,
-        "latency_rounds": latency["rounds"], "latency_seconds": args.seconds,
+        "latency_rounds": {name: row["latency_rounds"] for name, row in zip(files, compared["models"])},
+        "latency_seconds": args.seconds,
         "best_ours": best_ours, "best_torch_pruning": best_tp,
         "ours_minus_torch_pruning_pp":
             results[best_ours]["top1_onnxruntime"] - results[best_tp]["top1_onnxruntime"]
             if best_tp and best_ours else None,
         "kept_onnx": str(kept.relative_to(REPO)) if kept else None, "kept_arm": best_ours if kept else None,
-        "machine": machine_description(), "torch": torch.__version__, "onnxruntime": latency["onnxruntime"],
+        "machine": compared["machine"], "torch": torch.__version__, "onnxruntime": compared["onnxruntime"],
     }
     out_path = Path(args.out) if args.out else RESULTS / f"prune_vs_torch_pruning-{arch}.json"
     atomic_write_json(out_path, out)

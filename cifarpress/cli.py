@@ -164,8 +164,8 @@ DISTILL_HELP = "Add a distillation loss from the model entering the stage: kd, d
 
 def _default(stage: type, field: str) -> str:
     """' (default X)' from the recipe stage's own field, so a help text cannot drift from the recipe."""
-    return f" (default {stage.model_fields[field].default:g})" if isinstance(
-        stage.model_fields[field].default, float) else f" (default {stage.model_fields[field].default})"
+    value = stage.model_fields[field].default
+    return f" (default {value:g})" if isinstance(value, float) else f" (default {value})"
 
 
 # Options every single-stage command (prune, quantize) shares; None = the stage's default.

@@ -134,18 +134,21 @@ def _run_train(ctx: RunContext, cfg: TrainStage, prev_model: Path, stage_dir: Pa
     return _train_stage(ctx, cfg, prev_model, stage_dir, ema=cfg.ema)
 
 
-def _run_prune(ctx: RunContext, cfg: PruneStage, prev_model: Path, stage_dir: Path) -> Path:
+def prune_plugin(cfg: PruneStage):
+    """The HESSO or DHSPG Trainer plug-in a `prune` stage asks for."""
     from .prune import DhspgPruner, HessoPruner, PruneTarget
 
     target = PruneTarget(sparsity=cfg.sparsity, macs=cfg.macs, channel_multiple=cfg.channel_multiple,
                          selection=cfg.selection)
     if cfg.method == "hesso":
-        pruner = HessoPruner(target, start_fraction=cfg.start_fraction, end_fraction=cfg.end_fraction or 0.5,
-                             pruning_periods=cfg.pruning_periods)
-    else:
-        pruner = DhspgPruner(target, start_fraction=cfg.start_fraction, end_fraction=cfg.end_fraction or 0.8,
-                             lambda_=cfg.penalty, epsilon=cfg.epsilon)
-    return _train_stage(ctx, cfg, prev_model, stage_dir, [pruner])
+        return HessoPruner(target, start_fraction=cfg.start_fraction, end_fraction=cfg.end_fraction or 0.5,
+                           pruning_periods=cfg.pruning_periods)
+    return DhspgPruner(target, start_fraction=cfg.start_fraction, end_fraction=cfg.end_fraction or 0.8,
+                       lambda_=cfg.penalty, epsilon=cfg.epsilon)
+
+
+def _run_prune(ctx: RunContext, cfg: PruneStage, prev_model: Path, stage_dir: Path) -> Path:
+    return _train_stage(ctx, cfg, prev_model, stage_dir, [prune_plugin(cfg)])
 
 
 def _run_quantize(ctx: RunContext, cfg: QuantizeStage, prev_model: Path, stage_dir: Path) -> Path:

@@ -127,9 +127,7 @@ class PruneBudget:
         chosen = set(int(g) for g in pruned)
         tally = self.mac_counter.tally(chosen) if self.target.macs is not None else None
         if tally is not None and self.target.selection == "score-per-mac":
-            cost = self.mac_counter.group_cost
-            mean_cost = sum(cost) / len(cost)
-            score = [s * mean_cost / max(c, 1e-12) for s, c in zip(score, cost)]
+            score = [s / max(c, 1e-12) for s, c in zip(score, self.mac_counter.group_cost)]
         free = [sorted((g for g in members if g not in chosen), key=lambda g: (score[g], g))
                 for members in self.units]
         taken = [len(members) - len(rest) for members, rest in zip(self.units, free)]
