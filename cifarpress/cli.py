@@ -264,7 +264,8 @@ def prune(
     channel_multiple: Annotated[Optional[int], typer.Option(help="Kept widths rounded to a multiple of this"
                                                                  + _default(PruneStage, "channel_multiple") + ".")] = None,
     selection: Annotated[Optional[str], typer.Option(help="With --target-kind macs: cut the lowest-scoring groups "
-                                                          "(score) or the lowest score per MAC saved (score-per-mac)"
+                                                          "(score), the lowest score per MAC saved (score-per-mac), "
+                                                          "or every unit by the same fraction (uniform)"
                                                           + _default(PruneStage, "selection") + ".")] = None,
     start_fraction: Annotated[Optional[float], typer.Option(help="Share of steps trained before pruning starts"
                                                                  + _default(PruneStage, "start_fraction") + ".")] = None,
@@ -272,6 +273,9 @@ def prune(
                                                                "(default 0.5 for hesso, 0.8 for dhspg).")] = None,
     pruning_periods: Annotated[Optional[int], typer.Option(help="HESSO: periods over which the target is reached"
                                                                 + _default(PruneStage, "pruning_periods") + ".")] = None,
+    saliency: Annotated[Optional[str], typer.Option(help="HESSO group importance: magnitude-taylor (this step) or "
+                                                         "fisher (squared Taylor terms averaged over each period)"
+                                                         + _default(PruneStage, "saliency") + ".")] = None,
     penalty: Annotated[Optional[float], typer.Option(help="DHSPG: group-lasso strength lambda"
                                                           + _default(PruneStage, "penalty") + ".")] = None,
     epsilon: Annotated[Optional[float], typer.Option(help="DHSPG: half-space projection threshold"
@@ -296,7 +300,7 @@ def prune(
         method=method, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, schedule=schedule,
         channel_multiple=channel_multiple, selection=selection, start_fraction=start_fraction,
         end_fraction=end_fraction,
-        pruning_periods=pruning_periods, penalty=penalty, epsilon=epsilon, distill=distill,
+        pruning_periods=pruning_periods, saliency=saliency, penalty=penalty, epsilon=epsilon, distill=distill,
         max_steps_per_epoch=max_steps_per_epoch, seed=seed, **{target_kind: target},
     ), {target_kind: "--target"}, checkpoint=checkpoint, arch=arch, dataset=dataset, out_dir=out_dir,
         data_root=data_root, threads=threads, force=force, bench_batch=bench_batch, bench_seconds=bench_seconds,

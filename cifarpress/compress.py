@@ -142,7 +142,7 @@ def prune_plugin(cfg: PruneStage):
                          selection=cfg.selection)
     if cfg.method == "hesso":
         return HessoPruner(target, start_fraction=cfg.start_fraction, end_fraction=cfg.end_fraction or 0.5,
-                           pruning_periods=cfg.pruning_periods)
+                           pruning_periods=cfg.pruning_periods, saliency=cfg.saliency)
     return DhspgPruner(target, start_fraction=cfg.start_fraction, end_fraction=cfg.end_fraction or 0.8,
                        lambda_=cfg.penalty, epsilon=cfg.epsilon)
 

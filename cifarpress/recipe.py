@@ -86,12 +86,15 @@ class PruneStage(TrainingOptions):
     sparsity: Optional[float] = Field(None, gt=0, lt=1, description="Fraction of prunable groups to remove")
     macs: Optional[float] = Field(None, gt=0, lt=1, description="Fraction of MACs to keep")
     channel_multiple: int = Field(8, ge=1, description="Kept widths rounded to a multiple of this")
-    selection: Literal["score", "score-per-mac"] = Field(
+    selection: Literal["score", "score-per-mac", "uniform"] = Field(
         "score-per-mac", description="macs target: cut the lowest score per MAC saved, or the lowest-scoring groups")
     start_fraction: float = Field(0.1, ge=0, lt=1, description="Share of steps trained before pruning starts")
     end_fraction: Optional[float] = Field(None, gt=0, le=1, description="Share of steps by which groups are zero "
                                           "(default 0.5 for hesso, 0.8 for dhspg)")
     pruning_periods: int = Field(5, ge=1, description="HESSO: periods over which the target is reached")
+    saliency: Literal["magnitude-taylor", "fisher"] = Field(
+        "magnitude-taylor", description="HESSO: group importance from the current step's magnitude and Taylor "
+        "terms, or from squared Taylor terms averaged over each period (fisher)")
     penalty: float = Field(0.1, ge=0, description="DHSPG: group-lasso strength (lambda)")
     epsilon: float = Field(0.0, ge=0, description="DHSPG: half-space projection threshold")
     distill: Optional[DistillOptions] = None

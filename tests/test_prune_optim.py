@@ -172,8 +172,60 @@ def test_score_per_mac_selection_spends_the_mac_budget_on_costly_groups():
     # at equal scores the per-MAC rule takes the costliest groups, so it reaches the target cutting fewer
     assert cost[by_cost].mean() > cost[by_score].mean()
     assert len(by_cost) < len(by_score)
-    with pytest.raises(CifarpressError, match="score or score-per-mac"):
+    with pytest.raises(CifarpressError, match="score, score-per-mac, uniform"):
         PruneTarget(macs=0.5, selection="cheapest")
+
+
+def test_uniform_selection_spreads_the_cut_and_takes_the_lowest_scores_inside_each_unit():
+    model = resnet20().eval()
+    groupset = discover_groups(model)
+    uniform = PruneBudget(model, groupset, PruneTarget(macs=0.5, selection="uniform"))
+    per_mac = PruneBudget(model, groupset, PruneTarget(macs=0.5, selection="score-per-mac"))
+    full = uniform.mac_counter.full
+    equal = torch.ones(len(groupset))
+    cut_units = {}
+    for name, budget in (("uniform", uniform), ("per_mac", per_mac)):
+        chosen = set(budget.select(equal, [], 1.0))
+        assert budget.mac_counter.count(chosen) <= 0.5 * full
+        cut_units[name] = sum(any(g in chosen for g in members) for members in budget.units)
+    assert cut_units["uniform"] >= len(uniform.units) - 3 > cut_units["per_mac"]
+    # the top-up after the common fraction keeps the cut close to the target, not far past it
+    scores = torch.rand(len(groupset), generator=torch.Generator().manual_seed(5))
+    chosen = set(uniform.select(scores, [], 1.0))
+    assert 0.45 * full < uniform.mac_counter.count(chosen) <= 0.5 * full
+    for members in uniform.units:
+        taken = [g for g in members if g in chosen]
+        left = [g for g in members if g not in chosen]
+        if taken and left:
+            assert max(scores[taken]) <= min(scores[left])
+    # groups already pruned stay pruned, and halfway means at most halfway's MACs
+    half = uniform.select(scores, [], 0.5)
+    assert set(half) <= set(uniform.select(scores, half, 1.0))
+    assert uniform.mac_counter.count(half) <= full - 0.5 * (full - uniform.goal_macs)
+
+
+def test_hesso_fisher_saliency_hits_the_target_and_resumes(train, tmp_path):
+    def fit(run_dir, seed=0, at=None):
+        # periods start at steps 1 and 7, so the epoch-1 checkpoint (step 4) is mid-accumulation
+        pruner = HessoPruner(PruneTarget(sparsity=0.5), saliency="fisher", start_fraction=0.0, end_fraction=1.0,
+                             pruning_periods=2)
+        trainer = Trainer(resnet20(seed), CFG, [pruner, Watch(pruner, at)], run_dir=run_dir,
+                          device=torch.device("cpu"), quiet=True)
+        return trainer, trainer.fit(train, None), pruner
+
+    ref_trainer, ref, ref_pruner = fit(tmp_path / "ref")
+    assert ref_pruner.groupset.zero_group_ids(unwrap(ref_trainer.model)) == ref_pruner.pruned_ids
+    assert len(ref_pruner.pruned_ids) == 224
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "cut", at=6)
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    assert saved["epoch"] == 1 and saved["plugins"]["0:hesso"]["fisher_steps"] == 3  # steps 2-4
+    trainer, result, pruner = fit(tmp_path / "cut", seed=99)
+    assert result.resumed_from == 1 and pruner.frozen == ref_pruner.frozen
+    ref_w, got_w = unwrap(ref_trainer.model).state_dict(), unwrap(trainer.model).state_dict()
+    assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
+    with pytest.raises(CifarpressError, match="saliency must be one of"):
+        HessoPruner(PruneTarget(sparsity=0.5), saliency="random")
 
 
 def test_model_without_prunable_groups_is_refused(train):

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import CifarpressError
 from ..trainer import Trainer
-from .pruner import GroupPruner, saliency
+from .pruner import SALIENCIES, GroupPruner, group_taylor, saliency
 from .targets import PruneTarget
 
 
@@ -40,8 +40,13 @@ class HessoPruner(GroupPruner):
     name = "hesso"
 
     def __init__(self, target: PruneTarget, *, start_fraction: float = 0.1, end_fraction: float = 0.5,
-                 pruning_periods: int = 5):
+                 pruning_periods: int = 5, saliency: str = "magnitude-taylor"):
         super().__init__(target, start_fraction=start_fraction, end_fraction=end_fraction)
+        if saliency not in SALIENCIES:
+            raise CifarpressError(f"hesso saliency must be one of {', '.join(SALIENCIES)}, got {saliency!r}")
+        self.saliency = saliency
+        self.fisher: torch.Tensor | None = None  # summed squared group Taylor terms since the last selection
+        self.fisher_steps = 0
         if isinstance(pruning_periods, bool) or not isinstance(pruning_periods, int) or pruning_periods < 1:
             raise CifarpressError(f"pruning_periods must be an integer >= 1, got {pruning_periods!r}")
         self.pruning_periods = pruning_periods
@@ -58,11 +63,20 @@ class HessoPruner(GroupPruner):
     @torch.no_grad()
     def after_step(self, trainer: Trainer) -> None:
         k = trainer.step - self.start_step - 1  # index of this step inside the pruning window
-        if 0 <= k < self.pruning_periods * self.period_steps:
+        window = self.pruning_periods * self.period_steps
+        if self.saliency == "fisher" and k < window:
+            taylor = group_taylor(self.rows)
+            if torch.isfinite(taylor).all():  # an AMP step skipped for inf gradients adds nothing
+                self.fisher = taylor.square() if self.fisher is None else self.fisher.to(taylor) + taylor.square()
+                self.fisher_steps += 1
+        if 0 <= k < window:
             period, t = divmod(k, self.period_steps)
             if t == 0:
                 progress = (period + 1) / self.pruning_periods
-                chosen = self.budget.select(saliency(self.rows), self.frozen, progress)
+                fisher = None
+                if self.saliency == "fisher" and self.fisher is not None:
+                    fisher, self.fisher, self.fisher_steps = self.fisher / self.fisher_steps, None, 0
+                chosen = self.budget.select(saliency(self.rows, fisher), self.frozen, progress)
                 self.redundant = set(chosen) - self.frozen
             if self.redundant:
                 factor = torch.ones(len(self.groupset), device=self.rows.entries[0][0].device)
@@ -71,3 +85,15 @@ class HessoPruner(GroupPruner):
             if t == self.period_steps - 1:
                 self.freeze(self.redundant)  # now exactly zero: the last factor was 0
         self.hold_frozen_at_zero()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.fisher is not None:  # a period's accumulation survives an interrupted run
+            state.update(fisher=self.fisher.cpu().tolist(), fisher_steps=self.fisher_steps)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        fisher = state.get("fisher")
+        self.fisher = None if fisher is None else torch.tensor(fisher, dtype=torch.float32)
+        self.fisher_steps = int(state.get("fisher_steps", 0))

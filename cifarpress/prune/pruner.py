@@ -94,19 +94,33 @@ class GroupParams:
                     value.masked_fill_(rows, 0.0)
 
 
-def saliency(rows: GroupParams) -> torch.Tensor:
-    """Importance of each group, in [0, 1]: the mean of two criteria, each divided by its maximum.
+SALIENCIES = ("magnitude-taylor", "fisher")
 
+
+def group_taylor(rows: GroupParams) -> torch.Tensor:
+    """Sum of grad * weight over each group's rows, from the gradients of the step just taken: the
+    first-order change of the loss if the group were set to zero."""
+    return rows.per_group([p * p.grad if p.grad is not None else torch.zeros_like(p) for p in rows.params])
+
+
+def saliency(rows: GroupParams, fisher: torch.Tensor | None = None) -> torch.Tensor:
+    """Importance of each group, in [0, 1].
+
+    Without `fisher`, the mean of two criteria, each divided by its maximum:
     magnitude  RMS of the group's producer values (size-free: a 64-channel stream's group
                holds more weights than an inner conv's, which says nothing about importance);
-    taylor     |sum of grad * weight| over the group: the first-order change of the loss if the
-               group were set to zero. Uses the gradients of the step just taken.
+    taylor     |sum of grad * weight| over the group, from the step just taken.
+    With `fisher` (the mean over many steps of the squared group Taylor term, Molchanov et al.
+    2019), that alone, divided by its maximum: an estimate of the loss increase if the group
+    went, comparable across layers of any weight scale, and far less noisy than one step's.
     """
+    if fisher is not None:
+        fisher = torch.nan_to_num(fisher, nan=0.0, posinf=0.0)
+        return fisher / fisher.max().clamp(min=1e-30)
     params = rows.params
     sq = rows.per_group([p * p for p in params])
     count = rows.per_group([torch.ones_like(p) for p in params])
-    gw = rows.per_group([p * p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
-    magnitude, taylor = (sq / count.clamp(min=1)).sqrt(), gw.abs()
+    magnitude, taylor = (sq / count.clamp(min=1)).sqrt(), group_taylor(rows).abs()
     if not torch.isfinite(taylor).all():  # an AMP step skipped for inf gradients: magnitude alone
         taylor = torch.zeros_like(taylor)
     return 0.5 * (magnitude / magnitude.max().clamp(min=1e-12) + taylor / taylor.max().clamp(min=1e-12))

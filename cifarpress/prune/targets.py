@@ -36,6 +36,9 @@ from .groups import GroupSet
 from .surgery import round_kept
 
 
+SELECTIONS = ("score", "score-per-mac", "uniform")
+
+
 @dataclass(frozen=True)
 class PruneTarget:
     """Exactly one of `sparsity` (fraction of prunable groups cut) or `macs` (fraction of MACs kept)."""
@@ -59,8 +62,8 @@ class PruneTarget:
         if isinstance(self.channel_multiple, bool) or not isinstance(self.channel_multiple, int) \
                 or self.channel_multiple < 1:
             raise CifarpressError(f"channel_multiple must be an integer >= 1, got {self.channel_multiple!r}")
-        if self.selection not in ("score", "score-per-mac"):
-            raise CifarpressError(f"prune selection must be score or score-per-mac, got {self.selection!r}")
+        if self.selection not in SELECTIONS:
+            raise CifarpressError(f"prune selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
 
 
 class PruneBudget:
@@ -125,9 +128,14 @@ class PruneBudget:
         """
         score = scores.detach().float().cpu().tolist()
         chosen = set(int(g) for g in pruned)
+        if self.target.macs is not None and self.target.selection != "score":
+            per_mac = [s / max(c, 1e-12) for s, c in zip(score, self.mac_counter.group_cost)]
+            if self.target.selection == "uniform":
+                chosen.update(self._uniform_base(score, chosen, progress))
+            score = per_mac
+        elif self.target.selection == "uniform":
+            chosen.update(self._uniform_base(score, chosen, progress))
         tally = self.mac_counter.tally(chosen) if self.target.macs is not None else None
-        if tally is not None and self.target.selection == "score-per-mac":
-            score = [s / max(c, 1e-12) for s, c in zip(score, self.mac_counter.group_cost)]
         free = [sorted((g for g in members if g not in chosen), key=lambda g: (score[g], g))
                 for members in self.units]
         taken = [len(members) - len(rest) for members, rest in zip(self.units, free)]
@@ -157,6 +165,28 @@ class PruneBudget:
             taken[u] = nxt
             push(u)
         return sorted(chosen)
+
+    def _uniform_base(self, score: list[float], pruned: set[int], progress: float) -> list[int]:
+        """The largest cut short of `progress` that takes the same fraction of every unit (rounded down
+        to a level, never below what is already pruned; the lowest scores inside a unit). Selection
+        then tops it up chunk by chunk, so the target is met closely despite coarse levels."""
+        order = [sorted(members, key=lambda g: (g not in pruned, score[g], g)) for members in self.units]
+        floor = [sum(g in pruned for g in members) for members in self.units]
+
+        def cut(fraction: float) -> list[int]:
+            chosen = []
+            for u, members in enumerate(self.units):
+                level = max(lv for lv in self.levels[u] if lv <= max(floor[u], fraction * len(members) + 1e-9))
+                chosen += order[u][:max(level, floor[u])]
+            return chosen
+
+        low, high = 0.0, 1.0
+        if self.reached(cut(low), progress):
+            return cut(low)
+        for _ in range(30):  # bisect: the cut grows monotonically with the fraction
+            mid = 0.5 * (low + high)
+            low, high = (low, mid) if self.reached(cut(mid), progress) else (mid, high)
+        return cut(low)
 
     def levelled(self, ids) -> list[int]:
         """The largest subset of `ids` that leaves every unit on a level: per unit, the lowest ids
