@@ -2,17 +2,23 @@
 
     pip install torch-pruning   # only this benchmark needs it
     python bench/prune_vs_torch_pruning.py --model builtin:resnet20-cifar10 --macs 0.5 --epochs 10 [--threads 2]
-                                           [--arms hesso,tp-magnitude,tp-taylor] [--hesso-run DIR]
+                                           [--arms hesso-fisher,tp-magnitude,tp-taylor] [--reuse ARM=DIR]
 
 Arms (each in its own resumable folder under --work, default
 runs/bench-prune/<arch>-macs<M>-<E>ep/<arm>/):
   hesso         ours: HESSO drives whole zero-invariant groups to zero during the
                 E epochs (widths kept in multiples of --channel-multiple), then the
-                compact network is cut out; groups ranked by score alone (`selection:
-                score`). --hesso-run DIR takes a finished run of the same budget
-                instead (e.g. a `cifarpress compress` prune stage).
-  hesso-per-mac the same with `selection: score-per-mac` (score per MAC saved; the
-                default of a `prune` stage).
+                compact network is cut out. This arm is the first rule: groups ranked by
+                one step's magnitude + Taylor score alone (`selection: score`), pruned
+                between 10% and 50% of the steps.
+  hesso-per-mac the same, ranked by score per MAC saved (`selection: score-per-mac`).
+  hesso-uniform every unit cut by a common fraction, topped up per MAC
+                (`selection: uniform`), pruned over the first 30% of the steps.
+  hesso-fisher  the prune stage's defaults: squared group Taylor terms averaged over
+                each period (`saliency: fisher`) per MAC saved, pruned between 5% and
+                30% of the steps.
+  (--reuse ARM=DIR takes a finished prune stage of the same budget as one of these,
+  e.g. a `cifarpress prune` run with the same options.)
   tp-magnitude  Torch-Pruning one-shot with GroupMagnitudeImportance (L2), then E
                 epochs of fine-tuning.
   tp-taylor     Torch-Pruning one-shot with GroupTaylorImportance (gradients from
@@ -54,7 +60,17 @@ from cifarpress.training import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
-ARMS = ("hesso", "hesso-per-mac", "tp-magnitude", "tp-taylor")
+# our arms: the prune-stage options each one overrides (the rest are the stage defaults)
+OUR_ARMS = {
+    "hesso": {"selection": "score", "saliency": "magnitude-taylor", "start_fraction": 0.1, "end_fraction": 0.5},
+    "hesso-per-mac": {"selection": "score-per-mac", "saliency": "magnitude-taylor", "start_fraction": 0.1,
+                      "end_fraction": 0.5},
+    "hesso-uniform": {"selection": "uniform", "saliency": "magnitude-taylor", "start_fraction": 0.0,
+                      "end_fraction": 0.3},
+    "hesso-fisher": {"selection": "score-per-mac", "saliency": "fisher", "start_fraction": 0.05,
+                     "end_fraction": 0.3},  # the prune stage's defaults
+}
+ARMS = (*OUR_ARMS, "tp-magnitude", "tp-taylor")
 BUDGET_KEYS = ("epochs", "lr", "schedule", "batch_size", "weight_decay", "warmup_fraction")
 
 
@@ -122,12 +138,12 @@ def budget_of(stage: PruneStage) -> dict:
 def check_reused_run(run: Path, budget: dict) -> Path:
     model_path = run / "model.pt"
     if not model_path.is_file():
-        raise SystemExit(f"--hesso-run {run} has no model.pt; point it at a finished prune stage folder")
+        raise SystemExit(f"reused run {run} has no model.pt; point it at a finished prune stage folder")
     meta = read_checkpoint(model_path).get("meta", {})
     used = {**meta.get("train_config", {}), "epochs": meta.get("epochs")}
     differs = {k: (used.get(k), v) for k, v in budget.items() if used.get(k) != v}
     if differs:
-        raise SystemExit(f"--hesso-run {run} was trained with a different budget (run, asked): {differs}")
+        raise SystemExit(f"reused run {run} was trained with a different budget (run, asked): {differs}")
     return model_path
 
 
@@ -139,9 +155,7 @@ def train_arm(arm: str, args, stage: PruneStage, baseline_path: str, work: Path,
     started = time.perf_counter()
     options = stage.training_options()
     if arm.startswith("hesso"):
-        # "hesso" keeps the original rule, score alone; "hesso-per-mac" the stage default
-        pruner = prune_plugin(stage.model_copy(update={"selection": "score-per-mac" if arm == "hesso-per-mac"
-                                                       else "score"}))
+        pruner = prune_plugin(stage.model_copy(update=OUR_ARMS[arm]))
         run_training(arch=None, dataset=args.dataset, out_dir=out, data_root=args.data_root,
                      init=baseline_path, plugins=[pruner], **options)
     else:
@@ -170,10 +184,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--channel-multiple", type=int, default=8)
-    parser.add_argument("--arms", default="hesso,tp-magnitude,tp-taylor", help="arms to compare (and train, if unfinished)")
+    parser.add_argument("--arms", default="hesso-fisher,tp-magnitude,tp-taylor", help="arms to compare (and train, if unfinished)")
     parser.add_argument("--only", default=None, help="train only these arms now, compare later")
     parser.add_argument("--train-only", action="store_true", help="train the unfinished arms, do not compare yet")
-    parser.add_argument("--hesso-run", default=None, help="finished prune stage folder to use as the hesso arm")
+    parser.add_argument("--reuse", action="append", default=[], metavar="ARM=DIR",
+                        help="finished prune stage folder (same budget) to use as one of our arms; repeatable")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="latency rounds")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per batch size and round")
@@ -198,10 +213,13 @@ def main() -> None:
     work = Path(args.work) if args.work else REPO / "runs" / "bench-prune" / f"{arch}-macs{args.macs:g}-{args.epochs}ep"
     budget = budget_of(stage)
 
+    reused = dict(item.split("=", 1) for item in args.reuse if "=" in item)
+    if len(reused) != len(args.reuse) or not set(reused) <= set(OUR_ARMS):
+        parser.error(f"--reuse takes ARM=DIR with ARM one of {list(OUR_ARMS)}")
     model_files = {}
     for arm in arms:
-        if arm == "hesso" and args.hesso_run:
-            model_files[arm] = check_reused_run(Path(args.hesso_run), budget)
+        if arm in reused:
+            model_files[arm] = check_reused_run(Path(reused[arm]), budget)
             continue
         if args.only is None or arm in args.only.split(","):
             console.rule(f"[bold]{arm}")
@@ -248,7 +266,8 @@ def main() -> None:
         "baseline_checkpoint": args.model, "arch": arch, "dataset": args.dataset, "macs_target": args.macs,
         "budget": {**budget, "from": args.model, "channel_multiple_hesso": args.channel_multiple,
                    "max_steps_per_epoch": args.max_steps_per_epoch},
-        "hesso_run": args.hesso_run, "arms": results, "test_images": len(test), "threads": args.threads,
+        "reused_runs": reused, "our_arm_options": {a: OUR_ARMS[a] for a in arms if a in OUR_ARMS},
+        "arms": results, "test_images": len(test), "threads": args.threads,
         "latency_rounds": {name: row["latency_rounds"] for name, row in zip(files, compared["models"])},
         "latency_seconds": args.seconds,
         "best_ours": best_ours, "best_torch_pruning": best_tp,

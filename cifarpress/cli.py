@@ -267,10 +267,10 @@ def prune(
                                                           "(score), the lowest score per MAC saved (score-per-mac), "
                                                           "or every unit by the same fraction (uniform)"
                                                           + _default(PruneStage, "selection") + ".")] = None,
-    start_fraction: Annotated[Optional[float], typer.Option(help="Share of steps trained before pruning starts"
-                                                                 + _default(PruneStage, "start_fraction") + ".")] = None,
-    end_fraction: Annotated[Optional[float], typer.Option(help="Share of steps by which the pruned groups are zero "
-                                                               "(default 0.5 for hesso, 0.8 for dhspg).")] = None,
+    start_fraction: Annotated[Optional[float], typer.Option(help=PruneStage.model_fields["start_fraction"].description
+                                                                 + ".")] = None,
+    end_fraction: Annotated[Optional[float], typer.Option(help=PruneStage.model_fields["end_fraction"].description
+                                                               + ".")] = None,
     pruning_periods: Annotated[Optional[int], typer.Option(help="HESSO: periods over which the target is reached"
                                                                 + _default(PruneStage, "pruning_periods") + ".")] = None,
     saliency: Annotated[Optional[str], typer.Option(help="HESSO group importance: magnitude-taylor (this step) or "

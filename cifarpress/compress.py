@@ -24,7 +24,7 @@ from .errors import CifarpressError
 from .export import check_onnx, export_onnx
 from .models import build_model
 from .profile import profile_model
-from .recipe import (DistillOptions, DistillStage, ExportStage, PruneStage, QuantizeStage, Recipe, TrainStage,
+from .recipe import (PRUNE_WINDOW, DistillOptions, DistillStage, ExportStage, PruneStage, QuantizeStage, Recipe, TrainStage,
                      stage_dir_name)
 from .report import write_report
 from .trainer import evaluate
@@ -140,11 +140,12 @@ def prune_plugin(cfg: PruneStage):
 
     target = PruneTarget(sparsity=cfg.sparsity, macs=cfg.macs, channel_multiple=cfg.channel_multiple,
                          selection=cfg.selection)
+    default_start, default_end = PRUNE_WINDOW[cfg.method]
+    window = dict(start_fraction=default_start if cfg.start_fraction is None else cfg.start_fraction,
+                  end_fraction=cfg.end_fraction or default_end)
     if cfg.method == "hesso":
-        return HessoPruner(target, start_fraction=cfg.start_fraction, end_fraction=cfg.end_fraction or 0.5,
-                           pruning_periods=cfg.pruning_periods, saliency=cfg.saliency)
-    return DhspgPruner(target, start_fraction=cfg.start_fraction, end_fraction=cfg.end_fraction or 0.8,
-                       lambda_=cfg.penalty, epsilon=cfg.epsilon)
+        return HessoPruner(target, pruning_periods=cfg.pruning_periods, saliency=cfg.saliency, **window)
+    return DhspgPruner(target, lambda_=cfg.penalty, epsilon=cfg.epsilon, **window)
 
 
 def _run_prune(ctx: RunContext, cfg: PruneStage, prev_model: Path, stage_dir: Path) -> Path:

@@ -4,7 +4,9 @@ Schedule over the run's optimizer steps:
 
     warm-up   the first `start_fraction` of the steps train as usual;
     periods   the steps up to `end_fraction` are split into `pruning_periods` periods. At the
-              first step of each, the lowest-saliency groups are marked redundant, so many that
+              first step of each, the lowest-saliency groups are marked redundant (saliency
+              "fisher", the default: squared group Taylor terms averaged over the steps since the
+              last choice; "magnitude-taylor": the current step's terms), so many that
               after period p the cut meets (p+1)/periods of the target (whole chunks, see
               targets.py). During the period each step multiplies their producer rows by
               (T-t-1)/(T-t) after the ordinary SGD step, so a row ends the period at exactly 0
@@ -39,8 +41,8 @@ class HessoPruner(GroupPruner):
 
     name = "hesso"
 
-    def __init__(self, target: PruneTarget, *, start_fraction: float = 0.1, end_fraction: float = 0.5,
-                 pruning_periods: int = 5, saliency: str = "magnitude-taylor"):
+    def __init__(self, target: PruneTarget, *, start_fraction: float = 0.05, end_fraction: float = 0.3,
+                 pruning_periods: int = 5, saliency: str = "fisher"):
         super().__init__(target, start_fraction=start_fraction, end_fraction=end_fraction)
         if saliency not in SALIENCIES:
             raise CifarpressError(f"hesso saliency must be one of {', '.join(SALIENCIES)}, got {saliency!r}")
