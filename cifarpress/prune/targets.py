@@ -122,19 +122,16 @@ class PruneBudget:
     def select(self, scores: torch.Tensor, pruned, progress: float = 1.0) -> list[int]:
         """`pruned` plus the lowest-scoring chunks, until `progress` of the target is met; sorted ids.
 
-        Chunks are taken greedily by their mean score; within a unit the lowest-scoring free
-        groups go first. `pruned` is kept whole (frozen groups cannot come back), so it should
+        Chunks are taken greedily by their mean score (per MAC saved, for a MACs target with
+        selection score-per-mac or uniform); within a unit the lowest-scoring free groups go first. `pruned` is kept whole (frozen groups cannot come back), so it should
         itself sit on levels; a unit off its levels is first completed to its next level.
         """
         score = scores.detach().float().cpu().tolist()
         chosen = set(int(g) for g in pruned)
-        if self.target.macs is not None and self.target.selection != "score":
-            per_mac = [s / max(c, 1e-12) for s, c in zip(score, self.mac_counter.group_cost)]
-            if self.target.selection == "uniform":
-                chosen.update(self._uniform_base(score, chosen, progress))
-            score = per_mac
-        elif self.target.selection == "uniform":
+        if self.target.selection == "uniform":  # the common-fraction cut first, the chunks top it up
             chosen.update(self._uniform_base(score, chosen, progress))
+        if self.target.macs is not None and self.target.selection != "score":
+            score = [s / max(c, 1e-12) for s, c in zip(score, self.mac_counter.group_cost)]
         tally = self.mac_counter.tally(chosen) if self.target.macs is not None else None
         free = [sorted((g for g in members if g not in chosen), key=lambda g: (score[g], g))
                 for members in self.units]
