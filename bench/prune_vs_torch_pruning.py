@@ -184,7 +184,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--channel-multiple", type=int, default=8)
-    parser.add_argument("--arms", default="hesso-fisher,tp-magnitude,tp-taylor", help="arms to compare (and train, if unfinished)")
+    parser.add_argument("--arms", default="hesso-fisher,tp-magnitude,tp-taylor",
+                        help="arms to compare (and train, if unfinished)")
     parser.add_argument("--only", default=None, help="train only these arms now, compare later")
     parser.add_argument("--train-only", action="store_true", help="train the unfinished arms, do not compare yet")
     parser.add_argument("--reuse", action="append", default=[], metavar="ARM=DIR",

@@ -188,6 +188,10 @@ Force = Annotated[bool, typer.Option(help="Start over instead of resuming after 
 BenchBatch = Annotated[Optional[list[int]], typer.Option("--bench-batch", "-b", help=BENCH_BATCH_HELP)]
 BenchSeconds = Annotated[Optional[float], typer.Option(help=BENCH_SECONDS_HELP)]
 BenchThreads = Annotated[Optional[int], typer.Option(help=BENCH_THREADS_HELP)]
+# Options of the commands that time exported files (bench, compare)
+OnnxBatch = Annotated[list[int], typer.Option("--batch", "-b", help="Batch size (repeat for several).")]
+OnnxThreads = Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
+MeasureAccuracy = Annotated[bool, typer.Option(help="Also measure test-set top-1.")]
 
 
 def _recorded_model(checkpoint: str) -> dict:
@@ -423,13 +427,13 @@ def export(
 @user_errors
 def bench(
     model: Path = typer.Argument(..., help="ONNX file (CPU, onnxruntime) or TensorRT .engine (GPU, Jetson)."),
-    batch: list[int] = typer.Option([1, 64], "--batch", "-b", help="Batch size (repeat for several)."),
+    batch: OnnxBatch = [1, 64],
     device: str = typer.Option("cpu", help="cpu (onnxruntime), gpu (TensorRT engine) or jetson (TensorRT + tegrastats)."),
-    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: all cores)."),
+    threads: OnnxThreads = None,
     seconds: float = typer.Option(3.0, help="Timing budget per batch size (CPU)."),
     iters: int = typer.Option(200, min=10, help="Timed iterations per batch size (GPU)."),
-    accuracy: bool = typer.Option(True, help="Also measure test-set top-1."),
-    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
+    accuracy: MeasureAccuracy = True,
+    data_root: DataRoot = None,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result here (default: MODEL.bench.json)."),
 ):
     """Latency p50/p90/p99, throughput, peak memory, size and top-1 of an exported model on the target."""
@@ -480,12 +484,12 @@ def bench(
 @user_errors
 def compare(
     models: list[Path] = typer.Argument(..., help="Two or more ONNX files; the first is the reference of the ratios."),
-    batch: list[int] = typer.Option([1, 64], "--batch", "-b", help="Batch size (repeat for several)."),
-    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: all cores)."),
+    batch: OnnxBatch = [1, 64],
+    threads: OnnxThreads = None,
     seconds: float = typer.Option(3.0, help="Timing budget per batch size, file and round."),
     rounds: int = typer.Option(3, min=1, help="Rounds; each times every file once, in turn; medians are reported."),
-    accuracy: bool = typer.Option(True, help="Also measure each file's test-set top-1."),
-    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
+    accuracy: MeasureAccuracy = True,
+    data_root: DataRoot = None,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result here as JSON."),
 ):
     """Several exported models side by side on this CPU: latency (timed in turn, so machine noise hits all

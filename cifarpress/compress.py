@@ -24,8 +24,8 @@ from .errors import CifarpressError
 from .export import check_onnx, export_onnx
 from .models import build_model
 from .profile import profile_model
-from .recipe import (PRUNE_WINDOW, DistillOptions, DistillStage, ExportStage, PruneStage, QuantizeStage, Recipe, TrainStage,
-                     stage_dir_name)
+from .recipe import (PRUNE_WINDOW, DistillOptions, DistillStage, ExportStage, PruneStage, QuantizeStage, Recipe,
+                     TrainStage, stage_dir_name)
 from .report import write_report
 from .trainer import evaluate
 

@@ -97,7 +97,8 @@ class PruneStage(TrainingOptions):
     macs: Optional[float] = Field(None, gt=0, lt=1, description="Fraction of MACs to keep")
     channel_multiple: int = Field(8, ge=1, description="Kept widths rounded to a multiple of this")
     selection: Literal["score", "score-per-mac", "uniform"] = Field(
-        "score-per-mac", description="macs target: cut the lowest score per MAC saved, or the lowest-scoring groups")
+        "score-per-mac", description="macs target: cut the lowest score per MAC saved, the lowest-scoring groups "
+        "(score), or every unit by a common fraction topped up per MAC (uniform)")
     start_fraction: Optional[float] = Field(None, ge=0, lt=1, description="Share of steps trained before pruning "
                                             "starts (default " + _window_defaults(0) + ")")
     end_fraction: Optional[float] = Field(None, gt=0, le=1, description="Share of steps by which groups are zero "

@@ -123,8 +123,9 @@ class PruneBudget:
         """`pruned` plus the lowest-scoring chunks, until `progress` of the target is met; sorted ids.
 
         Chunks are taken greedily by their mean score (per MAC saved, for a MACs target with
-        selection score-per-mac or uniform); within a unit the lowest-scoring free groups go first. `pruned` is kept whole (frozen groups cannot come back), so it should
-        itself sit on levels; a unit off its levels is first completed to its next level.
+        selection score-per-mac or uniform); within a unit the lowest-scoring free groups go
+        first. `pruned` is kept whole (frozen groups cannot come back), so it should itself sit
+        on levels; a unit off its levels is first completed to its next level.
         """
         score = scores.detach().float().cpu().tolist()
         chosen = set(int(g) for g in pruned)
