@@ -2,7 +2,7 @@
 
     pip install torch-pruning   # only this benchmark needs it
     python bench/prune_vs_torch_pruning.py --model builtin:resnet20-cifar10 --macs 0.5 --epochs 10 [--threads 2]
-                                           [--arms hesso-fisher,tp-magnitude,tp-taylor] [--reuse ARM=DIR]
+                                           [--arms hesso-fisher,tp-magnitude,tp-taylor] [--reuse ARM=DIR] [--keep ARM]
 
 Arms (each in its own resumable folder under --work, default
 runs/bench-prune/<arch>-macs<M>-<E>ep/<arm>/):
@@ -17,6 +17,8 @@ runs/bench-prune/<arch>-macs<M>-<E>ep/<arm>/):
   hesso-fisher  the prune stage's defaults: squared group Taylor terms averaged over
                 each period (`saliency: fisher`) per MAC saved, pruned between 5% and
                 30% of the steps.
+  hesso-fisher-x16  the same with widths in multiples of 16 whatever --channel-multiple
+                says (onnxruntime's channel block on AVX-512 CPUs).
   (--reuse ARM=DIR takes a finished prune stage of the same budget as one of these,
   e.g. a `cifarpress prune` run with the same options.)
   tp-magnitude  Torch-Pruning one-shot with GroupMagnitudeImportance (L2), then E
@@ -69,6 +71,9 @@ OUR_ARMS = {
                       "end_fraction": 0.3},
     "hesso-fisher": {"selection": "score-per-mac", "saliency": "fisher", "start_fraction": 0.05,
                      "end_fraction": 0.3},  # the prune stage's defaults
+    # the same with widths in multiples of 16, onnxruntime's channel block on AVX-512 CPUs (bench/width_rounding.py)
+    "hesso-fisher-x16": {"selection": "score-per-mac", "saliency": "fisher", "start_fraction": 0.05,
+                         "end_fraction": 0.3, "channel_multiple": 16},
 }
 ARMS = (*OUR_ARMS, "tp-magnitude", "tp-taylor")
 BUDGET_KEYS = ("epochs", "lr", "schedule", "batch_size", "weight_decay", "warmup_fraction")
@@ -190,6 +195,8 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true", help="train the unfinished arms, do not compare yet")
     parser.add_argument("--reuse", action="append", default=[], metavar="ARM=DIR",
                         help="finished prune stage folder (same budget) to use as one of our arms; repeatable")
+    parser.add_argument("--keep", action="append", default=[], metavar="ARM",
+                        help="also keep this arm's ONNX as bench/results/<arch>-<arm>.onnx; repeatable")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="latency rounds")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per batch size and round")
@@ -205,6 +212,8 @@ def main() -> None:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    if not set(args.keep) <= set(arms) & set(OUR_ARMS):
+        parser.error("--keep takes one of our arms that --arms lists")
     if any(a.startswith("tp-") for a in arms):
         import_torch_pruning()
     stage = PruneStage(method="hesso", macs=args.macs, epochs=args.epochs, lr=args.lr,
@@ -263,6 +272,10 @@ def main() -> None:
     if best_ours and args.max_steps_per_epoch is None:
         kept = RESULTS / f"{arch}-hesso.onnx"
         kept.write_bytes(files[best_ours].read_bytes())
+    also_kept = {}
+    for arm in args.keep if args.max_steps_per_epoch is None else ():
+        also_kept[arm] = RESULTS / f"{arch}-{arm}.onnx"
+        also_kept[arm].write_bytes(files[arm].read_bytes())
     out = {
         "baseline_checkpoint": args.model, "arch": arch, "dataset": args.dataset, "macs_target": args.macs,
         "budget": {**budget, "from": args.model, "channel_multiple_hesso": args.channel_multiple,
@@ -276,6 +289,7 @@ def main() -> None:
             results[best_ours]["top1_onnxruntime"] - results[best_tp]["top1_onnxruntime"]
             if best_tp and best_ours else None,
         "kept_onnx": str(kept.relative_to(REPO)) if kept else None, "kept_arm": best_ours if kept else None,
+        "also_kept_onnx": {arm: str(path.relative_to(REPO)) for arm, path in also_kept.items()},
         "machine": compared["machine"], "torch": torch.__version__, "onnxruntime": compared["onnxruntime"],
     }
     out_path = Path(args.out) if args.out else RESULTS / f"prune_vs_torch_pruning-{arch}.json"

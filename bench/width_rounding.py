@@ -10,9 +10,10 @@ training batches, the statistic HESSO's first period uses). The compact network 
 out and exported, and every file is timed side by side with the baseline in onnxruntime
 (interleaved rounds, fixed threads). Writes bench/results/width_rounding-<arch>.json.
 
-Why it matters: onnxruntime's CPU convolutions run in a blocked channel layout (NCHWc)
-whose block is 16 channels with AVX-512 and 8 with AVX2; a width that is not a multiple
-of the block is padded up to it and adds layout reorders, so MACs saved there buy less time.
+Why it matters: onnxruntime's fast CPU convolutions run in a blocked channel layout (NCHWc)
+whose block is 16 channels with AVX-512 and 8 with AVX2; a width that is not a multiple of
+the block falls off that path or is padded up to it, with layout reorders around it (they
+show in onnxruntime's profile), so the MACs saved there buy less time.
 """
 from __future__ import annotations
 

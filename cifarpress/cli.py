@@ -266,7 +266,8 @@ def prune(
     weight_decay: WeightDecay = None,
     schedule: Schedule = None,
     channel_multiple: Annotated[Optional[int], typer.Option(help="Kept widths rounded to a multiple of this"
-                                                                 + _default(PruneStage, "channel_multiple") + ".")] = None,
+                                                                 + _default(PruneStage, "channel_multiple")
+                                                                 + "; 16 suits onnxruntime on AVX-512 CPUs.")] = None,
     selection: Annotated[Optional[str], typer.Option(help="With --target-kind macs: cut the lowest-scoring groups "
                                                           "(score), the lowest score per MAC saved (score-per-mac), "
                                                           "or every unit by the same fraction (uniform)"

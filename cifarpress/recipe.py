@@ -95,7 +95,9 @@ class PruneStage(TrainingOptions):
     method: Literal["hesso", "dhspg"] = "hesso"
     sparsity: Optional[float] = Field(None, gt=0, lt=1, description="Fraction of prunable groups to remove")
     macs: Optional[float] = Field(None, gt=0, lt=1, description="Fraction of MACs to keep")
-    channel_multiple: int = Field(8, ge=1, description="Kept widths rounded to a multiple of this")
+    channel_multiple: int = Field(8, ge=1, description="Kept widths rounded to a multiple of this; match the "
+                                  "target's kernel block (16 for onnxruntime on AVX-512 CPUs, see "
+                                  "bench/width_rounding.py)")
     selection: Literal["score", "score-per-mac", "uniform"] = Field(
         "score-per-mac", description="macs target: cut the lowest score per MAC saved, the lowest-scoring groups "
         "(score), or every unit by a common fraction topped up per MAC (uniform)")
