@@ -264,3 +264,18 @@ def test_cli_help():
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0, (command, result.output)
         assert "Usage" in result.output, command
+
+
+def test_atomic_write_gives_the_file_the_mode_a_plain_write_would(tmp_path):
+    # mkstemp creates 0600 files; a shared ONNX or report must not end up readable by its owner only
+    from cifarpress.checkpoint import atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert (atomic.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)
+    old = os.umask(0o027)
+    try:
+        assert (atomic_write_text(tmp_path / "masked.txt", "x").stat().st_mode & 0o777) == 0o640
+    finally:
+        os.umask(old)
