@@ -71,10 +71,9 @@ OUR_ARMS = {
                       "end_fraction": 0.3},
     "hesso-fisher": {"selection": "score-per-mac", "saliency": "fisher", "start_fraction": 0.05,
                      "end_fraction": 0.3},  # the prune stage's defaults
-    # the same with widths in multiples of 16, onnxruntime's channel block on AVX-512 CPUs (bench/width_rounding.py)
-    "hesso-fisher-x16": {"selection": "score-per-mac", "saliency": "fisher", "start_fraction": 0.05,
-                         "end_fraction": 0.3, "channel_multiple": 16},
 }
+# the same with widths in multiples of 16, onnxruntime's channel block on AVX-512 CPUs (bench/width_rounding.py)
+OUR_ARMS["hesso-fisher-x16"] = {**OUR_ARMS["hesso-fisher"], "channel_multiple": 16}
 ARMS = (*OUR_ARMS, "tp-magnitude", "tp-taylor")
 BUDGET_KEYS = ("epochs", "lr", "schedule", "batch_size", "weight_decay", "warmup_fraction")
 

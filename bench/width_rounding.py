@@ -32,7 +32,7 @@ from cifarpress.data import BatchLoader, dataset_spec, load_split
 from cifarpress.export import export_onnx
 from cifarpress.profile import profile_model
 from cifarpress.prune.groups import discover_groups
-from cifarpress.prune.pruner import GroupParams, group_taylor
+from cifarpress.prune.pruner import GroupParams, group_taylor, saliency
 from cifarpress.prune.surgery import compact_model
 from cifarpress.prune.targets import SELECTIONS, PruneBudget, PruneTarget
 
@@ -81,8 +81,8 @@ def main(argv=None) -> dict:
     classes = [str(i) for i in range(info["num_classes"])]
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     groupset = discover_groups(model, x)
-    score = baseline_fisher(model, groupset, load_split(spec.name, "train", args.data_root), args.batches)
-    score = score / score.max().clamp(min=1e-30)
+    fisher = baseline_fisher(model, groupset, load_split(spec.name, "train", args.data_root), args.batches)
+    score = saliency(GroupParams(model, groupset), fisher)
     full = profile_model(model, example_input=x)
 
     rows = []
