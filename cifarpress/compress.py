@@ -103,13 +103,15 @@ def measure_model(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, info
     return row
 
 
-def _distillation(ctx: RunContext, opts: DistillOptions | None, prev_model: Path) -> list:
-    """The distillation plug-in a stage's `distill:` block asks for (none without one)."""
+def distillation_plugins(opts: DistillOptions | None, num_classes: int, default_teacher: str | Path) -> list:
+    """The distillation plug-in a stage's `distill:` block asks for (none without one).
+
+    default_teacher: the model taught from when the block names none (the model entering the stage)."""
     if opts is None:
         return []
     from .distill import Distillation, load_teacher
 
-    teacher = load_teacher(opts.teacher or str(prev_model), ctx.spec.num_classes)
+    teacher = load_teacher(opts.teacher or str(default_teacher), num_classes)
     return [Distillation(teacher, opts.method, weight=opts.weight, T=opts.temperature, alpha=opts.alpha,
                          beta=opts.beta, gamma=opts.gamma, warmup_epochs=opts.warmup_epochs,
                          label_weight=opts.label_weight)]
@@ -123,7 +125,7 @@ def _train_stage(ctx: RunContext, cfg, prev_model: Path, stage_dir: Path, plugin
     from .training import run_training
 
     # Order matters: the technique changes the model first, distillation adds its loss, the EMA averages last.
-    plugins = list(plugins) + _distillation(ctx, getattr(cfg, "distill", None), prev_model)
+    plugins = list(plugins) + distillation_plugins(getattr(cfg, "distill", None), ctx.spec.num_classes, prev_model)
     arch, init = student if student else (None, str(prev_model))
     run_training(arch=arch, dataset=ctx.recipe.dataset, out_dir=stage_dir, data_root=ctx.data_root,
                  init=init, ema=ema, plugins=plugins, **cfg.training_options())
