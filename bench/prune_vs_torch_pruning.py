@@ -151,7 +151,7 @@ def budget_of(stage: PruneStage) -> dict:
     return {k: options[k] for k in BUDGET_KEYS if k in options}
 
 
-def check_reused_run(run: Path, budget: dict) -> Path:
+def check_reused_run(arm: str, run: Path, budget: dict) -> Path:
     model_path = run / "model.pt"
     if not model_path.is_file():
         raise SystemExit(f"reused run {run} has no model.pt; point it at a finished prune stage folder")
@@ -160,6 +160,12 @@ def check_reused_run(run: Path, budget: dict) -> Path:
     differs = {k: (used.get(k), v) for k, v in budget.items() if used.get(k) != v}
     if differs:
         raise SystemExit(f"reused run {run} was trained with a different budget (run, asked): {differs}")
+    # the distillation plug-in leaves its teacher timing in every epoch's metrics
+    distilled = any("teacher_s" in epoch for epoch in meta.get("history") or [])
+    if distilled != ("distill" in OUR_ARMS[arm]):
+        said = {True: "distilled", False: "not distilled"}
+        raise SystemExit(f"reused run {run} is {said[distilled]} but arm {arm} is {said[not distilled]}; "
+                         f"reuse it as an arm that matches")
     return model_path
 
 
@@ -247,7 +253,7 @@ def main() -> None:
     model_files = {}
     for arm in arms:
         if arm in reused:
-            model_files[arm] = check_reused_run(Path(reused[arm]), budget)
+            model_files[arm] = check_reused_run(arm, Path(reused[arm]), budget)
             continue
         if args.only is None or arm in args.only.split(","):
             console.rule(f"[bold]{arm}")
