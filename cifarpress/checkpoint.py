@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,11 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call write(tmp_path), then rename over `path`: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_file_beside(path)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it the mode open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -47,10 +45,18 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
+def _new_file_beside(path: Path) -> str:
+    """Create an empty, uniquely named temporary file next to `path`.
+
+    Made with mode 0o666 so the umask applies as for open(): mkstemp's files are
+    owner-only, and a shared ONNX file or report must not end up that way."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return str(tmp)
+        except FileExistsError:
+            continue
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
