@@ -140,6 +140,11 @@ def torch_pruning_prune(baseline: nn.Module, importance: str, macs_fraction: flo
                    "torch_pruning": tp.__version__}
 
 
+def distilled(arm: str) -> bool:
+    """Our arm trains with a teacher (extra compute per step, so outside the equal-budget verdict)."""
+    return "distill" in OUR_ARMS[arm]
+
+
 def arm_options(arm: str) -> dict:
     """OUR_ARMS[arm] as JSON: the distill block written out with its fields."""
     return {k: v.model_dump(exclude_unset=True) if isinstance(v, DistillOptions) else v
@@ -161,10 +166,10 @@ def check_reused_run(arm: str, run: Path, budget: dict) -> Path:
     if differs:
         raise SystemExit(f"reused run {run} was trained with a different budget (run, asked): {differs}")
     # the distillation plug-in leaves its teacher timing in every epoch's metrics
-    distilled = any("teacher_s" in epoch for epoch in meta.get("history") or [])
-    if distilled != ("distill" in OUR_ARMS[arm]):
+    was_distilled = any("teacher_s" in epoch for epoch in meta.get("history") or [])
+    if was_distilled != distilled(arm):
         said = {True: "distilled", False: "not distilled"}
-        raise SystemExit(f"reused run {run} is {said[distilled]} but arm {arm} is {said[not distilled]}; "
+        raise SystemExit(f"reused run {run} is {said[was_distilled]} but arm {arm} is {said[distilled(arm)]}; "
                          f"reuse it as an arm that matches")
     return model_path
 
@@ -234,9 +239,10 @@ def main() -> None:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
-    if not set(args.keep) <= set(arms) & set(OUR_ARMS):
+    ours_listed = set(arms) & set(OUR_ARMS)
+    if not set(args.keep) <= ours_listed:
         parser.error("--keep takes one of our arms that --arms lists")
-    if args.headline is not None and args.headline not in set(arms) & set(OUR_ARMS):
+    if args.headline is not None and args.headline not in ours_listed:
         parser.error("--headline takes one of our arms that --arms lists")
     if any(a.startswith("tp-") for a in arms):
         import_torch_pruning()
@@ -288,7 +294,7 @@ def main() -> None:
         r["macs_vs_baseline"] = r["macs"] / results["baseline"]["macs"]
     tp_arms = [a for a in arms if a.startswith("tp-")]
     best_tp = max(tp_arms, key=lambda a: results[a]["top1_onnxruntime"]) if tp_arms else None
-    our_arms = [a for a in arms if a in OUR_ARMS and "distill" not in OUR_ARMS[a]]  # equal budget only
+    our_arms = [a for a in arms if a in OUR_ARMS and not distilled(a)]  # equal budget only
     best_ours = max(our_arms, key=lambda a: results[a]["top1_onnxruntime"]) if our_arms else None
 
     RESULTS.mkdir(parents=True, exist_ok=True)
