@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import CifarpressError
+from .layers import STAND_INS
 from .models import build_model
 
 FORMAT = "cifarpress-model/1"
@@ -79,7 +80,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def layer_spec(module: nn.Module) -> dict | None:
-    """Constructor arguments of a Conv2d/BatchNorm/Linear layer (subclasses such as quantized layers too)."""
+    """Constructor arguments of a Conv2d/BatchNorm/Linear layer (subclasses such as quantized layers too),
+    or of what pruning put in place of an emptied one (layers.py stand-ins, Identity for its BatchNorm)."""
+    if isinstance(module, tuple(STAND_INS.values())):
+        return module.spec()
+    if type(module) is nn.Identity:
+        return {"type": "Identity"}
     if isinstance(module, nn.Conv2d):
         return {"type": "Conv2d", "in_channels": module.in_channels, "out_channels": module.out_channels,
                 "kernel_size": list(module.kernel_size), "stride": list(module.stride),
@@ -102,7 +108,7 @@ def describe_layers(model: nn.Module) -> dict[str, dict]:
 
 def _build_layer(spec: dict) -> nn.Module:
     args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k != "type"}
-    return getattr(nn, spec["type"])(**args)
+    return (STAND_INS.get(spec["type"]) or getattr(nn, spec["type"]))(**args)
 
 
 def resize_layers(model: nn.Module, specs: dict[str, dict]) -> int:

@@ -268,6 +268,9 @@ def prune(
     channel_multiple: Annotated[Optional[int], typer.Option(help="Kept widths rounded to a multiple of this"
                                                                  + _default(PruneStage, "channel_multiple")
                                                                  + "; 16 suits onnxruntime on AVX-512 CPUs.")] = None,
+    remove_branches: Annotated[Optional[bool], typer.Option(
+        "--remove-branches/--keep-branches", help=PruneStage.model_fields["remove_branches"].description
+        + _default(PruneStage, "remove_branches") + ".")] = None,
     selection: Annotated[Optional[str], typer.Option(help="With --target-kind macs: cut the lowest-scoring groups "
                                                           "(score), the lowest score per MAC saved (score-per-mac), "
                                                           "or every unit by the same fraction (uniform)"
@@ -303,7 +306,8 @@ def prune(
         raise RecipeError(f"cifarpress prune: --target-kind: '{target_kind}' is not sparsity or macs")
     _run_single_stage("prune", dict(
         method=method, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, schedule=schedule,
-        channel_multiple=channel_multiple, selection=selection, start_fraction=start_fraction,
+        channel_multiple=channel_multiple, remove_branches=remove_branches, selection=selection,
+        start_fraction=start_fraction,
         end_fraction=end_fraction,
         pruning_periods=pruning_periods, saliency=saliency, penalty=penalty, epsilon=epsilon, distill=distill,
         max_steps_per_epoch=max_steps_per_epoch, seed=seed, **{target_kind: target},

@@ -141,7 +141,7 @@ def prune_plugin(cfg: PruneStage):
     from .prune import DhspgPruner, HessoPruner, PruneTarget
 
     target = PruneTarget(sparsity=cfg.sparsity, macs=cfg.macs, channel_multiple=cfg.channel_multiple,
-                         selection=cfg.selection)
+                         selection=cfg.selection, remove_branches=cfg.remove_branches)
     default_start, default_end = PRUNE_WINDOW[cfg.method]
     window = dict(start_fraction=default_start if cfg.start_fraction is None else cfg.start_fraction,
                   end_fraction=cfg.end_fraction or default_end)

@@ -107,6 +107,8 @@ class GroupSet:
         self.coupled_spaces = coupled_spaces
         self.roles = roles
         self.unsupported_ops = unsupported_ops
+        # spaces that may be cut whole (every channel): set by discover_groups, see _removable_branches
+        self.removable_spaces: frozenset[str] = frozenset()
         self._by_channel = {ch: g.id for g in groups for ch in g.channels}
         self._owned: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -122,6 +124,10 @@ class GroupSet:
     def unprunable_spaces(self) -> dict[str, str]:
         """Spaces with at least one channel that must stay, and why."""
         return {s.name: s.reason for s in self.spaces.values() if s.reason}
+
+    def removable_group_ids(self) -> set[int]:
+        """Ids of the groups that lie in removable spaces only."""
+        return {g.id for g in self.groups if all(space in self.removable_spaces for space, _ in g.channels)}
 
     def group_of(self, space: str, index: int) -> int | None:
         """Id of the group holding channel `index` of `space`, or None if it is not prunable."""
@@ -197,7 +203,53 @@ def discover_groups(model: nn.Module, example_input: torch.Tensor | None = None)
     flow = follow_channels(model, example_input)
     for message in flow.unsupported:
         warnings.warn(message, UnsupportedOpWarning, stacklevel=2)
-    return _build(flow, type(model).__name__)
+    groupset = _build(flow, type(model).__name__)
+    groupset.removable_spaces = _removable_branches(model, groupset)
+    return groupset
+
+
+def _removable_branches(model: nn.Module, groupset: GroupSet) -> frozenset[str]:
+    """Spaces that can lose every channel: the inner width of a residual branch.
+
+    Cutting a whole space is exact when its producers are plain convs/linears and BatchNorms
+    that make nothing else, and its consumers plain convs/linears that read nothing else: the
+    consumers then output their bias, a constant (cifarpress.layers). It is only *sensible*
+    when each consumer's output is summed with another path (a coupled space), so the
+    branch turns into shortcut + constant; on a plain chain (VGG) the network would go
+    constant, so those spaces stay non-removable.
+    """
+    coupled = {name for names in groupset.coupled_spaces for name in names}
+    modules = dict(model.named_modules())
+    in_space: dict[str, set[int]] = defaultdict(set)
+    for g in groupset.groups:
+        spaces = {space for space, _ in g.channels}
+        if len(spaces) == 1:
+            in_space[spaces.pop()].add(g.id)
+    removable = set()
+    for name, ids in in_space.items():
+        info = groupset.spaces[name]
+        if name in coupled or info.reason or info.prunable_channels != info.size:
+            continue
+        consumers, ok = 0, True
+        for role in groupset.roles:
+            owners = set(role.group_of.tolist())
+            if not owners & ids:
+                continue
+            module_name = role.param.rpartition(".")[0]
+            module = modules[module_name]
+            plain = isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+            if not owners <= ids:  # the module also makes or reads other channels
+                ok = False
+            elif role.kind == "producer":
+                ok = plain or isinstance(module, nn.modules.batchnorm._BatchNorm)
+            elif role.kind == "consumer":
+                ok = plain and module_name in coupled
+                consumers += 1
+            if not ok:
+                break
+        if ok and consumers:
+            removable.add(name)
+    return frozenset(removable)
 
 
 def _build(flow: _ChannelFlow, model_name: str) -> GroupSet:

@@ -6,6 +6,11 @@ a cut row or column, builds a new module of the smaller width with the kept slic
 its qualified names. The forward code, every other module and the training flags are the
 copy's own, so the result is still the user's model class.
 
+A space cut whole, which GroupSet allows only for a residual branch's inner width, leaves its
+producer without outputs and its consumer without inputs: they become the stand-ins of
+cifarpress.layers (an empty tensor, then the consumer's bias as a constant) and its
+BatchNorm an Identity, so the block computes shortcut + constant, as the zeroed model does.
+
 Cutting a group is exact only when its producer slices are all zero (see groups.py);
 `verify_compact` measures that, and `compact_model(check_input=...)` refuses a cut that is not.
 """
@@ -18,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import CifarpressError
+from ..layers import ChannelsCut, ConstantChannels
 from .groups import GroupSet, eval_mode
 
 Keep = dict[tuple[str, int], torch.Tensor]  # (attribute, dim) -> kept positions, only where some are cut
@@ -79,13 +85,14 @@ def _tensors(output) -> list[torch.Tensor]:
 def _kept_positions(groupset: GroupSet, cut: torch.Tensor) -> dict[str, Keep]:
     """Per module, the rows/columns that stay, for every parameter and buffer that loses some."""
     plan: dict[str, Keep] = {}
+    removable = groupset.removable_group_ids()
     for role in groupset.roles:
         lost = torch.isin(role.group_of, cut)
         if not lost.any():
             continue
         module_name, _, attr = role.param.rpartition(".")
         kept = (~lost).nonzero().flatten()
-        if role.kind == "producer" and len(kept) == 0:
+        if role.kind == "producer" and len(kept) == 0 and not set(role.group_of.tolist()) <= removable:
             raise CifarpressError(
                 f"cutting these groups would leave '{module_name}' with no channels; keep at least one group of "
                 "every channel space"
@@ -101,6 +108,15 @@ def _rebuilt(old: nn.Module, keep: Keep) -> nn.Module:
         kept = keep.get(("weight", dim))
         return full if kept is None else len(kept)
 
+    # A residual branch cut whole (GroupSet.removable_spaces): torch has no zero-width layer, so stand-ins
+    if isinstance(old, (nn.Conv2d, nn.Linear)) and (old.groups if isinstance(old, nn.Conv2d) else 1) == 1:
+        if width(0, _out_width(old)) == 0:
+            return ChannelsCut.replacing(old)
+        if width(1, _in_width(old)) == 0:
+            bias = None if old.bias is None else _sliced(old.bias, "bias", keep)
+            return ConstantChannels.replacing(old, width(0, _out_width(old)), bias).train(old.training)
+    if isinstance(old, nn.modules.batchnorm._BatchNorm) and width(0, old.num_features) == 0:
+        return nn.Identity()
     # Built on the meta device: every parameter and buffer is replaced just below.
     if isinstance(old, nn.modules.conv._ConvNd):
         out = width(0, old.out_channels)
@@ -123,6 +139,14 @@ def _rebuilt(old: nn.Module, keep: Keep) -> nn.Module:
         new._buffers[attr] = None if value is None else _sliced(value, attr, keep)
     new.train(old.training)
     return new
+
+
+def _out_width(layer: nn.Module) -> int:
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+
+def _in_width(layer: nn.Module) -> int:
+    return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
 
 
 def _sliced(value: torch.Tensor, attr: str, keep: Keep) -> torch.Tensor:
