@@ -1,6 +1,7 @@
 """Which `channel_multiple` makes a pruned network fast on this CPU: latency of the widths a prune would keep.
 
     python bench/width_rounding.py --model builtin:resnet56-cifar10 --macs 0.5 --multiples 8,16 [--threads 1]
+        [--remove-branches]
 
 Latency depends only on the widths, not on trained weights, so no training is needed to
 compare roundings. For each multiple, the prune stage's selection (`--selection`,
@@ -8,7 +9,9 @@ default score-per-mac) picks the groups to cut at the MACs target, ranked by the
 baseline's Fisher saliency (squared group Taylor terms averaged over `--batches`
 training batches, the statistic HESSO's first period uses). The compact network is cut
 out and exported, and every file is timed side by side with the baseline in onnxruntime
-(interleaved rounds, fixed threads). Writes bench/results/width_rounding-<arch>.json.
+(interleaved rounds, fixed threads). With --remove-branches, each multiple is also cut with
+the prune stage's `remove_branches: true` (residual branches may go whole). Writes
+bench/results/width_rounding-<arch>.json.
 
 Why it matters: onnxruntime's fast CPU convolutions run in a blocked channel layout (NCHWc)
 whose block is 16 channels with AVX-512 and 8 with AVX2; a width that is not a multiple of
@@ -30,6 +33,7 @@ from cifarpress.bench import interleaved_latency, machine_description
 from cifarpress.checkpoint import atomic_write_json, load_model, resolve_checkpoint
 from cifarpress.data import BatchLoader, dataset_spec, load_split
 from cifarpress.export import export_onnx
+from cifarpress.layers import ConstantChannels
 from cifarpress.profile import profile_model
 from cifarpress.prune.groups import discover_groups
 from cifarpress.prune.pruner import GroupParams, group_taylor, saliency
@@ -66,6 +70,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--macs", type=float, default=0.5, help="fraction of MACs kept")
     parser.add_argument("--multiples", default="8,16", help="channel_multiple values to compare")
     parser.add_argument("--selection", default="score-per-mac", choices=SELECTIONS)
+    parser.add_argument("--remove-branches", action="store_true",
+                        help="also time each multiple with whole residual branches allowed to go")
     parser.add_argument("--batches", type=int, default=60, help="training batches for the Fisher saliency")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
@@ -88,17 +94,21 @@ def main(argv=None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         files = {"baseline": export_onnx(model, Path(tmp) / "baseline.onnx", spec, classes)}
-        for multiple in multiples:
-            target = PruneTarget(macs=args.macs, channel_multiple=multiple, selection=args.selection)
+        variants = [(m, False) for m in multiples] + [(m, True) for m in multiples if args.remove_branches]
+        for multiple, remove in variants:
+            target = PruneTarget(macs=args.macs, channel_multiple=multiple, selection=args.selection,
+                                 remove_branches=remove)
             budget = PruneBudget(model, groupset, target, x)
             cut = budget.select(score, set())
             zeroed = copy.deepcopy(model)
             groupset.zero_groups(zeroed, cut)
             compact = compact_model(zeroed, groupset, group_ids=cut, check_input=x)
             prof = profile_model(compact, example_input=x)
-            name = f"multiple-{multiple}"
+            name = f"multiple-{multiple}" + ("-remove-branches" if remove else "")
             files[name] = export_onnx(compact, Path(tmp) / f"{name}.onnx", spec, classes)
-            rows.append({"name": name, "channel_multiple": multiple, "macs": prof.macs, "params": prof.params,
+            rows.append({"name": name, "channel_multiple": multiple, "remove_branches": remove,
+                         "branches_removed": sum(isinstance(m, ConstantChannels) for m in compact.modules()),
+                         "macs": prof.macs, "params": prof.params,
                          "macs_vs_baseline": prof.macs / full.macs, "params_vs_baseline": prof.params / full.params,
                          "conv_widths": conv_widths(compact)})
         latency = interleaved_latency(files, (1, 64), args.threads, args.seconds, args.rounds)
@@ -115,11 +125,11 @@ def main(argv=None) -> dict:
     atomic_write_json(out, result)
 
     table = Table(title=f"{info['arch']} at {args.macs:g} MACs: latency by width rounding ({args.threads} thread)")
-    for col in ("channel_multiple", "MACs", "params", "b1 latency", "b64 latency"):
+    for col in ("channel_multiple", "branches removed", "MACs", "params", "b1 latency", "b64 latency"):
         table.add_column(col, justify="right")
     for row in rows:
         lat = row["latency_vs_baseline"]
-        table.add_row(str(row["channel_multiple"]), f"{row['macs_vs_baseline']:.3f}x",
+        table.add_row(str(row["channel_multiple"]), str(row["branches_removed"]), f"{row['macs_vs_baseline']:.3f}x",
                       f"{row['params_vs_baseline']:.2f}x", f"{lat['1']:.2f}x", f"{lat['64']:.2f}x")
     Console().print(table)
     print(f"wrote {out}")
