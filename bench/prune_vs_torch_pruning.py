@@ -19,8 +19,9 @@ runs/bench-prune/<arch>-macs<M>-<E>ep/<arm>/):
                 30% of the steps.
   hesso-fisher-x16  the same with widths in multiples of 16 whatever --channel-multiple
                 says (onnxruntime's channel block on AVX-512 CPUs).
-  hesso-fisher-x16-rb  the same, free to cut a residual branch whole (`remove_branches`): the
-                block becomes its shortcut plus a constant, whole convs go.
+  hesso-fisher-rb, hesso-fisher-x16-rb  hesso-fisher and hesso-fisher-x16, free to cut a
+                residual branch whole (`remove_branches`): the block becomes its shortcut
+                plus a constant, whole convs go.
   hesso-fisher-x16-kd  hesso-fisher-x16, distilled from the baseline in the same pass (Hinton KD,
                 the distill block's defaults). Same epochs, but each step also runs the
                 teacher (about 1.3x the compute), so it is reported beside the others and
@@ -81,6 +82,7 @@ OUR_ARMS = {
 # the same with widths in multiples of 16, onnxruntime's channel block on AVX-512 CPUs (bench/width_rounding.py)
 OUR_ARMS["hesso-fisher-x16"] = {**OUR_ARMS["hesso-fisher"], "channel_multiple": 16}
 # ... and free to cut a residual branch whole (the block keeps its shortcut): whole convs go, not just widths
+OUR_ARMS["hesso-fisher-rb"] = {**OUR_ARMS["hesso-fisher"], "remove_branches": True}
 OUR_ARMS["hesso-fisher-x16-rb"] = {**OUR_ARMS["hesso-fisher-x16"], "remove_branches": True}
 # ... and distilled from the baseline while it prunes: more compute per step than the equal-budget arms
 OUR_ARMS["hesso-fisher-x16-kd"] = {**OUR_ARMS["hesso-fisher-x16"], "distill": DistillOptions(method="kd")}
