@@ -225,14 +225,14 @@ def _removable_branches(model: nn.Module, groupset: GroupSet) -> frozenset[str]:
         spaces = {space for space, _ in g.channels}
         if len(spaces) == 1:
             in_space[spaces.pop()].add(g.id)
+    owners_of = [set(role.group_of.tolist()) for role in groupset.roles]  # once, not once per space
     removable = set()
     for name, ids in in_space.items():
         info = groupset.spaces[name]
         if name in coupled or info.reason or info.prunable_channels != info.size:
             continue
         consumers, ok = 0, True
-        for role in groupset.roles:
-            owners = set(role.group_of.tolist())
+        for role, owners in zip(groupset.roles, owners_of):
             if not owners & ids:
                 continue
             module_name = role.param.rpartition(".")[0]

@@ -109,12 +109,12 @@ def _rebuilt(old: nn.Module, keep: Keep) -> nn.Module:
         return full if kept is None else len(kept)
 
     # A residual branch cut whole (GroupSet.removable_spaces): torch has no zero-width layer, so stand-ins
-    if isinstance(old, (nn.Conv2d, nn.Linear)) and (old.groups if isinstance(old, nn.Conv2d) else 1) == 1:
-        if width(0, _out_width(old)) == 0:
+    if isinstance(old, (nn.Conv2d, nn.Linear)) and getattr(old, "groups", 1) == 1:  # weight: (out, in, ...)
+        if width(0, old.weight.shape[0]) == 0:
             return ChannelsCut.replacing(old)
-        if width(1, _in_width(old)) == 0:
+        if width(1, old.weight.shape[1]) == 0:
             bias = None if old.bias is None else _sliced(old.bias, "bias", keep)
-            return ConstantChannels.replacing(old, width(0, _out_width(old)), bias).train(old.training)
+            return ConstantChannels.replacing(old, width(0, old.weight.shape[0]), bias).train(old.training)
     if isinstance(old, nn.modules.batchnorm._BatchNorm) and width(0, old.num_features) == 0:
         return nn.Identity()
     # Built on the meta device: every parameter and buffer is replaced just below.
@@ -139,14 +139,6 @@ def _rebuilt(old: nn.Module, keep: Keep) -> nn.Module:
         new._buffers[attr] = None if value is None else _sliced(value, attr, keep)
     new.train(old.training)
     return new
-
-
-def _out_width(layer: nn.Module) -> int:
-    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-
-
-def _in_width(layer: nn.Module) -> int:
-    return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
 
 
 def _sliced(value: torch.Tensor, attr: str, keep: Keep) -> torch.Tensor:
