@@ -14,6 +14,10 @@ calibration/, class-balanced training images):
   ort-quantize_static-u8
                     the same with uint8 activations, onnxruntime's advice for x86 CPUs
                     (fast there, but not a graph TensorRT takes)
+  <headline>-as-written
+                    the headline file run without cifarpress's load-time lowering
+                    (cifarpress.ort_lowering folds each int8 ReLU chain into a uint8 Q that
+                    onnxruntime fuses); every other int8 arm runs lowered, as cifarpress runs it
 Each arm gets: top-1 through onnxruntime on the test set, agreement of its
 predictions with fp32, file size, latency p50 at batch 1 and 64
 (cifarpress.bench.interleaved_latency, fixed threads, arms interleaved in rounds so
@@ -148,10 +152,13 @@ def main() -> None:
             path = ort_quantize_static(fp32_path, tmp / f"{name}.onnx", calib, activations)
             arms[name] = {"file": path, "calibration": manifest["file"], "build_s": time.perf_counter() - t0}
 
+        as_written = f"{args.headline}-as-written"
+        if args.headline in arms:
+            arms[as_written] = dict(arms[args.headline], build_s=0.0)
         console.print(f"built {len(arms)} files; measuring accuracy and latency ...")
         reference = None
         for name, arm in arms.items():
-            predicted = onnx_predictions(arm["file"], test_pixels, args.threads)
+            predicted = onnx_predictions(arm["file"], test_pixels, args.threads, lower=name != as_written)
             reference = predicted if reference is None else reference
             arm["top1"] = 100.0 * float((predicted == labels).mean())
             arm["agreement_with_fp32"] = 100.0 * float((predicted == reference).mean())
@@ -160,7 +167,7 @@ def main() -> None:
             arm["trt_rule_violations"] = len(violations)
             arm["first_violations"] = violations[:3]
         latency = interleaved_latency({name: arm["file"] for name, arm in arms.items()}, (1, 64), args.threads,
-                                      seconds, rounds)
+                                      seconds, rounds, as_written={as_written})
         for name, arm in arms.items():
             arm["latency_rounds"], arm["latency_ms_p50"] = latency["rounds"][name], latency["p50"][name]
             arm["onnxruntime"] = latency["onnxruntime"]

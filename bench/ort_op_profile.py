@@ -1,13 +1,14 @@
 """Where does onnxruntime spend the time? Kernel time per operator type, for several ONNX files side by side.
 
     python bench/ort_op_profile.py bench/results/resnet20-fp32.onnx bench/results/resnet20-int8-qdq.onnx
-                                   [--batch 64] [--runs 20] [--threads 1] [--out FILE.json]
+                                   [--batch 64] [--runs 20] [--threads 1] [--as-written] [--out FILE.json]
 
 Each file runs `--runs` times on one random batch after a warm-up, with
 onnxruntime's own profiler on (after its graph optimizations, so the fused
 kernels it really runs are the ones counted: QLinearConv, not DQ -> Conv -> Q).
 Prints ms per run for each operator type and the total, and the ratio of each
-file's total to the first file's.
+file's total to the first file's. Int8 QDQ files run lowered, as cifarpress runs
+them (cifarpress.ort_lowering); --as-written profiles them as the file says.
 """
 from __future__ import annotations
 
@@ -25,14 +26,16 @@ from rich.table import Table
 from cifarpress.bench import machine_description
 from cifarpress.checkpoint import atomic_write_json
 from cifarpress.export import INPUT_NAME
+from cifarpress.ort_lowering import lowered_bytes
 
 
-def profile_ops(path: Path, batch: int, runs: int, threads: int, workdir: Path) -> dict:
+def profile_ops(path: Path, batch: int, runs: int, threads: int, workdir: Path, lower: bool = True) -> dict:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.enable_profiling = True
     options.profile_file_prefix = str(workdir / path.stem)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = lowered_bytes(path) if lower else None
+    session = ort.InferenceSession(model or str(path), options, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).random((batch, 3, 32, 32), dtype=np.float32)
     for _ in range(runs):
         session.run(None, {INPUT_NAME: x})
@@ -53,12 +56,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--as-written", action="store_true", help="no load-time int8 lowering")
     args = parser.parse_args()
     for f in args.files:
         if not f.is_file():
             parser.error(f"{f} not found")
     with tempfile.TemporaryDirectory() as tmp:
-        profiles = {str(f): profile_ops(f, args.batch, args.runs, args.threads, Path(tmp)) for f in args.files}
+        profiles = {str(f): profile_ops(f, args.batch, args.runs, args.threads, Path(tmp),
+                                         not args.as_written) for f in args.files}
     first = profiles[str(args.files[0])]["total_ms"]
     table = Table(title=f"onnxruntime {ort.__version__} kernel time per run, batch {args.batch}, "
                         f"{args.threads} thread(s), {args.runs} runs")
@@ -74,6 +79,7 @@ def main() -> None:
     if args.out:
         atomic_write_json(args.out, {"batch": args.batch, "runs": args.runs, "threads": args.threads,
                                      "onnxruntime": ort.__version__, "machine": machine_description(),
+                                     "lowered": not args.as_written,
                                      "files": profiles})
 
 

@@ -5,12 +5,14 @@ runs in a fresh process (bench_worker) so peak memory belongs to the model.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 from rich.table import Table
@@ -18,6 +20,7 @@ from rich.table import Table
 from .data import CifarSplit
 from .errors import CifarpressError
 from .export import INPUT_NAME, OUTPUT_NAME, read_onnx_metadata
+from .ort_lowering import lowered_bytes, lowered_path
 
 
 def machine_description() -> dict:
@@ -37,8 +40,11 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
-def make_session(path: str | Path, threads: int | None = None, optimize: bool = True):
-    """A CPU onnxruntime session; optimize=False runs the graph exactly as written (no fusions)."""
+def make_session(path: str | Path, threads: int | None = None, optimize: bool = True, lower: bool = True):
+    """A CPU onnxruntime session; optimize=False runs the graph exactly as written (no fusions, no lowering).
+
+    With optimize and lower, an int8 QDQ graph's ReLU chains are first folded into
+    uint8 (cifarpress.ort_lowering), which onnxruntime's CPU kernels run fused."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -48,14 +54,16 @@ def make_session(path: str | Path, threads: int | None = None, optimize: bool = 
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        lowered = lowered_bytes(path) if optimize and lower else None
+        return ort.InferenceSession(lowered or str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise CifarpressError(f"onnxruntime cannot load {path} ({str(exc).splitlines()[0][:200]})") from None
 
 
-def onnx_predictions(path: str | Path, images, threads: int | None = None, batch: int = 500) -> np.ndarray:
+def onnx_predictions(path: str | Path, images, threads: int | None = None, batch: int = 500,
+                     lower: bool = True) -> np.ndarray:
     """Predicted class per image through onnxruntime; images NCHW, uint8 (0-255) or float pixels in [0, 1]."""
-    session = make_session(path, threads)
+    session = make_session(path, threads, lower=lower)
     predicted = []
     for start in range(0, len(images), batch):
         x = images[start:start + batch]
@@ -71,13 +79,14 @@ def onnx_accuracy(path: str | Path, split: CifarSplit, threads: int | None = Non
 
 
 def measure_latency(path: str | Path, batch_sizes=(1, 64), threads: int | None = None,
-                    seconds: float = 3.0, warmup: int = 10) -> dict:
+                    seconds: float = 3.0, warmup: int = 10, lower: bool = True) -> dict:
     threads = threads or default_threads()
-    cmd = [sys.executable, "-m", "cifarpress.bench_worker", str(path), "--batches",
-           ",".join(str(b) for b in batch_sizes), "--threads", str(threads), "--seconds", str(seconds),
-           "--warmup", str(warmup)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    with lowered_path(path) if lower else contextlib.nullcontext(Path(path)) as runnable:  # the worker imports no onnx, so it gets the lowered file
+        cmd = [sys.executable, "-m", "cifarpress.bench_worker", str(runnable), "--batches",
+               ",".join(str(b) for b in batch_sizes), "--threads", str(threads), "--seconds", str(seconds),
+               "--warmup", str(warmup)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise CifarpressError(f"benchmarking {path} failed: {last[:300]}")
@@ -87,9 +96,10 @@ def measure_latency(path: str | Path, batch_sizes=(1, 64), threads: int | None =
 
 
 def interleaved_latency(files: dict, batch_sizes=(1, 64), threads: int | None = None, seconds: float = 3.0,
-                        rounds: int = 3) -> dict:
+                        rounds: int = 3, as_written: Collection[str] = ()) -> dict:
     """p50 latency of several ONNX files measured side by side: every round times each file once, in turn,
-    so machine noise hits them alike; the result is the median over rounds.
+    so machine noise hits them alike; the result is the median over rounds. Files named in `as_written`
+    run without the int8 lowering (cifarpress.ort_lowering).
 
     Returns {"p50": {name: {batch: ms}}, "rounds": {name: [{batch: ms}, ...]}, "onnxruntime": version}."""
     import statistics
@@ -98,7 +108,7 @@ def interleaved_latency(files: dict, batch_sizes=(1, 64), threads: int | None = 
     version = None
     for _ in range(rounds):
         for name, path in files.items():
-            measured = measure_latency(path, batch_sizes, threads, seconds)
+            measured = measure_latency(path, batch_sizes, threads, seconds, lower=name not in as_written)
             per_round[name].append({b: v["p50"] for b, v in measured["latency_ms"].items()})
             version = measured["onnxruntime"]
     p50 = {name: {str(b): statistics.median(r[str(b)] for r in runs) for b in batch_sizes}

@@ -147,14 +147,14 @@ def test_interleaved_latency_alternates_files_and_takes_the_median(monkeypatch):
     calls = []
     fake_ms = {"a": iter([5.0, 1.0, 3.0]), "b": iter([2.0, 9.0, 4.0])}
 
-    def fake_measure(path, batch_sizes, threads, seconds):
-        calls.append(path)
+    def fake_measure(path, batch_sizes, threads, seconds, lower=True):
+        calls.append((path, lower))
         ms = next(fake_ms[path])
         return {"latency_ms": {str(b): {"p50": ms * b} for b in batch_sizes}, "onnxruntime": "x"}
 
     monkeypatch.setattr(bench_module, "measure_latency", fake_measure)
-    result = interleaved_latency({"A": "a", "B": "b"}, (1, 64), threads=1, seconds=0.1, rounds=3)
-    assert calls == ["a", "b"] * 3  # each round visits every file once, in turn
+    result = interleaved_latency({"A": "a", "B": "b"}, (1, 64), threads=1, seconds=0.1, rounds=3, as_written={"B"})
+    assert calls == [("a", True), ("b", False)] * 3  # each round visits every file once, in turn
     assert result["p50"] == {"A": {"1": 3.0, "64": 192.0}, "B": {"1": 4.0, "64": 256.0}}
     assert [r["1"] for r in result["rounds"]["B"]] == [2.0, 9.0, 4.0]
 

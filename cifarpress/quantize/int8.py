@@ -27,10 +27,10 @@ fp32):
     On x86 onnxruntime converts int8 activations to uint8 (QDQS8ToU8) only where
     a Q feeds exactly one DQ, and its common-subexpression pass would merge
     identical Q nodes back into one.
-What stays float in onnxruntime is each ReLU between its DQ and Q (it folds a
-ReLU only into an asymmetric Q whose zero point is the range minimum): about a
-quarter of the int8 graph's time on resnet20 at batch 64, the gap to its own
-uint8 quantize_static graph, which TensorRT does not take.
+As written, each ReLU would still run in float in onnxruntime between its DQ and
+Q (it folds a ReLU only into a Q whose zero point is the type's minimum): about a
+quarter of the int8 time at batch 64. The file stays the TensorRT graph;
+cifarpress.ort_lowering rewrites those chains to uint8 when onnxruntime opens it.
 """
 from __future__ import annotations
 

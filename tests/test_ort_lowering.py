@@ -1,0 +1,116 @@
+"""Load-time lowering of the TensorRT int8 QDQ graph for onnxruntime's CPU kernels (cifarpress.ort_lowering)."""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from cifarpress.bench import make_session
+from cifarpress.data import dataset_spec, load_split
+from cifarpress.export import export_onnx
+from cifarpress.ort_lowering import fold_relu_chains, lowered_bytes, lowered_path
+from cifarpress.quantize.int8 import check_int8_rules, export_int8_qdq
+from test_int8 import random_resnet20
+
+SPEC = dataset_spec("cifar10")
+RESNET20_FOLDABLE_RELUS = 18  # stem + 2 per block but the last, which feeds the pooling rather than a Q
+
+
+@pytest.fixture(scope="module")
+def minmax_export(tmp_path_factory, tiny_cifar_root):
+    """An int8 export calibrated (minmax) on exactly the images it is then run on: nothing saturates."""
+    train = load_split("cifar10", "train", tiny_cifar_root, download_if_missing=False)
+    pixels = train.images[:64]
+    path = export_int8_qdq(random_resnet20(), tmp_path_factory.mktemp("lower") / "r20.onnx", SPEC, train.classes,
+                           pixels, "minmax", threads=1)
+    return path, pixels.float().numpy() / 255
+
+
+def as_written(model: str | bytes, optimized_copy: str | None = None):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    if optimized_copy:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = optimized_copy
+    else:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def widened(proto: onnx.ModelProto, factor: float = 4.0) -> onnx.ModelProto:
+    """Every activation scale (the scalar ones) times `factor`: quantization error stacked up through the
+    layers can push a tensor past its calibrated range, and only there do int8 and uint8 differ."""
+    for tensor in proto.graph.initializer:
+        if tensor.name.endswith("_scale") and not tensor.dims:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * factor, tensor.name))
+    return proto
+
+
+def test_folding_is_exact_below_saturation(minmax_export, tmp_path):
+    path, pixels = minmax_export
+    onnx.save(widened(onnx.load(str(path))), tmp_path / "wide.onnx")
+    path = tmp_path / "wide.onnx"
+    proto = onnx.load(str(path))
+    relus_before = sum(n.op_type == "Relu" for n in proto.graph.node)
+    assert fold_relu_chains(proto) == RESNET20_FOLDABLE_RELUS
+    assert sum(n.op_type == "Relu" for n in proto.graph.node) == relus_before - RESNET20_FOLDABLE_RELUS
+    onnx.checker.check_model(proto)
+    # Both graphs run node by node as written (no onnxruntime fusions): the same integer codes, the same logits.
+    reference = as_written(str(path)).run(["logits"], {"input": pixels})[0]
+    folded = as_written(proto.SerializeToString()).run(["logits"], {"input": pixels})[0]
+    np.testing.assert_allclose(folded, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+
+
+def test_onnxruntime_fuses_the_folded_relus(minmax_export, tmp_path):
+    path, _ = minmax_export
+    optimized = {}
+    for name, model in (("file", str(path)), ("lowered", lowered_bytes(path))):
+        as_written(model, str(tmp_path / f"{name}.onnx"))
+        optimized[name] = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node)
+    assert optimized["file"]["Relu"] == 19  # every ReLU runs in float between a DQ and a Q
+    assert optimized["lowered"]["Relu"] == 1, optimized["lowered"]
+    assert optimized["lowered"]["QLinearConv"] == 21 and optimized["lowered"]["Conv"] == 0
+
+
+def test_sessions_run_the_lowered_graph_and_the_file_stays_the_tensorrt_one(minmax_export):
+    path, pixels = minmax_export
+    before = path.read_bytes()
+
+    def fused(model):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]).run(["logits"], {"input": pixels})[0]
+
+    logits = make_session(path, 1).run(["logits"], {"input": pixels})[0]
+    np.testing.assert_array_equal(logits, fused(lowered_bytes(path)))
+    assert not np.array_equal(logits, fused(str(path)))
+    assert path.read_bytes() == before and check_int8_rules(path) == []
+    with lowered_path(path) as lowered:
+        assert lowered != path and check_int8_rules(lowered)  # uint8 activations: for onnxruntime only
+        np.testing.assert_array_equal(fused(str(lowered)), logits)
+    assert not lowered.exists()
+
+
+def test_chain_with_a_different_scale_after_the_relu_is_left_alone(minmax_export):
+    proto = onnx.load(str(minmax_export[0]))
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    relu = next(n for n in proto.graph.node if n.op_type == "Relu")
+    after = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == relu.output[0])
+    scale = numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == after.input[1]))
+    doubled = numpy_helper.from_array(scale * 2, after.input[1] + "_doubled")
+    proto.graph.initializer.append(doubled)
+    after.input[1] = doubled.name
+    assert producers[relu.input[0]].op_type == "DequantizeLinear"
+    assert fold_relu_chains(proto) == RESNET20_FOLDABLE_RELUS - 1
+
+
+def test_float_graphs_are_not_touched(tmp_path):
+    path = export_onnx(random_resnet20(), tmp_path / "fp32.onnx", SPEC, [str(i) for i in range(10)])
+    assert lowered_bytes(path) is None
+    with lowered_path(path) as same:
+        assert same == path
