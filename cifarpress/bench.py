@@ -20,7 +20,7 @@ from rich.table import Table
 from .data import CifarSplit
 from .errors import CifarpressError
 from .export import INPUT_NAME, OUTPUT_NAME, read_onnx_metadata
-from .ort_lowering import lowered_bytes, lowered_path
+from .ort_lowering import folded_relu_count, lowered_bytes, lowered_path
 
 
 def machine_description() -> dict:
@@ -123,6 +123,7 @@ def bench_onnx(path: str | Path, batch_sizes=(1, 64), threads: int | None = None
     meta = read_onnx_metadata(path)
     result = {"model": str(path), "onnx_bytes": path.stat().st_size, "dataset": meta.get("dataset")}
     result.update(measure_latency(path, batch_sizes, threads, seconds))
+    result["relu_chains_folded_for_onnxruntime"] = folded_relu_count(path)
     if test_split is not None:
         result["top1"] = onnx_accuracy(path, test_split, threads)
     result["machine"] = machine_description()
@@ -185,5 +186,7 @@ def bench_table(result: dict) -> Table:
         table.add_row(batch, f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
                       f"{lat['throughput_ips']:.0f}")
     table.caption = (f"size {result['onnx_bytes'] / 1e6:.2f} MB · peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB"
-                     + (f" · top-1 {result['top1']:.2f}%" if "top1" in result else ""))
+                     + (f" · top-1 {result['top1']:.2f}%" if "top1" in result else "")
+                     + (f" · {result['relu_chains_folded_for_onnxruntime']} int8 ReLU chains run folded into uint8"
+                        if result.get("relu_chains_folded_for_onnxruntime") else ""))
     return table

@@ -107,12 +107,23 @@ def fold_relu_chains(proto: onnx.ModelProto) -> int:
     return folded
 
 
-def lowered_bytes(path: str | Path) -> bytes | None:
-    """The serialized lowered model, or None when nothing in it needs lowering (float graphs)."""
+def _lowered(path: str | Path) -> tuple[onnx.ModelProto | None, int]:
     proto = onnx.load(str(path))
     if not any(n.op_type == "QuantizeLinear" for n in proto.graph.node):
-        return None
-    return proto.SerializeToString() if fold_relu_chains(proto) else None
+        return None, 0
+    folded = fold_relu_chains(proto)
+    return (proto if folded else None), folded
+
+
+def lowered_bytes(path: str | Path) -> bytes | None:
+    """The serialized lowered model, or None when nothing in it needs lowering (float graphs)."""
+    proto, _ = _lowered(path)
+    return None if proto is None else proto.SerializeToString()
+
+
+def folded_relu_count(path: str | Path) -> int:
+    """How many ReLU chains of the file cifarpress folds when onnxruntime opens it (0 for float graphs)."""
+    return _lowered(path)[1]
 
 
 @contextlib.contextmanager

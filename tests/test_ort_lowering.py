@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from cifarpress.bench import make_session
 from cifarpress.data import dataset_spec, load_split
 from cifarpress.export import export_onnx
-from cifarpress.ort_lowering import fold_relu_chains, lowered_bytes, lowered_path
+from cifarpress.ort_lowering import fold_relu_chains, folded_relu_count, lowered_bytes, lowered_path
 from cifarpress.quantize.int8 import check_int8_rules, export_int8_qdq
 from test_int8 import random_resnet20
 
@@ -57,7 +57,7 @@ def test_folding_is_exact_below_saturation(minmax_export, tmp_path):
     path = tmp_path / "wide.onnx"
     proto = onnx.load(str(path))
     relus_before = sum(n.op_type == "Relu" for n in proto.graph.node)
-    assert fold_relu_chains(proto) == RESNET20_FOLDABLE_RELUS
+    assert fold_relu_chains(proto) == RESNET20_FOLDABLE_RELUS == folded_relu_count(path)
     assert sum(n.op_type == "Relu" for n in proto.graph.node) == relus_before - RESNET20_FOLDABLE_RELUS
     onnx.checker.check_model(proto)
     # Both graphs run node by node as written (no onnxruntime fusions): the same integer codes, the same logits.
@@ -111,6 +111,6 @@ def test_chain_with_a_different_scale_after_the_relu_is_left_alone(minmax_export
 
 def test_float_graphs_are_not_touched(tmp_path):
     path = export_onnx(random_resnet20(), tmp_path / "fp32.onnx", SPEC, [str(i) for i in range(10)])
-    assert lowered_bytes(path) is None
+    assert lowered_bytes(path) is None and folded_relu_count(path) == 0
     with lowered_path(path) as same:
         assert same == path
