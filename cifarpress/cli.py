@@ -375,10 +375,13 @@ def export(
     checkpoint: str = typer.Argument(..., help="Model file (.pt) or builtin:NAME."),
     output: Path = typer.Option(None, "--output", "-o", help="File to write (default: next to the model)."),
     fmt: str = typer.Option("onnx", "--format", help="onnx, or tensorrt (builds an engine from the ONNX; needs an NVIDIA GPU)."),
-    precision: str = typer.Option("fp16", help="TensorRT: fp32, fp16 or int8 (int8: QDQ scales if the model is quantized, "
-                                              "else entropy calibration on training images)."),
+    precision: Optional[str] = typer.Option(
+        None, help="ONNX: fp32 (default) or int8 (post-training quantization to a TensorRT-ready QDQ graph, "
+                   "calibrated on training images). TensorRT: fp32, fp16 (default) or int8 (QDQ scales if the "
+                   "model is quantized, else entropy calibration on training images)."),
     max_batch: int = typer.Option(256, min=1, help="TensorRT: largest batch of the optimization profile."),
-    calib_images: int = typer.Option(1024, min=10, help="TensorRT int8: class-balanced training images for calibration."),
+    calib_images: int = typer.Option(1024, min=10, help="int8: class-balanced training images for calibration."),
+    calibrator: str = typer.Option("entropy", help="ONNX int8: minmax, percentile, entropy or mse."),
     data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
     check_images: int = typer.Option(1000, min=10, help="Real test images compared between PyTorch and onnxruntime."),
     tolerance: float = typer.Option(1e-4, help="Max abs logit difference before the export counts as failed."),
@@ -395,6 +398,11 @@ def export(
 
     if fmt not in ("onnx", "tensorrt"):
         raise CifarpressError(f"unknown --format '{fmt}'; use onnx or tensorrt")
+    precision = precision or ("fp32" if fmt == "onnx" else "fp16")
+    allowed = ("fp32", "int8") if fmt == "onnx" else ("fp32", "fp16", "int8")
+    if precision not in allowed:
+        raise CifarpressError(f"--precision {precision} is not available for --format {fmt}; use one of "
+                              f"{', '.join(allowed)}")
     if fmt == "tensorrt":
         from .tensorrt_engine import require_tensorrt
 
@@ -405,7 +413,13 @@ def export(
     _check_classes(info["num_classes"], test)
     source = Path(checkpoint)
     stem = source.with_suffix("") if source.suffix == ".pt" else Path(info["arch"])
-    onnx_path = output if (output and fmt == "onnx") else stem.with_suffix(".onnx")
+    default_name = Path(f"{stem}.int8.onnx") if precision == "int8" and fmt == "onnx" else stem.with_suffix(".onnx")
+    onnx_path = output if (output and fmt == "onnx") else default_name
+    if fmt == "onnx" and precision == "int8":
+        if quantized_layers(model):
+            raise CifarpressError(f"{checkpoint} is already quantized (ternary); export it without --precision int8")
+        _export_int8(model, info, onnx_path, spec, test, data_root, calib_images, calibrator, check_images)
+        return
     if quantized_layers(model):
         path = export_qdq(model, onnx_path, spec, test.classes, {"arch": info["arch"]})
         check = check_qdq(model, path, test.subset(torch.arange(min(check_images, len(test)))))
@@ -552,6 +566,35 @@ def inspect(
         out.print_json(json.dumps(prof.to_dict()))
     else:
         out.print(render_profile(prof, title=model))
+
+
+def _export_int8(model, info: dict, onnx_path: Path, spec, test, data_root, calib_images: int, calibrator: str,
+                 check_images: int) -> None:
+    """Post-training int8 QDQ export; reports its top-1 agreement with the float model through onnxruntime."""
+    import numpy as np
+    import torch
+
+    from .bench import onnx_predictions
+    from .calibrate import CALIBRATORS, calibration_manifest, manifest_images
+    from .data import load_split
+    from .export import NormalizedClassifier
+    from .quantize import check_int8_rules, export_int8_qdq
+
+    if calibrator not in CALIBRATORS:
+        raise CifarpressError(f"unknown --calibrator '{calibrator}'; choose one of {', '.join(CALIBRATORS)}")
+    train = load_split(spec.name, "train", data_root)
+    manifest = calibration_manifest(spec.name, train.labels, min(calib_images, len(train)))
+    path = export_int8_qdq(model, onnx_path, spec, test.classes, manifest_images(manifest, train), calibrator,
+                           manifest=manifest, extra_metadata={"arch": info["arch"]})
+    check = test.subset(torch.arange(min(check_images, len(test))))
+    with torch.no_grad():
+        wrapped = NormalizedClassifier(model.eval(), spec.mean, spec.std).eval()
+        reference = wrapped(check.images.float() / 255).argmax(1).numpy()
+    agreement = 100.0 * float(np.mean(onnx_predictions(path, check.images) == reference))
+    rules = "follows TensorRT's explicit-quantization rules" if not check_int8_rules(path) else "breaks TensorRT rules"
+    out.print(f"{path}: {path.stat().st_size / 1e6:.2f} MB int8 QDQ ({calibrator} calibration on {manifest['count']} "
+              f"training images; {rules}); onnxruntime int8 vs PyTorch fp32 top-1 agreement {agreement:.2f}% on "
+              f"{check.images.shape[0]} test images")
 
 
 def _check_classes(num_classes: int, split) -> None:

@@ -249,3 +249,29 @@ def test_zeroq_images_approach_the_bn_statistics():
     assert result.losses[-1] < 0.5 * result.losses[0]
     with pytest.raises(CifarpressError, match="BatchNorm"):
         synthesize_images(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10)), SPEC, steps=1)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cifarpress.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+
+
+def test_cli_exports_int8_qdq_and_rejects_precisions_it_lacks(tmp_path, tiny_cifar_root):
+    from cifarpress.checkpoint import save_model
+
+    save_model(tmp_path / "m.pt", random_resnet20(), "resnet20", 10, "cifar10")
+    proc = _cli("export", str(tmp_path / "m.pt"), "--precision", "int8", "--calibrator", "percentile",
+                "--calib-images", "50", "--check-images", "40", "--data-root", str(tiny_cifar_root))
+    assert proc.returncode == 0, proc.stderr
+    path = tmp_path / "m.int8.onnx"
+    assert check_int8_rules(path) == [] and "top-1 agreement" in proc.stdout
+    assert describe_int8(path)["calibrator"] == "percentile" and describe_int8(path)["calibration"]["images"] == 50
+    bad = _cli("export", str(tmp_path / "m.pt"), "--precision", "fp16", "--data-root", str(tiny_cifar_root))
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.returncode != 0 and len(errors) == 1 and "--precision fp16" in errors[0], bad.stderr
