@@ -372,7 +372,8 @@ def quantize(
 @app.command()
 @user_errors
 def export(
-    checkpoint: str = typer.Argument(..., help="Model file (.pt) or builtin:NAME."),
+    checkpoint: str = typer.Argument(..., help="Model file (.pt) or builtin:NAME; or, with --format tensorrt, "
+                                                  "an exported .onnx (e.g. an int8 QDQ file)."),
     output: Path = typer.Option(None, "--output", "-o", help="File to write (default: next to the model)."),
     fmt: str = typer.Option("onnx", "--format", help="onnx, or tensorrt (builds an engine from the ONNX; needs an NVIDIA GPU)."),
     precision: Optional[str] = typer.Option(
@@ -407,6 +408,11 @@ def export(
         from .tensorrt_engine import require_tensorrt
 
         require_tensorrt()  # fail in one sentence before any work on a machine without it
+    if checkpoint.endswith(".onnx"):
+        if fmt != "tensorrt":
+            raise CifarpressError(f"{checkpoint} is already ONNX; pass --format tensorrt to build an engine from it")
+        _engine_from_onnx(Path(checkpoint), output, precision, max_batch, calib_images, data_root)
+        return
     model, info = load_model(checkpoint, arch)
     spec = dataset_spec(info["dataset"] or "cifar10")
     test = load_split(spec.name, "test", data_root)
@@ -568,16 +574,33 @@ def inspect(
         out.print(render_profile(prof, title=model))
 
 
+def _engine_from_onnx(path: Path, output: Optional[Path], precision: str, max_batch: int, calib_images: int,
+                      data_root) -> None:
+    """A TensorRT engine straight from a cifarpress ONNX file: explicit int8 from its Q/DQ scales when it has
+    them, else (for --precision int8) entropy calibration on training images."""
+    from .data import load_split
+    from .export import read_onnx_metadata
+    from .tensorrt_engine import (build_engine, calibration_cache_path, calibration_images,
+                                  make_entropy_calibrator, onnx_has_qdq)
+
+    if not path.is_file():
+        raise CifarpressError(f"{path} not found; export a model first (cifarpress export model.pt)")
+    calibrator = None
+    if precision == "int8" and not onnx_has_qdq(path):
+        dataset = read_onnx_metadata(path).get("dataset") or "cifar10"
+        calibrator = make_entropy_calibrator(calibration_images(load_split(dataset, "train", data_root), calib_images),
+                                             calibration_cache_path(path))
+    engine = build_engine(path, output or path.with_suffix(f".{precision}.engine"), precision,
+                          max_batch=max_batch, calibrator=calibrator)
+    out.print(f"{engine}: {engine.stat().st_size / 1e6:.2f} MB TensorRT {precision} engine (+ {engine.name}.json)")
+
+
 def _export_int8(model, info: dict, onnx_path: Path, spec, test, data_root, calib_images: int, calibrator: str,
                  check_images: int) -> None:
     """Post-training int8 QDQ export; reports its top-1 agreement with the float model through onnxruntime."""
-    import numpy as np
-    import torch
-
-    from .bench import onnx_predictions
     from .calibrate import CALIBRATORS, calibration_manifest, manifest_images
     from .data import load_split
-    from .export import NormalizedClassifier
+    from .export import check_onnx
     from .quantize import check_int8_rules, export_int8_qdq
 
     if calibrator not in CALIBRATORS:
@@ -586,15 +609,11 @@ def _export_int8(model, info: dict, onnx_path: Path, spec, test, data_root, cali
     manifest = calibration_manifest(spec.name, train.labels, min(calib_images, len(train)))
     path = export_int8_qdq(model, onnx_path, spec, test.classes, manifest_images(manifest, train), calibrator,
                            manifest=manifest, extra_metadata={"arch": info["arch"]})
-    check = test.subset(torch.arange(min(check_images, len(test))))
-    with torch.no_grad():
-        wrapped = NormalizedClassifier(model.eval(), spec.mean, spec.std).eval()
-        reference = wrapped(check.images.float() / 255).argmax(1).numpy()
-    agreement = 100.0 * float(np.mean(onnx_predictions(path, check.images) == reference))
+    check = check_onnx(model, path, test, check_images, float("inf"))  # int8 differs from float by design
     rules = "follows TensorRT's explicit-quantization rules" if not check_int8_rules(path) else "breaks TensorRT rules"
     out.print(f"{path}: {path.stat().st_size / 1e6:.2f} MB int8 QDQ ({calibrator} calibration on {manifest['count']} "
-              f"training images; {rules}); onnxruntime int8 vs PyTorch fp32 top-1 agreement {agreement:.2f}% on "
-              f"{check.images.shape[0]} test images")
+              f"training images; {rules}); onnxruntime int8 vs PyTorch fp32 top-1 agreement "
+              f"{check.top1_agreement:.2f}% on {check.images} test images")
 
 
 def _check_classes(num_classes: int, split) -> None:

@@ -80,6 +80,16 @@ def export_checked(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, inf
     return onnx_path, {"onnx_check": check.to_dict(), **extra}
 
 
+def _bench_fields(bench: dict) -> dict:
+    """The report-row fields of a bench_onnx result."""
+    return {
+        "onnx_bytes": bench["onnx_bytes"], "top1": bench["top1"],
+        "latency_ms": {b: {"p50": v["p50"], "p90": v["p90"], "p99": v["p99"]} for b, v in bench["latency_ms"].items()},
+        "throughput_ips": {b: v["throughput_ips"] for b, v in bench["latency_ms"].items()},
+        "peak_rss_bytes": bench["peak_rss_bytes"], "threads": bench["threads"], "onnxruntime": bench["onnxruntime"],
+    }
+
+
 def measure_model(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, info: dict) -> dict:
     """Export, check and bench one stage's model; returns its report row."""
     from .quantize import layer_report, quantized_layers
@@ -90,13 +100,8 @@ def measure_model(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, info
     bench = bench_onnx(onnx_path, ctx.recipe.bench.batch_sizes, ctx.recipe.bench.threads, test,
                        ctx.recipe.bench.seconds)
     row = {
-        "params": prof.params, "macs": prof.macs, "onnx_bytes": bench["onnx_bytes"],
-        "top1": bench["top1"], "top1_torch": evaluate(model, test),
-        "latency_ms": {b: {"p50": v["p50"], "p90": v["p90"], "p99": v["p99"]} for b, v in bench["latency_ms"].items()},
-        "throughput_ips": {b: v["throughput_ips"] for b, v in bench["latency_ms"].items()},
-        "peak_rss_bytes": bench["peak_rss_bytes"], "threads": bench["threads"],
-        "onnxruntime": bench["onnxruntime"], **checked,
-        "model": str(stage_dir / "model.pt"), "onnx": str(onnx_path),
+        "params": prof.params, "macs": prof.macs, **_bench_fields(bench), "top1_torch": evaluate(model, test),
+        **checked, "model": str(stage_dir / "model.pt"), "onnx": str(onnx_path),
     }
     if quantized_layers(model):
         row["layers"] = layer_report(model)
@@ -170,11 +175,47 @@ def _run_distill(ctx: RunContext, cfg: DistillStage, prev_model: Path, stage_dir
 MODEL_STAGES = {"train": _run_train, "prune": _run_prune, "quantize": _run_quantize, "distill": _run_distill}
 
 
-def _run_export(ctx: RunContext, cfg: ExportStage, prev_model: Path, stage_dir: Path) -> dict:
+def _run_export(ctx: RunContext, cfg: ExportStage, prev_model: Path, stage_dir: Path) -> tuple[dict, dict | None]:
+    """The deployable artifact, plus a report row when the export itself changes the model (int8)."""
     model, info = load_model(prev_model)
+    if cfg.precision == "int8":
+        return _export_int8(ctx, cfg, model, info, prev_model, stage_dir)
     onnx_path, checked = export_checked(ctx, model, stage_dir, info, cfg.check_images, cfg.tolerance)
     return {"artifact": str(onnx_path), "format": cfg.format, "bytes": onnx_path.stat().st_size,
-            "source_model": str(prev_model), **checked}
+            "source_model": str(prev_model), **checked}, None
+
+
+def _export_int8(ctx: RunContext, cfg: ExportStage, model: torch.nn.Module, info: dict, prev_model: Path,
+                 stage_dir: Path) -> tuple[dict, dict]:
+    """Post-training int8 QDQ export, measured like a stage (its accuracy is onnxruntime's on the int8 graph)."""
+    from .calibrate import calibration_manifest, manifest_images
+    from .quantize import check_int8_rules, export_int8_qdq, quantized_layers
+
+    if quantized_layers(model):
+        raise CifarpressError("export: precision int8 takes a float model, but the model entering it is already "
+                              "quantized (ternary); drop precision: int8 or the quantize stage")
+    train, test = ctx.split("train"), ctx.split("test")
+    manifest = calibration_manifest(ctx.recipe.dataset, train.labels, min(cfg.calib_images, len(train)))
+    onnx_path = export_int8_qdq(model, stage_dir / "model.onnx", ctx.spec, test.classes,
+                                manifest_images(manifest, train), cfg.calibrator, manifest=manifest,
+                                extra_metadata={"arch": info["arch"], "stage": stage_dir.name},
+                                threads=ctx.recipe.bench.threads)
+    bench = bench_onnx(onnx_path, ctx.recipe.bench.batch_sizes, ctx.recipe.bench.threads, test,
+                       ctx.recipe.bench.seconds)
+    prof = profile_model(model)
+    # No tolerance: int8 differs from float by design; the check records by how much.
+    check = check_onnx(model, onnx_path, test, cfg.check_images, float("inf"), ctx.recipe.bench.threads)
+    row = {
+        "stage": "export-int8", "dir": str(stage_dir), "params": prof.params, "macs": prof.macs,
+        **_bench_fields(bench), "top1_torch": evaluate(model, test),
+        "onnx_check": check.to_dict(), "onnx_check_reference": "the float model in PyTorch",
+        "calibrator": cfg.calibrator, "calib_images": manifest["count"],
+        "model": str(prev_model), "onnx": str(onnx_path),
+    }
+    violations = check_int8_rules(onnx_path)
+    artifact = {"artifact": str(onnx_path), "format": "onnx (int8 QDQ)", "bytes": onnx_path.stat().st_size,
+                "source_model": str(prev_model), "tensorrt_rule_violations": violations}
+    return artifact, row
 
 
 def _baseline(ctx: RunContext, stage_dir: Path) -> Path:
@@ -190,6 +231,13 @@ def _baseline(ctx: RunContext, stage_dir: Path) -> Path:
         model, arch = build_model(spec.arch, ctx.spec.num_classes), spec.arch
     return save_model(stage_dir / "model.pt", model, arch, ctx.spec.num_classes, ctx.recipe.dataset,
                       {"source": spec.checkpoint or "random init"})
+
+
+def _stage_metrics(done: dict) -> dict:
+    """metrics.json of a stage: its report row, or for an export its artifact (plus its row, for int8)."""
+    if done["stage"] != "export":
+        return done["row"]
+    return {**done["artifact"], **({"row": done["row"]} if done.get("row") else {})}
 
 
 def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | None = None,
@@ -215,10 +263,14 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | Non
                 if done.get("row") and done.get("bench") != bench:
                     # Same model, other bench settings: measure it again (no retraining), so every
                     # report row has the recipe's batch sizes and threads.
-                    model, info = load_model(done["model"])
-                    done["row"] = {"stage": kind, "dir": str(stage_dir), **measure_model(ctx, model, stage_dir, info)}
+                    if kind == "export":
+                        done["artifact"], done["row"] = _run_export(ctx, cfg, prev_model, stage_dir)
+                    else:
+                        model, info = load_model(done["model"])
+                        done["row"] = {"stage": kind, "dir": str(stage_dir),
+                                       **measure_model(ctx, model, stage_dir, info)}
                     done["bench"] = bench
-                    atomic_write_json(stage_dir / "metrics.json", done["row"])
+                    atomic_write_json(stage_dir / "metrics.json", _stage_metrics(done))
                     atomic_write_json(done_file, done)
                     console.print(f"{stage_dir.name}: done earlier; bench settings changed, measured again")
                 else:
@@ -235,9 +287,15 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | Non
         console.rule(f"[bold]{stage_dir.name}")
         done = {"key": key, "stage": kind, "dir": str(stage_dir), "bench": bench}
         if kind == "export":
-            done["artifact"] = _run_export(ctx, cfg, prev_model, stage_dir)
-            atomic_write_json(stage_dir / "metrics.json", done["artifact"])
+            done["artifact"], row = _run_export(ctx, cfg, prev_model, stage_dir)
+            if row:
+                done["row"] = row
+                rows.append(row)
+            atomic_write_json(stage_dir / "metrics.json", _stage_metrics(done))
             artifacts.append(done["artifact"])
+            if row:
+                console.print(f"{stage_dir.name}: int8 top-1 {row['top1']:.2f}% (onnxruntime)  "
+                              f"ONNX {row['onnx_bytes'] / 1e6:.2f} MB")
         else:
             model_path = (_baseline(ctx, stage_dir) if kind == "baseline"
                           else MODEL_STAGES[kind](ctx, cfg, prev_model, stage_dir))

@@ -154,8 +154,12 @@ class ExportStage(Strict):
     """Publish the current model as the deployable artifact."""
 
     format: Literal["onnx"] = "onnx"
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32", description="int8: post-training quantization to a TensorRT-ready QDQ graph, measured as a report row")
+    calibrator: Literal["minmax", "percentile", "entropy", "mse"] = "entropy"
+    calib_images: int = Field(1024, ge=10, description="int8: class-balanced training images to calibrate on")
     check_images: int = Field(1000, ge=10, description="Test images compared between PyTorch and onnxruntime")
-    tolerance: float = Field(1e-4, gt=0, description="Max abs logit difference allowed")
+    tolerance: float = Field(1e-4, gt=0, description="Max abs logit difference allowed (fp32)")
 
 
 STAGE_TYPES: dict[str, type[Strict]] = {"train": TrainStage, "prune": PruneStage, "quantize": QuantizeStage,

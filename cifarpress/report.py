@@ -66,7 +66,8 @@ def render_markdown(report: dict) -> str:
     lines.append("")
     for row in rows:
         c = row["onnx_check"]
-        lines.append(f"- {row['stage']}: ONNX vs PyTorch on {c['images']} test images: max |Δ logit| "
+        against = f" ({row['onnx_check_reference']})" if row.get("onnx_check_reference") else ""
+        lines.append(f"- {row['stage']}: ONNX vs PyTorch{against} on {c['images']} test images: max |Δ logit| "
                      f"{c['max_abs_diff']:.2e}, top-1 agreement {c['top1_agreement']:.2f}%; PyTorch top-1 "
                      f"{row['top1_torch']:.2f}%")
     ref_bytes = rows[0]["onnx_bytes"] if rows else 0

@@ -233,3 +233,37 @@ def test_plain_state_dict_checkpoint_gets_the_dataset_class_count(tmp_path):
     ctx = RunContext(recipe, tmp_path / "run", None)
     _, info = load_model(_baseline(ctx, tmp_path / "run" / "00-baseline"))
     assert info["num_classes"] == 100 and info["dataset"] == "cifar100"
+
+
+def test_int8_export_stage_is_a_measured_report_row(tmp_path, tiny_cifar_root):
+    from cifarpress.quantize import check_int8_rules
+
+    torch.manual_seed(0)
+    save_model(tmp_path / "start.pt", build_model("resnet20", 10), "resnet20", 10, "cifar10", {"source": "test"})
+    text = (f"name: int8\ndata_root: {tiny_cifar_root}\nmodel: {{arch: resnet20, checkpoint: start.pt}}\n"
+            "stages:\n  - export: {precision: int8, calibrator: minmax, calib_images: 40, check_images: 20}\n"
+            "bench: {batch_sizes: [1, 4], seconds: 0.1, threads: 1}\n")
+    recipe = load_recipe(write_recipe(tmp_path, text))
+    report = json.loads((run_recipe(recipe, tmp_path / "run") / "report.json").read_text())
+    baseline, int8 = report["stages"]
+    assert int8["stage"] == "export-int8" and int8["calibrator"] == "minmax" and int8["calib_images"] == 40
+    assert int8["ratios"]["onnx_bytes"] < 0.4  # int8 weights: about a quarter of fp32, plus scales and graph
+    assert int8["onnx_check"]["images"] == 20 and int8["top1_torch"] == baseline["top1_torch"]
+    assert report["deployable"]["artifact"] == int8["onnx"] and check_int8_rules(int8["onnx"]) == []
+    assert "float model in PyTorch" in (tmp_path / "run" / "report.md").read_text()
+    before = stamps(tmp_path / "run")
+    run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "run")  # finished: nothing runs again
+    assert stamps(tmp_path / "run") == before
+
+
+def test_int8_export_of_a_ternary_model_is_one_line(tmp_path, tiny_cifar_root):
+    from cifarpress.quantize import quantize_model
+
+    model = build_model("resnet20", 10)
+    quantize_model(model)
+    save_model(tmp_path / "q.pt", model, "resnet20", 10, "cifar10")
+    text = (f"name: bad\ndata_root: {tiny_cifar_root}\nmodel: {{arch: resnet20, checkpoint: q.pt}}\n"
+            "stages:\n  - export: {precision: int8}\nbench: {batch_sizes: [1], seconds: 0.1, threads: 1}\n")
+    with pytest.raises(CifarpressError, match="already quantized") as info:
+        run_recipe(load_recipe(write_recipe(tmp_path, text)), tmp_path / "run")
+    assert "\n" not in str(info.value)

@@ -671,3 +671,11 @@ def test_cli_exports_a_quantized_model_as_qdq(tmp_path, tiny_cifar_root):
     assert proc.returncode == 0, proc.stderr
     ops = {node.op_type for node in onnx.load(str(tmp_path / "q.onnx")).graph.node}
     assert "DequantizeLinear" in ops
+
+
+def test_cli_export_of_an_onnx_file_needs_format_tensorrt(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"")
+    assert "--format tensorrt" in _one_error_line(_cli("export", str(tmp_path / "m.onnx")))
+    if not (HAS_TENSORRT and torch.cuda.is_available()):
+        line = _one_error_line(_cli("export", str(tmp_path / "m.onnx"), "--format", "tensorrt", "--precision", "int8"))
+        assert "TensorRT" in line
