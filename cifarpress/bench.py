@@ -82,7 +82,8 @@ def measure_latency(path: str | Path, batch_sizes=(1, 64), threads: int | None =
                     seconds: float = 3.0, warmup: int = 10, lower: bool = True) -> dict:
     threads = threads or default_threads()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    with lowered_path(path) if lower else contextlib.nullcontext(Path(path)) as runnable:  # the worker imports no onnx, so it gets the lowered file
+    # The worker imports no onnx, so it is handed the lowered file.
+    with lowered_path(path) if lower else contextlib.nullcontext(Path(path)) as runnable:
         cmd = [sys.executable, "-m", "cifarpress.bench_worker", str(runnable), "--batches",
                ",".join(str(b) for b in batch_sizes), "--threads", str(threads), "--seconds", str(seconds),
                "--warmup", str(warmup)]

@@ -598,22 +598,18 @@ def _engine_from_onnx(path: Path, output: Optional[Path], precision: str, max_ba
 def _export_int8(model, info: dict, onnx_path: Path, spec, test, data_root, calib_images: int, calibrator: str,
                  check_images: int) -> None:
     """Post-training int8 QDQ export; reports its top-1 agreement with the float model through onnxruntime."""
-    from .calibrate import CALIBRATORS, calibration_manifest, manifest_images
+    from .calibrate import CALIBRATORS
     from .data import load_split
-    from .export import check_onnx
-    from .quantize import check_int8_rules, export_int8_qdq
+    from .quantize.int8 import export_int8_checked
 
-    if calibrator not in CALIBRATORS:
+    if calibrator not in CALIBRATORS:  # before loading the training split
         raise CifarpressError(f"unknown --calibrator '{calibrator}'; choose one of {', '.join(CALIBRATORS)}")
-    train = load_split(spec.name, "train", data_root)
-    manifest = calibration_manifest(spec.name, train.labels, min(calib_images, len(train)))
-    path = export_int8_qdq(model, onnx_path, spec, test.classes, manifest_images(manifest, train), calibrator,
-                           manifest=manifest, extra_metadata={"arch": info["arch"]})
-    check = check_onnx(model, path, test, check_images, float("inf"))  # int8 differs from float by design
-    rules = "follows TensorRT's explicit-quantization rules" if not check_int8_rules(path) else "breaks TensorRT rules"
-    out.print(f"{path}: {path.stat().st_size / 1e6:.2f} MB int8 QDQ ({calibrator} calibration on {manifest['count']} "
-              f"training images; {rules}); onnxruntime int8 vs PyTorch fp32 top-1 agreement "
-              f"{check.top1_agreement:.2f}% on {check.images} test images")
+    exported = export_int8_checked(model, onnx_path, load_split(spec.name, "train", data_root), test, calibrator,
+                                   calib_images, check_images, extra_metadata={"arch": info["arch"]})
+    rules = "follows TensorRT's explicit-quantization rules" if not exported.violations else "breaks TensorRT rules"
+    out.print(f"{exported.path}: {exported.path.stat().st_size / 1e6:.2f} MB int8 QDQ ({calibrator} calibration on "
+              f"{exported.manifest['count']} training images; {rules}); onnxruntime int8 vs PyTorch fp32 top-1 "
+              f"agreement {exported.check.top1_agreement:.2f}% on {exported.check.images} test images")
 
 
 def _check_classes(num_classes: int, split) -> None:

@@ -175,46 +175,42 @@ def _run_distill(ctx: RunContext, cfg: DistillStage, prev_model: Path, stage_dir
 MODEL_STAGES = {"train": _run_train, "prune": _run_prune, "quantize": _run_quantize, "distill": _run_distill}
 
 
-def _run_export(ctx: RunContext, cfg: ExportStage, prev_model: Path, stage_dir: Path) -> tuple[dict, dict | None]:
-    """The deployable artifact, plus a report row when the export itself changes the model (int8)."""
+def _run_export(ctx: RunContext, cfg: ExportStage, prev_model: Path, stage_dir: Path,
+                prev_row: dict) -> tuple[dict, dict | None]:
+    """The deployable artifact, plus a report row when the export itself changes the model (int8).
+
+    prev_row: the report row of the model entering the stage."""
     model, info = load_model(prev_model)
     if cfg.precision == "int8":
-        return _export_int8(ctx, cfg, model, info, prev_model, stage_dir)
+        return _export_int8(ctx, cfg, model, info, prev_model, stage_dir, prev_row)
     onnx_path, checked = export_checked(ctx, model, stage_dir, info, cfg.check_images, cfg.tolerance)
     return {"artifact": str(onnx_path), "format": cfg.format, "bytes": onnx_path.stat().st_size,
             "source_model": str(prev_model), **checked}, None
 
 
 def _export_int8(ctx: RunContext, cfg: ExportStage, model: torch.nn.Module, info: dict, prev_model: Path,
-                 stage_dir: Path) -> tuple[dict, dict]:
+                 stage_dir: Path, prev_row: dict) -> tuple[dict, dict]:
     """Post-training int8 QDQ export, measured like a stage (its accuracy is onnxruntime's on the int8 graph)."""
-    from .calibrate import calibration_manifest, manifest_images
-    from .quantize import check_int8_rules, export_int8_qdq, quantized_layers
+    from .quantize import quantized_layers
+    from .quantize.int8 import export_int8_checked
 
     if quantized_layers(model):
         raise CifarpressError("export: precision int8 takes a float model, but the model entering it is already "
                               "quantized (ternary); drop precision: int8 or the quantize stage")
-    train, test = ctx.split("train"), ctx.split("test")
-    manifest = calibration_manifest(ctx.recipe.dataset, train.labels, min(cfg.calib_images, len(train)))
-    onnx_path = export_int8_qdq(model, stage_dir / "model.onnx", ctx.spec, test.classes,
-                                manifest_images(manifest, train), cfg.calibrator, manifest=manifest,
-                                extra_metadata={"arch": info["arch"], "stage": stage_dir.name},
-                                threads=ctx.recipe.bench.threads)
-    bench = bench_onnx(onnx_path, ctx.recipe.bench.batch_sizes, ctx.recipe.bench.threads, test,
-                       ctx.recipe.bench.seconds)
-    prof = profile_model(model)
-    # No tolerance: int8 differs from float by design; the check records by how much.
-    check = check_onnx(model, onnx_path, test, cfg.check_images, float("inf"), ctx.recipe.bench.threads)
+    test, threads = ctx.split("test"), ctx.recipe.bench.threads
+    exported = export_int8_checked(model, stage_dir / "model.onnx", ctx.split("train"), test, cfg.calibrator,
+                                   cfg.calib_images, cfg.check_images,
+                                   extra_metadata={"arch": info["arch"], "stage": stage_dir.name}, threads=threads)
+    bench = bench_onnx(exported.path, ctx.recipe.bench.batch_sizes, threads, test, ctx.recipe.bench.seconds)
     row = {
-        "stage": "export-int8", "dir": str(stage_dir), "params": prof.params, "macs": prof.macs,
-        **_bench_fields(bench), "top1_torch": evaluate(model, test),
-        "onnx_check": check.to_dict(), "onnx_check_reference": "the float model in PyTorch",
-        "calibrator": cfg.calibrator, "calib_images": manifest["count"],
-        "model": str(prev_model), "onnx": str(onnx_path),
+        "stage": "export-int8", "dir": str(stage_dir), "params": prev_row["params"], "macs": prev_row["macs"],
+        **_bench_fields(bench), "top1_torch": prev_row["top1_torch"],  # the float model's, measured already
+        "onnx_check": exported.check.to_dict(), "onnx_check_reference": "the float model in PyTorch",
+        "calibrator": cfg.calibrator, "calib_images": exported.manifest["count"],
+        "model": str(prev_model), "onnx": str(exported.path),
     }
-    violations = check_int8_rules(onnx_path)
-    artifact = {"artifact": str(onnx_path), "format": "onnx (int8 QDQ)", "bytes": onnx_path.stat().st_size,
-                "source_model": str(prev_model), "tensorrt_rule_violations": violations}
+    artifact = {"artifact": str(exported.path), "format": "onnx (int8 QDQ)", "bytes": exported.path.stat().st_size,
+                "source_model": str(prev_model), "tensorrt_rule_violations": exported.violations}
     return artifact, row
 
 
@@ -264,7 +260,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | Non
                     # Same model, other bench settings: measure it again (no retraining), so every
                     # report row has the recipe's batch sizes and threads.
                     if kind == "export":
-                        done["artifact"], done["row"] = _run_export(ctx, cfg, prev_model, stage_dir)
+                        done["artifact"], done["row"] = _run_export(ctx, cfg, prev_model, stage_dir, rows[-1])
                     else:
                         model, info = load_model(done["model"])
                         done["row"] = {"stage": kind, "dir": str(stage_dir),
@@ -287,15 +283,14 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | Non
         console.rule(f"[bold]{stage_dir.name}")
         done = {"key": key, "stage": kind, "dir": str(stage_dir), "bench": bench}
         if kind == "export":
-            done["artifact"], row = _run_export(ctx, cfg, prev_model, stage_dir)
+            done["artifact"], row = _run_export(ctx, cfg, prev_model, stage_dir, rows[-1])
             if row:
                 done["row"] = row
                 rows.append(row)
-            atomic_write_json(stage_dir / "metrics.json", _stage_metrics(done))
-            artifacts.append(done["artifact"])
-            if row:
                 console.print(f"{stage_dir.name}: int8 top-1 {row['top1']:.2f}% (onnxruntime)  "
                               f"ONNX {row['onnx_bytes'] / 1e6:.2f} MB")
+            atomic_write_json(stage_dir / "metrics.json", _stage_metrics(done))
+            artifacts.append(done["artifact"])
         else:
             model_path = (_baseline(ctx, stage_dir) if kind == "baseline"
                           else MODEL_STAGES[kind](ctx, cfg, prev_model, stage_dir))

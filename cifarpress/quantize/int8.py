@@ -46,12 +46,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from ..calibrate import (CALIBRATORS, INT8_MAX, AbsHistogram, activation_scale, calibrator_threshold,
-                         collect_statistics)
+from ..calibrate import (CALIBRATORS, INT8_MAX, AbsHistogram, activation_scale, calibration_manifest,
+                         calibrator_threshold, collect_statistics, manifest_images)
 from ..checkpoint import atomic_write, unwrap
 from ..data import CifarSplit, DatasetSpec
 from ..errors import CifarpressError
-from ..export import OPSET, export_onnx
+from ..export import OPSET, ExportCheck, check_onnx, export_onnx
 from .qdq import _as_pixels
 
 WEIGHTED_OPS = ("Conv", "Gemm")
@@ -307,6 +307,27 @@ def export_int8_qdq(model: nn.Module, onnx_path: str | Path, spec: DatasetSpec, 
     quantize_int8_graph(proto, plan, scales, per_channel)
     onnx.checker.check_model(proto)
     return atomic_write(onnx_path, lambda tmp: onnx.save(proto, tmp))
+
+
+@dataclass
+class Int8Export:
+    path: Path
+    manifest: dict               # the calibration draw (class-balanced training indices)
+    check: ExportCheck           # onnxruntime int8 vs the float model in PyTorch
+    violations: list[str]        # of TensorRT's explicit-quantization rules; [] when it follows them
+
+
+def export_int8_checked(model: nn.Module, onnx_path: str | Path, train: CifarSplit, test: CifarSplit,
+                        calibrator: str = "entropy", calib_images: int = 1024, check_images: int = 1000,
+                        extra_metadata: dict | None = None, threads: int | None = None) -> Int8Export:
+    """export_int8_qdq calibrated on a class-balanced draw of training images, then compared with the float
+    model through onnxruntime on test images (no tolerance: int8 differs by design, the check records by how
+    much) and checked against TensorRT's rules. The command line and recipes both export int8 through this."""
+    manifest = calibration_manifest(train.spec.name, train.labels, min(calib_images, len(train)))
+    path = export_int8_qdq(model, onnx_path, train.spec, test.classes, manifest_images(manifest, train), calibrator,
+                           manifest=manifest, extra_metadata=extra_metadata, threads=threads)
+    check = check_onnx(model, path, test, check_images, float("inf"), threads)
+    return Int8Export(path, manifest, check, check_int8_rules(path))
 
 
 # -- TensorRT explicit-quantization rules ------------------------------------------------------
