@@ -20,7 +20,8 @@ from cifarpress.data import dataset_spec, load_split
 from cifarpress.errors import CifarpressError
 from cifarpress.export import NormalizedClassifier
 from cifarpress.models import build_model
-from cifarpress.quantize.int8 import check_int8_rules, describe_int8, export_int8_qdq, quantize_weight
+from cifarpress.quantize.int8 import (check_int8_rules, describe_int8, export_int8_qdq, quantize_weight,
+                                      unshare_initializers)
 
 SPEC = dataset_spec("cifar10")
 REPO = Path(__file__).resolve().parents[1]
@@ -226,6 +227,35 @@ def test_plain_tensorrt_placement_per_tensor_minmax(int8_export, tiny_train, tmp
     assert fused_ops["QuantizeLinear"] - ops["QuantizeLinear"] == 18  # 1 stem + 9 block ReLUs, 8 residual Adds
     weight_scales = [numpy_helper.to_array(t) for t in proto.graph.initializer if t.name.endswith("weight_scale")]
     assert len(weight_scales) == 22 and all(np.all(s == s[0]) for s in weight_scales)
+    pixels = tiny_train.images[:50].float() / 255
+    with torch.no_grad():
+        reference = NormalizedClassifier(model, SPEC.mean, SPEC.std).eval()(pixels).numpy()
+    logits = make_session(path, 1).run(["logits"], {"input": pixels.numpy()})[0]
+    assert cosine(logits - logits.mean(0), reference - reference.mean(0)) > 0.99
+
+
+def test_torchscript_fallback_with_shared_weights_exports(tiny_train, monkeypatch, tmp_path):
+    """Models only the TorchScript exporter takes get int8 too, though it shares identical tensors via Identity."""
+    import cifarpress.export
+
+    model = random_resnet20(seed=1)
+    twin, source = model.layer1[1], model.layer1[0]
+    twin.conv1.load_state_dict(source.conv1.state_dict())
+    twin.bn1.load_state_dict(source.bn1.state_dict())
+    dynamo_export = torch.onnx.export
+
+    def torchscript_only(*args, **kwargs):
+        if kwargs.get("dynamo"):
+            raise RuntimeError("this model does not trace")
+        return dynamo_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", torchscript_only)
+    float_path = cifarpress.export.export_onnx(model, tmp_path / "float.onnx", SPEC, tiny_train.classes)
+    assert unshare_initializers(onnx.load(str(float_path)).graph) >= 1  # the shape this test is about
+    path = export_int8_qdq(model, tmp_path / "shared.onnx", SPEC, tiny_train.classes, tiny_train.images[:64],
+                           "minmax", threads=1)
+    assert check_int8_rules(path) == []
+    assert not [n for n in onnx.load(str(path)).graph.node if n.op_type == "Identity"]
     pixels = tiny_train.images[:50].float() / 255
     with torch.no_grad():
         reference = NormalizedClassifier(model, SPEC.mean, SPEC.std).eval()(pixels).numpy()

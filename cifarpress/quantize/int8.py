@@ -67,6 +67,36 @@ def _constant_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def unshare_initializers(graph: onnx.GraphProto) -> int:
+    """Replace each Identity of an initializer by its own copy of that initializer; returns how many.
+
+    The TorchScript exporter (our fallback) stores identical tensors once and feeds the other readers
+    through Identity nodes (zero-initialized or pruned layers share weights that way). Int8 weights are
+    quantized per op, so every weighted op must read an initializer of its own.
+    """
+    tensors = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    kept, copied = [], 0
+    for node in graph.node:  # topological order: a chain of Identities resolves front to back
+        if node.op_type == "Identity" and node.input[0] in tensors and node.output[0] not in outputs:
+            own = onnx.TensorProto()
+            own.CopyFrom(tensors[node.input[0]])
+            own.name = node.output[0]
+            graph.initializer.append(own)
+            tensors[own.name] = own
+            copied += 1
+        else:
+            kept.append(node)
+    if copied:
+        del graph.node[:]
+        graph.node.extend(kept)
+        read = {name for node in graph.node for name in node.input} | outputs
+        unread = [t for t in graph.initializer if t.name not in read]
+        for tensor in unread:
+            graph.initializer.remove(tensor)
+    return copied
+
+
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {o: node for node in graph.node for o in node.output}
 
@@ -299,6 +329,7 @@ def export_int8_qdq(model: nn.Module, onnx_path: str | Path, spec: DatasetSpec, 
     with tempfile.TemporaryDirectory() as tmp:
         float_path = export_onnx(model, Path(tmp) / "float.onnx", spec, classes, metadata, opset)
         proto = onnx.load(str(float_path))
+        unshare_initializers(proto.graph)
         plan = plan_int8(proto.graph, fuse_for_onnxruntime)
         if statistics is None or any(t not in statistics for t in plan.calibrated):
             statistics = collect_statistics(float_path, plan.calibrated, pixels,
