@@ -378,11 +378,11 @@ def export(
     fmt: str = typer.Option("onnx", "--format", help="onnx, or tensorrt (builds an engine from the ONNX; needs an NVIDIA GPU)."),
     precision: Optional[str] = typer.Option(
         None, help="ONNX: fp32 (default) or int8 (post-training quantization to a TensorRT-ready QDQ graph, "
-                   "calibrated on training images). TensorRT: fp32, fp16 (default) or int8 (QDQ scales if the "
-                   "model is quantized, else entropy calibration on training images)."),
+                   "calibrated on training images). TensorRT: fp32, fp16 (default) or int8 (explicit, from Q/DQ "
+                   "scales: the model's own if it is quantized, else the int8 ONNX export's calibration)."),
     max_batch: int = typer.Option(256, min=1, help="TensorRT: largest batch of the optimization profile."),
     calib_images: int = typer.Option(1024, min=10, help="int8: class-balanced training images for calibration."),
-    calibrator: str = typer.Option("entropy", help="ONNX int8: minmax, percentile, entropy or mse."),
+    calibrator: str = typer.Option("entropy", help="int8 calibration: minmax, percentile, entropy or mse."),
     data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
     check_images: int = typer.Option(1000, min=10, help="Real test images compared between PyTorch and onnxruntime."),
     tolerance: float = typer.Option(1e-4, help="Max abs logit difference before the export counts as failed."),
@@ -419,32 +419,28 @@ def export(
     _check_classes(info["num_classes"], test)
     source = Path(checkpoint)
     stem = source.with_suffix("") if source.suffix == ".pt" else Path(info["arch"])
-    default_name = Path(f"{stem}.int8.onnx") if precision == "int8" and fmt == "onnx" else stem.with_suffix(".onnx")
-    onnx_path = output if (output and fmt == "onnx") else default_name
-    if fmt == "onnx" and precision == "int8":
-        if quantized_layers(model):
-            raise CifarpressError(f"{checkpoint} is already quantized (ternary); export it without --precision int8")
-        _export_int8(model, info, onnx_path, spec, test, data_root, calib_images, calibrator, check_images)
-        return
-    if quantized_layers(model):
-        path = export_qdq(model, onnx_path, spec, test.classes, {"arch": info["arch"]})
-        check = check_qdq(model, path, test.subset(torch.arange(min(check_images, len(test)))))
+    quantized = bool(quantized_layers(model))
+    if precision == "int8" and quantized and fmt == "onnx":
+        raise CifarpressError(f"{checkpoint} is already quantized (ternary); export it without --precision int8")
+    if precision == "int8" and not quantized:
+        # Both formats get int8 from our own calibration into a QDQ graph checked against the float model:
+        # TensorRT then builds it as explicit int8 (its implicit calibrators are deprecated in 10, gone in 11).
+        path = output if (output and fmt == "onnx") else Path(f"{stem}.int8.onnx")
+        _export_int8(model, info, path, spec, test, data_root, calib_images, calibrator, check_images)
     else:
-        path = export_onnx(model, onnx_path, spec, test.classes, {"arch": info["arch"]})
-        check = check_onnx(model, path, test, check_images, tolerance)
-    out.print(f"{path}: {path.stat().st_size / 1e6:.2f} MB; onnxruntime vs PyTorch on {check.images} test images: "
-              f"max |diff| {check.max_abs_diff:.2e}, top-1 agreement {check.top1_agreement:.2f}%")
+        onnx_path = output if (output and fmt == "onnx") else stem.with_suffix(".onnx")
+        if quantized:
+            path = export_qdq(model, onnx_path, spec, test.classes, {"arch": info["arch"]})
+            check = check_qdq(model, path, test.subset(torch.arange(min(check_images, len(test)))))
+        else:
+            path = export_onnx(model, onnx_path, spec, test.classes, {"arch": info["arch"]})
+            check = check_onnx(model, path, test, check_images, tolerance)
+        out.print(f"{path}: {path.stat().st_size / 1e6:.2f} MB; onnxruntime vs PyTorch on {check.images} test "
+                  f"images: max |diff| {check.max_abs_diff:.2e}, top-1 agreement {check.top1_agreement:.2f}%")
     if fmt == "tensorrt":
-        from .tensorrt_engine import (build_engine, calibration_cache_path, calibration_images,
-                                      make_entropy_calibrator, onnx_has_qdq)
+        from .tensorrt_engine import build_engine
 
-        calibrator = None
-        if precision == "int8" and not onnx_has_qdq(path):
-            train_split = load_split(spec.name, "train", data_root)
-            calibrator = make_entropy_calibrator(calibration_images(train_split, calib_images),
-                                                 calibration_cache_path(path))
-        engine = build_engine(path, output or stem.with_suffix(f".{precision}.engine"), precision,
-                              max_batch=max_batch, calibrator=calibrator)
+        engine = build_engine(path, output or stem.with_suffix(f".{precision}.engine"), precision, max_batch=max_batch)
         out.print(f"{engine}: {engine.stat().st_size / 1e6:.2f} MB TensorRT {precision} engine (+ {engine.name}.json)")
 
 

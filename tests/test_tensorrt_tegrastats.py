@@ -320,6 +320,27 @@ def test_qdq_onnx_builds_int8_without_calibration_and_only_as_int8(fake_gpu, qdq
     assert trt_engine.read_sidecar(engine)["quantization"] == "explicit Q/DQ"
 
 
+def test_cli_int8_engine_from_a_float_model_is_explicit_from_our_calibration(fake_gpu, tiny_cifar_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from cifarpress.checkpoint import save_model
+    from cifarpress.cli import app
+    from cifarpress.models import build_model
+    from cifarpress.quantize.int8 import check_int8_rules
+
+    fake = fake_gpu()
+    save_model(tmp_path / "m.pt", build_model("resnet20").eval(), "resnet20", 10, "cifar10")
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "m.pt"), "--format", "tensorrt", "--precision", "int8",
+                                      "--calibrator", "minmax", "--calib-images", "100", "--check-images", "50",
+                                      "--data-root", str(tiny_cifar_root)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    qdq = tmp_path / "m.int8.onnx"  # the checked QDQ export is what TensorRT parsed
+    assert Path(fake.calls["parsed"]) == qdq and trt_engine.onnx_has_qdq(qdq) and not check_int8_rules(qdq)
+    assert fake.calls["config"].int8_calibrator is None  # no implicit calibration
+    sidecar = trt_engine.read_sidecar(tmp_path / "m.int8.engine")
+    assert sidecar["quantization"] == "explicit Q/DQ" and sidecar["precision"] == "int8"
+
+
 def test_parser_and_builder_failures_are_one_line(fake_gpu, float_onnx, tmp_path):
     fake_gpu(parse_errors=("Unsupported operator Foo", "second problem"))
     with pytest.raises(CifarpressError) as exc:
