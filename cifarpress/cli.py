@@ -409,9 +409,11 @@ def export(
 
         require_tensorrt()  # fail in one sentence before any work on a machine without it
     if checkpoint.endswith(".onnx"):
-        if fmt != "tensorrt":
-            raise CifarpressError(f"{checkpoint} is already ONNX; pass --format tensorrt to build an engine from it")
-        _engine_from_onnx(Path(checkpoint), output, precision, max_batch, calib_images, data_root)
+        if fmt == "onnx" and precision != "int8":
+            raise CifarpressError(f"{checkpoint} is already ONNX; pass --format tensorrt to build an engine from it, "
+                                  f"or --precision int8 to quantize it")
+        _from_onnx(Path(checkpoint), output, fmt, precision, max_batch, calib_images, calibrator, check_images,
+                   data_root)
         return
     model, info = load_model(checkpoint, arch)
     spec = dataset_spec(info["dataset"] or "cifar10")
@@ -570,42 +572,58 @@ def inspect(
         out.print(render_profile(prof, title=model))
 
 
-def _engine_from_onnx(path: Path, output: Optional[Path], precision: str, max_batch: int, calib_images: int,
-                      data_root) -> None:
-    """A TensorRT engine straight from a cifarpress ONNX file: explicit int8 from its Q/DQ scales when it has
-    them, else (for --precision int8) entropy calibration on training images."""
+def _from_onnx(path: Path, output: Optional[Path], fmt: str, precision: str, max_batch: int, calib_images: int,
+               calibrator: str, check_images: int, data_root) -> None:
+    """int8 and TensorRT engines from a cifarpress ONNX file alone. A float file is quantized by our own
+    calibration into a QDQ file first (checked against the float file), so TensorRT int8 is explicit."""
     from .data import load_split
     from .export import read_onnx_metadata
-    from .tensorrt_engine import (build_engine, calibration_cache_path, calibration_images,
-                                  make_entropy_calibrator, onnx_has_qdq)
+    from .quantize.int8 import quantize_onnx_int8_checked
+    from .tensorrt_engine import build_engine, onnx_has_qdq
 
-    if not path.is_file():
-        raise CifarpressError(f"{path} not found; export a model first (cifarpress export model.pt)")
-    calibrator = None
+    dataset = read_onnx_metadata(path).get("dataset") or "cifar10"  # also: a missing or unreadable file, in words
+    # m.onnx -> m.int8.engine, and m.int8.onnx -> m.int8.engine too
+    name = path.stem if path.stem.endswith(f".{precision}") else f"{path.stem}.{precision}"
+    engine_path = output or path.with_name(f"{name}.engine")
     if precision == "int8" and not onnx_has_qdq(path):
-        dataset = read_onnx_metadata(path).get("dataset") or "cifar10"
-        calibrator = make_entropy_calibrator(calibration_images(load_split(dataset, "train", data_root), calib_images),
-                                             calibration_cache_path(path))
-    engine = build_engine(path, output or path.with_suffix(f".{precision}.engine"), precision,
-                          max_batch=max_batch, calibrator=calibrator)
-    out.print(f"{engine}: {engine.stat().st_size / 1e6:.2f} MB TensorRT {precision} engine (+ {engine.name}.json)")
+        _require_calibrator(calibrator)
+        target = output if (output and fmt == "onnx") else path.with_suffix(".int8.onnx")
+        exported = quantize_onnx_int8_checked(path, target, load_split(dataset, "train", data_root),
+                                              load_split(dataset, "test", data_root), calibrator, calib_images,
+                                              check_images)
+        _print_int8(exported, calibrator, "the float ONNX")
+        path = exported.path
+    elif fmt == "onnx":
+        raise CifarpressError(f"{path} is already quantized (Q/DQ); pass --format tensorrt to build an engine from it")
+    if fmt == "tensorrt":
+        engine = build_engine(path, engine_path, precision, max_batch=max_batch)
+        out.print(f"{engine}: {engine.stat().st_size / 1e6:.2f} MB TensorRT {precision} engine (+ {engine.name}.json)")
+
+
+def _require_calibrator(calibrator: str) -> None:
+    from .calibrate import CALIBRATORS
+
+    if calibrator not in CALIBRATORS:  # before loading the training split
+        raise CifarpressError(f"unknown --calibrator '{calibrator}'; choose one of {', '.join(CALIBRATORS)}")
+
+
+def _print_int8(exported, calibrator: str, reference: str) -> None:
+    rules = "follows TensorRT's explicit-quantization rules" if not exported.violations else "breaks TensorRT rules"
+    out.print(f"{exported.path}: {exported.path.stat().st_size / 1e6:.2f} MB int8 QDQ ({calibrator} calibration on "
+              f"{exported.manifest['count']} training images; {rules}); onnxruntime int8 vs {reference} top-1 "
+              f"agreement {exported.check.top1_agreement:.2f}% on {exported.check.images} test images")
 
 
 def _export_int8(model, info: dict, onnx_path: Path, spec, test, data_root, calib_images: int, calibrator: str,
                  check_images: int) -> None:
     """Post-training int8 QDQ export; reports its top-1 agreement with the float model through onnxruntime."""
-    from .calibrate import CALIBRATORS
     from .data import load_split
     from .quantize.int8 import export_int8_checked
 
-    if calibrator not in CALIBRATORS:  # before loading the training split
-        raise CifarpressError(f"unknown --calibrator '{calibrator}'; choose one of {', '.join(CALIBRATORS)}")
+    _require_calibrator(calibrator)
     exported = export_int8_checked(model, onnx_path, load_split(spec.name, "train", data_root), test, calibrator,
                                    calib_images, check_images, extra_metadata={"arch": info["arch"]})
-    rules = "follows TensorRT's explicit-quantization rules" if not exported.violations else "breaks TensorRT rules"
-    out.print(f"{exported.path}: {exported.path.stat().st_size / 1e6:.2f} MB int8 QDQ ({calibrator} calibration on "
-              f"{exported.manifest['count']} training images; {rules}); onnxruntime int8 vs PyTorch fp32 top-1 "
-              f"agreement {exported.check.top1_agreement:.2f}% on {exported.check.images} test images")
+    _print_int8(exported, calibrator, "PyTorch fp32")
 
 
 def _check_classes(num_classes: int, split) -> None:

@@ -14,12 +14,12 @@ mismatch is reported in words rather than as a deserialization failure.
 
 INT8 comes in two forms:
   * explicit: the ONNX holds QuantizeLinear/DequantizeLinear nodes (a ternary
-    model's export_qdq, or export_int8_qdq's post-training calibration, which is
-    what `cifarpress export model.pt --format tensorrt --precision int8` uses);
-    their scales are used as they are and no calibration runs.
-  * implicit: a float ONNX file plus calibration images, fed through an
+    model's export_qdq, or our post-training calibration, quantize.int8); their
+    scales are used as they are and no calibration runs. The command line always
+    builds int8 this way, quantizing a float model or ONNX file first.
+  * implicit: a float ONNX plus calibration images, fed through an
     IInt8EntropyCalibrator2 (deprecated since TensorRT 10.1, removed in 11);
-    only for an ONNX file given without its PyTorch model.
+    kept in the Python API (build_engine(calibrator=make_entropy_calibrator(...))).
 Either way FP16 is enabled too, so layers left unquantized run in FP16, not FP32.
 TensorRT 11 removed the precision builder flags; with it only FP32 and explicit
 (Q/DQ) INT8 build, and FP16 or implicit INT8 raise a CifarpressError.

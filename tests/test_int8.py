@@ -20,8 +20,8 @@ from cifarpress.data import dataset_spec, load_split
 from cifarpress.errors import CifarpressError
 from cifarpress.export import NormalizedClassifier
 from cifarpress.models import build_model
-from cifarpress.quantize.int8 import (check_int8_rules, describe_int8, export_int8_qdq, quantize_weight,
-                                      unshare_initializers)
+from cifarpress.quantize.int8 import (check_int8_rules, describe_int8, export_int8_qdq, quantize_onnx_int8,
+                                      quantize_weight, unshare_initializers)
 
 SPEC = dataset_spec("cifar10")
 REPO = Path(__file__).resolve().parents[1]
@@ -305,3 +305,40 @@ def test_cli_exports_int8_qdq_and_rejects_precisions_it_lacks(tmp_path, tiny_cif
     bad = _cli("export", str(tmp_path / "m.pt"), "--precision", "fp16", "--data-root", str(tiny_cifar_root))
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert bad.returncode != 0 and len(errors) == 1 and "--precision fp16" in errors[0], bad.stderr
+
+
+def test_onnx_file_alone_quantizes_to_the_same_graph(int8_export, tiny_train, tmp_path):
+    """Calibrating a float ONNX file gives the graph that export_int8_qdq gives from its PyTorch model."""
+    from cifarpress.export import export_onnx
+
+    model, _ = int8_export
+    images = tiny_train.images[:64]
+    from_torch = export_int8_qdq(model, tmp_path / "torch.onnx", SPEC, tiny_train.classes, images, "mse", threads=1)
+    float_path = export_onnx(model, tmp_path / "float.onnx", SPEC, tiny_train.classes)
+    from_file = quantize_onnx_int8(float_path, tmp_path / "file.onnx", images, "mse", threads=1)
+    a, b = (onnx.load(str(p)).graph for p in (from_torch, from_file))
+    assert [n.op_type for n in a.node] == [n.op_type for n in b.node]
+    for x, y in zip(a.initializer, b.initializer):
+        assert x.name == y.name and np.array_equal(numpy_helper.to_array(x), numpy_helper.to_array(y)), x.name
+    assert describe_int8(from_file)["calibrator"] == "mse"
+    with pytest.raises(CifarpressError, match="already quantized"):
+        quantize_onnx_int8(from_file, tmp_path / "again.onnx", images)
+    bare = onnx.load(str(float_path))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    with pytest.raises(CifarpressError, match="not a cifarpress export .* pixels in \\[0, 1\\]"):
+        quantize_onnx_int8(tmp_path / "bare.onnx", tmp_path / "bare.int8.onnx", images)
+
+
+def test_cli_quantizes_an_onnx_file(tmp_path, tiny_cifar_root):
+    from cifarpress.export import export_onnx
+
+    test = load_split("cifar10", "test", tiny_cifar_root, download_if_missing=False)
+    export_onnx(random_resnet20(), tmp_path / "m.onnx", SPEC, test.classes)
+    proc = _cli("export", str(tmp_path / "m.onnx"), "--precision", "int8", "--calib-images", "50",
+                "--check-images", "40", "--data-root", str(tiny_cifar_root))
+    assert proc.returncode == 0, proc.stderr
+    assert check_int8_rules(tmp_path / "m.int8.onnx") == [] and "vs the float ONNX top-1 agreement" in proc.stdout
+    again = _cli("export", str(tmp_path / "m.int8.onnx"), "--precision", "int8", "--data-root", str(tiny_cifar_root))
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert again.returncode != 0 and len(errors) == 1 and "already quantized" in errors[0], again.stderr

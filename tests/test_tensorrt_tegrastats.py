@@ -266,14 +266,26 @@ class FakeTensorRT(types.ModuleType):
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
+    def seen_by_cifarpress(name, fake_result):
+        # Only cifarpress's own GPU checks see the fake GPU: torch.export, run under it by the CLI tests,
+        # would otherwise trace for CUDA, fail, and keep that state for the rest of the session.
+        real = getattr(torch.cuda, name)
+
+        def patched(*args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            return fake_result if caller.startswith("cifarpress.") else real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.cuda, name, patched)
+
     def install(**kwargs) -> FakeTensorRT:
         fake = FakeTensorRT(**kwargs)
+        # torch.export probes for a `tensorrt` module on first use and stays broken for the session if it
+        # finds this fake; one use before the fake is installed settles the probe on the real environment.
+        torch.export.export(torch.nn.ReLU(), (torch.zeros(1),))
         monkeypatch.setitem(sys.modules, "tensorrt", fake)
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 7))
+        for name, result in [("is_available", True), ("device_count", 1), ("current_device", 0),
+                             ("get_device_name", "Fake GPU"), ("get_device_capability", (8, 7))]:
+            seen_by_cifarpress(name, result)
         return fake
 
     return install
@@ -339,6 +351,23 @@ def test_cli_int8_engine_from_a_float_model_is_explicit_from_our_calibration(fak
     assert fake.calls["config"].int8_calibrator is None  # no implicit calibration
     sidecar = trt_engine.read_sidecar(tmp_path / "m.int8.engine")
     assert sidecar["quantization"] == "explicit Q/DQ" and sidecar["precision"] == "int8"
+
+
+def test_cli_int8_engine_from_a_float_onnx_file_is_explicit_too(fake_gpu, tiny_cifar_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from cifarpress.cli import app
+    from cifarpress.export import export_onnx
+    from cifarpress.models import build_model
+
+    export_onnx(build_model("resnet20").eval(), tmp_path / "m.onnx", SPEC, [str(i) for i in range(10)])
+    fake = fake_gpu()
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "m.onnx"), "--format", "tensorrt", "--precision",
+                                      "int8", "--calib-images", "100", "--check-images", "50",
+                                      "--data-root", str(tiny_cifar_root)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert Path(fake.calls["parsed"]) == tmp_path / "m.int8.onnx" and fake.calls["config"].int8_calibrator is None
+    assert trt_engine.read_sidecar(tmp_path / "m.int8.engine")["quantization"] == "explicit Q/DQ"
 
 
 def test_parser_and_builder_failures_are_one_line(fake_gpu, float_onnx, tmp_path):

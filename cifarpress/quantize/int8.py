@@ -304,6 +304,25 @@ def export_int8_qdq(model: nn.Module, onnx_path: str | Path, spec: DatasetSpec, 
                     fuse_for_onnxruntime: bool = True, threads: int | None = None, opset: int = OPSET) -> Path:
     """Write `model` (float, trained on normalized inputs) as an int8 QDQ ONNX file, atomically.
 
+    Exports the float graph, then quantize_onnx_int8 (its arguments are documented there).
+    """
+    if calibrator not in CALIBRATORS:
+        raise CifarpressError(f"unknown calibrator '{calibrator}'; choose one of {', '.join(CALIBRATORS)}")
+    pixels = _calibration_pixels(calib_images)  # before the export: bad images fail fast
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = export_onnx(unwrap(model), Path(tmp) / "float.onnx", spec, classes, extra_metadata, opset)
+        return quantize_onnx_int8(float_path, onnx_path, pixels, calibrator, per_channel, manifest, source,
+                                  statistics, fuse_for_onnxruntime, threads)
+
+
+def quantize_onnx_int8(float_path: str | Path, onnx_path: str | Path,
+                       calib_images: torch.Tensor | CifarSplit | np.ndarray, calibrator: str = "entropy",
+                       per_channel: bool = True, manifest: dict | None = None, source: str | None = None,
+                       statistics: dict[str, AbsHistogram] | None = None, fuse_for_onnxruntime: bool = True,
+                       threads: int | None = None) -> Path:
+    """Post-training int8 of a float cifarpress ONNX file (pixels in [0, 1] in, normalization inside) into a
+    QDQ file at `onnx_path`, atomically; the file's metadata is kept and the quantization recorded beside it.
+
     calib_images: uint8 NCHW, float NCHW pixels in [0, 1], or a CifarSplit.
     calibrator: minmax | percentile | entropy | mse. manifest: the calibration
     manifest the images came from (recorded in the metadata), or `source` to
@@ -316,24 +335,28 @@ def export_int8_qdq(model: nn.Module, onnx_path: str | Path, spec: DatasetSpec, 
     if calibrator not in CALIBRATORS:
         raise CifarpressError(f"unknown calibrator '{calibrator}'; choose one of {', '.join(CALIBRATORS)}")
     pixels = _calibration_pixels(calib_images)
-    model = unwrap(model)
-    metadata = {"quantization": {
+    proto = onnx.load(str(float_path))
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    if "normalization" not in metadata.get("preprocessing", ""):
+        raise CifarpressError(f"{float_path} is not a cifarpress export (no preprocessing metadata); int8 "
+                              f"calibration needs a graph that takes pixels in [0, 1] and normalizes inside")
+    if "quantization" in metadata or any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
+        raise CifarpressError(f"{float_path} is already quantized; int8 calibration takes a float graph")
+    quantization = {
         "scheme": "int8", "method": "post-training, static",
         "format": "QDQ (TensorRT explicit quantization)",
         "weights": "int8 symmetric, " + ("per output channel (axis 0)" if per_channel else "per tensor"),
         "activations": "int8 symmetric per tensor, zero point 0", "bias": "float32",
         "pre_relu_pairs": fuse_for_onnxruntime,
         "calibrator": calibrator, "calibration": {"images": len(pixels), "manifest": _manifest_summary(manifest),
-                                                   "source": source or ("manifest" if manifest else "images")}},
-        **(extra_metadata or {})}
-    with tempfile.TemporaryDirectory() as tmp:
-        float_path = export_onnx(model, Path(tmp) / "float.onnx", spec, classes, metadata, opset)
-        proto = onnx.load(str(float_path))
-        unshare_initializers(proto.graph)
-        plan = plan_int8(proto.graph, fuse_for_onnxruntime)
-        if statistics is None or any(t not in statistics for t in plan.calibrated):
-            statistics = collect_statistics(float_path, plan.calibrated, pixels,
-                                            histograms=calibrator != "minmax", threads=threads)
+                                                   "source": source or ("manifest" if manifest else "images")}}
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "quantization", json.dumps(quantization)
+    unshare_initializers(proto.graph)
+    plan = plan_int8(proto.graph, fuse_for_onnxruntime)
+    if statistics is None or any(t not in statistics for t in plan.calibrated):
+        statistics = collect_statistics(float_path, plan.calibrated, pixels,
+                                        histograms=calibrator != "minmax", threads=threads)
     scales = {t: activation_scale(calibrator_threshold(statistics[t], calibrator)) for t in plan.calibrated}
     quantize_int8_graph(proto, plan, scales, per_channel)
     onnx.checker.check_model(proto)
@@ -359,6 +382,29 @@ def export_int8_checked(model: nn.Module, onnx_path: str | Path, train: CifarSpl
                            manifest=manifest, extra_metadata=extra_metadata, threads=threads)
     check = check_onnx(model, path, test, check_images, float("inf"), threads)
     return Int8Export(path, manifest, check, check_int8_rules(path))
+
+
+def quantize_onnx_int8_checked(float_path: str | Path, onnx_path: str | Path, train: CifarSplit, test: CifarSplit,
+                               calibrator: str = "entropy", calib_images: int = 1024, check_images: int = 1000,
+                               threads: int | None = None) -> Int8Export:
+    """export_int8_checked for a float ONNX file without its PyTorch model: the reference is the float file."""
+    manifest = calibration_manifest(train.spec.name, train.labels, min(calib_images, len(train)))
+    path = quantize_onnx_int8(float_path, onnx_path, manifest_images(manifest, train), calibrator,
+                              manifest=manifest, threads=threads)
+    pixels = test.images[:check_images].float().numpy() / 255.0
+    reference, got = (_onnx_logits(p, pixels, threads) for p in (float_path, path))
+    check = ExportCheck(len(pixels), float(np.abs(reference - got).max()),
+                        100.0 * float((reference.argmax(1) == got.argmax(1)).mean()))
+    return Int8Export(path, manifest, check, check_int8_rules(path))
+
+
+def _onnx_logits(path: str | Path, pixels: np.ndarray, threads: int | None, batch: int = 500) -> np.ndarray:
+    from ..bench import make_session  # bench imports this package
+    from ..export import INPUT_NAME, OUTPUT_NAME
+
+    session = make_session(path, threads)
+    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i:i + batch]})[0]
+                           for i in range(0, len(pixels), batch)])
 
 
 # -- TensorRT explicit-quantization rules ------------------------------------------------------
