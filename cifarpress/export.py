@@ -150,6 +150,13 @@ def compare_with_onnxruntime(wrapped: nn.Module, session, pixels: torch.Tensor,
     return check, largest
 
 
+def check_pixels(split: CifarSplit, images: int) -> torch.Tensor:
+    """The test images every export check runs: a fixed class-balanced draw, as float pixels in [0, 1]."""
+    count = min(images, len(split))
+    idx = balanced_subset(split.labels, count, seed=1) if count >= split.spec.num_classes else torch.arange(count)
+    return split.images[idx].float() / 255.0
+
+
 def check_onnx(model: nn.Module, path: str | Path, split: CifarSplit, images: int = 1000,
                tolerance: float = 1e-4, threads: int | None = None) -> ExportCheck:
     """Run real images through onnxruntime and PyTorch; raise if logits differ beyond `tolerance`."""
@@ -158,9 +165,7 @@ def check_onnx(model: nn.Module, path: str | Path, split: CifarSplit, images: in
     model = unwrap(model)
     was_training = model.training
     wrapped = NormalizedClassifier(model, split.spec.mean, split.spec.std).eval()
-    count = min(images, len(split))
-    idx = balanced_subset(split.labels, count, seed=1) if count >= split.spec.num_classes else torch.arange(count)
-    x = split.images[idx].float() / 255.0
+    x = check_pixels(split, images)
     session = make_session(path, threads)
     try:
         check, _ = compare_with_onnxruntime(wrapped, session, x)

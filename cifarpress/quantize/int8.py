@@ -51,7 +51,7 @@ from ..calibrate import (CALIBRATORS, INT8_MAX, AbsHistogram, activation_scale, 
 from ..checkpoint import atomic_write, unwrap
 from ..data import CifarSplit, DatasetSpec
 from ..errors import CifarpressError
-from ..export import OPSET, ExportCheck, check_onnx, export_onnx
+from ..export import OPSET, ExportCheck, check_onnx, check_pixels, export_onnx
 from .qdq import _as_pixels
 
 WEIGHTED_OPS = ("Conv", "Gemm")
@@ -391,7 +391,7 @@ def quantize_onnx_int8_checked(float_path: str | Path, onnx_path: str | Path, tr
     manifest = calibration_manifest(train.spec.name, train.labels, min(calib_images, len(train)))
     path = quantize_onnx_int8(float_path, onnx_path, manifest_images(manifest, train), calibrator,
                               manifest=manifest, threads=threads)
-    pixels = test.images[:check_images].float().numpy() / 255.0
+    pixels = check_pixels(test, check_images).numpy()  # the images check_onnx compares on
     reference, got = (_onnx_logits(p, pixels, threads) for p in (float_path, path))
     check = ExportCheck(len(pixels), float(np.abs(reference - got).max()),
                         100.0 * float((reference.argmax(1) == got.argmax(1)).mean()))
