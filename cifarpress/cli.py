@@ -442,7 +442,8 @@ def export(
     if fmt == "tensorrt":
         from .tensorrt_engine import build_engine
 
-        engine = build_engine(path, output or stem.with_suffix(f".{precision}.engine"), precision, max_batch=max_batch)
+        engine = build_engine(path, output or stem.with_suffix(f".{precision}.engine"), precision,
+                              opt_batch=min(64, max_batch), max_batch=max_batch)
         out.print(f"{engine}: {engine.stat().st_size / 1e6:.2f} MB TensorRT {precision} engine (+ {engine.name}.json)")
 
 
@@ -596,7 +597,8 @@ def _from_onnx(path: Path, output: Optional[Path], fmt: str, precision: str, max
     elif fmt == "onnx":
         raise CifarpressError(f"{path} is already quantized (Q/DQ); pass --format tensorrt to build an engine from it")
     if fmt == "tensorrt":
-        engine = build_engine(path, engine_path, precision, max_batch=max_batch)
+        engine = build_engine(path, engine_path, precision,
+                              opt_batch=min(64, max_batch), max_batch=max_batch)
         out.print(f"{engine}: {engine.stat().st_size / 1e6:.2f} MB TensorRT {precision} engine (+ {engine.name}.json)")
 
 

@@ -176,16 +176,62 @@ MODEL_STAGES = {"train": _run_train, "prune": _run_prune, "quantize": _run_quant
 
 
 def _run_export(ctx: RunContext, cfg: ExportStage, prev_model: Path, stage_dir: Path,
-                prev_row: dict) -> tuple[dict, dict | None]:
+                prev_row: dict, first_row: dict) -> tuple[dict, dict | None]:
     """The deployable artifact, plus a report row when the export itself changes the model (int8).
 
-    prev_row: the report row of the model entering the stage."""
+    prev_row: the report row of the model entering the stage; first_row: that of the recipe's starting model."""
+    from .quantize import quantized_layers
+
     model, info = load_model(prev_model)
-    if cfg.precision == "int8":
-        return _export_int8(ctx, cfg, model, info, prev_model, stage_dir, prev_row)
-    onnx_path, checked = export_checked(ctx, model, stage_dir, info, cfg.check_images, cfg.tolerance)
-    return {"artifact": str(onnx_path), "format": cfg.format, "bytes": onnx_path.stat().st_size,
-            "source_model": str(prev_model), **checked}, None
+    row = None
+    if cfg.precision == "int8" and not (cfg.format == "tensorrt" and quantized_layers(model)):
+        artifact, row = _export_int8(ctx, cfg, model, info, prev_model, stage_dir, prev_row)
+    else:  # a ternary model's QDQ graph is already explicit int8 for TensorRT
+        onnx_path, checked = export_checked(ctx, model, stage_dir, info, cfg.check_images, cfg.tolerance)
+        artifact = {"artifact": str(onnx_path), "format": "onnx", "bytes": onnx_path.stat().st_size,
+                    "source_model": str(prev_model), **checked}
+    if cfg.format == "tensorrt":
+        onnx_artifact = artifact
+        engine = _tensorrt_engine(ctx, cfg, Path(onnx_artifact["artifact"]), stage_dir, first_row)
+        artifact = {"artifact": engine["engine"], "format": f"tensorrt {cfg.precision}",
+                    "bytes": engine["engine_bytes"], "source_model": str(prev_model), "onnx": onnx_artifact,
+                    "tensorrt": engine}
+    return artifact, row
+
+
+def _tensorrt_engine(ctx: RunContext, cfg: ExportStage, onnx_path: Path, stage_dir: Path, first_row: dict) -> dict:
+    """Build the deployable engine and time it, on the same GPU in the same run, beside an engine of the
+    recipe's starting model: at fp16 (fp32 when the recipe asks for fp32), what would ship uncompressed."""
+    from .tensorrt_engine import bench_engine, build_engine
+
+    batches = ctx.recipe.bench.batch_sizes
+    profile = {"opt_batch": max(batches), "max_batch": max(batches)}  # tuned for the largest batch timed
+    test = ctx.split("test")
+    engine = build_engine(onnx_path, stage_dir / "model.engine", cfg.precision, **profile)
+    measured = _engine_fields(bench_engine(engine, batches, test_split=test))
+    ref_precision = "fp32" if cfg.precision == "fp32" else "fp16"
+    try:
+        ref_engine = build_engine(first_row["onnx"], stage_dir / f"reference.{ref_precision}.engine", ref_precision,
+                                  **profile)
+        reference = _engine_fields(bench_engine(ref_engine, batches, test_split=test))
+    except CifarpressError as exc:  # the comparison is lost, not the deployable engine
+        reference = {"error": str(exc)}
+    measured["reference"] = {"model": first_row.get("model"), "precision": ref_precision, **reference}
+    if "latency_ms" in reference:
+        measured["ratios"] = {"engine_bytes": measured["engine_bytes"] / reference["engine_bytes"],
+                              "top1_delta_pp": measured["top1"] - reference["top1"],
+                              **{f"latency_p50_b{b}": measured["latency_ms"][b]["p50"] / reference["latency_ms"][b]["p50"]
+                                 for b in measured["latency_ms"]}}
+    return measured
+
+
+def _engine_fields(bench: dict) -> dict:
+    """The report fields of a bench_engine result (latency includes host copies, as a deployment sees it)."""
+    return {"engine": bench["model"], "engine_bytes": bench["engine_bytes"], "precision": bench["precision"],
+            "tensorrt": bench["tensorrt"], "gpu": bench["machine"].get("gpu"), "top1": bench["top1"],
+            "latency_ms": {b: {k: v[k] for k in ("p50", "p90", "p99")} for b, v in bench["latency_ms"].items()},
+            "compute_latency_ms": {b: {k: v[k] for k in ("p50", "p99")} for b, v in bench["compute_latency_ms"].items()},
+            "gpu_memory": bench["gpu_memory"]}
 
 
 def _export_int8(ctx: RunContext, cfg: ExportStage, model: torch.nn.Module, info: dict, prev_model: Path,
@@ -195,8 +241,8 @@ def _export_int8(ctx: RunContext, cfg: ExportStage, model: torch.nn.Module, info
     from .quantize.int8 import export_int8_checked
 
     if quantized_layers(model):
-        raise CifarpressError("export: precision int8 takes a float model, but the model entering it is already "
-                              "quantized (ternary); drop precision: int8 or the quantize stage")
+        raise CifarpressError("export: precision int8 with format onnx takes a float model, but the model entering "
+                              "it is already quantized (ternary); drop precision: int8 or the quantize stage")
     test, threads = ctx.split("test"), ctx.recipe.bench.threads
     exported = export_int8_checked(model, stage_dir / "model.onnx", ctx.split("train"), test, cfg.calibrator,
                                    cfg.calib_images, cfg.check_images,
@@ -242,6 +288,10 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | Non
     run_dir = Path(out_dir) if out_dir else Path("runs") / recipe.name
     ctx = RunContext(recipe, run_dir, data_root or recipe.data_root)
     ctx.split("test")  # fail early, before any work (and before --force deletes anything), if the data is missing
+    if any(s.kind == "export" and s.config.format == "tensorrt" for s in recipe.stages):
+        from .tensorrt_engine import require_tensorrt
+
+        require_tensorrt()  # likewise: one sentence on a machine without TensorRT or a GPU, before any training
     if force and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +310,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | Non
                     # Same model, other bench settings: measure it again (no retraining), so every
                     # report row has the recipe's batch sizes and threads.
                     if kind == "export":
-                        done["artifact"], done["row"] = _run_export(ctx, cfg, prev_model, stage_dir, rows[-1])
+                        done["artifact"], done["row"] = _run_export(ctx, cfg, prev_model, stage_dir, rows[-1], rows[0])
                     else:
                         model, info = load_model(done["model"])
                         done["row"] = {"stage": kind, "dir": str(stage_dir),
@@ -283,13 +333,17 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | Non
         console.rule(f"[bold]{stage_dir.name}")
         done = {"key": key, "stage": kind, "dir": str(stage_dir), "bench": bench}
         if kind == "export":
-            done["artifact"], row = _run_export(ctx, cfg, prev_model, stage_dir, rows[-1])
+            done["artifact"], row = _run_export(ctx, cfg, prev_model, stage_dir, rows[-1], rows[0])
             if row:
                 done["row"] = row
                 rows.append(row)
                 console.print(f"{stage_dir.name}: int8 top-1 {row['top1']:.2f}% (onnxruntime)  "
                               f"ONNX {row['onnx_bytes'] / 1e6:.2f} MB")
             atomic_write_json(stage_dir / "metrics.json", _stage_metrics(done))
+            if done["artifact"].get("tensorrt"):
+                trt = done["artifact"]["tensorrt"]
+                console.print(f"{stage_dir.name}: TensorRT {cfg.precision} engine on {trt['gpu']}: top-1 "
+                              f"{trt['top1']:.2f}%, {trt['engine_bytes'] / 1e6:.2f} MB")
             artifacts.append(done["artifact"])
         else:
             model_path = (_baseline(ctx, stage_dir) if kind == "baseline"

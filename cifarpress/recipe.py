@@ -153,13 +153,22 @@ class DistillStage(TrainingOptions):
 class ExportStage(Strict):
     """Publish the current model as the deployable artifact."""
 
-    format: Literal["onnx"] = "onnx"
-    precision: Literal["fp32", "int8"] = Field(
-        "fp32", description="int8: post-training quantization to a TensorRT-ready QDQ graph, measured as a report row")
+    format: Literal["onnx", "tensorrt"] = Field(
+        "onnx", description="tensorrt: also build an engine from the ONNX (NVIDIA GPU) and time it beside an "
+                            "engine of the recipe's starting model")
+    precision: Literal["fp32", "fp16", "int8"] = Field(
+        "fp32", description="int8: post-training quantization to a TensorRT-ready QDQ graph, measured as a report "
+                            "row (TensorRT then builds explicit int8 from it); fp16: TensorRT only")
     calibrator: Literal["minmax", "percentile", "entropy", "mse"] = "entropy"
     calib_images: int = Field(1024, ge=10, description="int8: class-balanced training images to calibrate on")
     check_images: int = Field(1000, ge=10, description="Test images compared between PyTorch and onnxruntime")
     tolerance: float = Field(1e-4, gt=0, description="Max abs logit difference allowed (fp32)")
+
+    @model_validator(mode="after")
+    def precision_fits_format(self):
+        if self.precision == "fp16" and self.format != "tensorrt":
+            raise ValueError("precision fp16 needs format: tensorrt (the ONNX file itself stays fp32 or int8)")
+        return self
 
 
 STAGE_TYPES: dict[str, type[Strict]] = {"train": TrainStage, "prune": PruneStage, "quantize": QuantizeStage,

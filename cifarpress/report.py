@@ -3,6 +3,8 @@
 report.json keeps this shape; fields are only ever added:
     {"recipe": str, "dataset": str, "machine": {...}, "deployable": {...} | null,
      "plot": "report.png" | null,
+     (with export format tensorrt, "deployable" is the engine and its "tensorrt" field holds the
+      engine's GPU measurements beside a "reference" engine of the starting model, with "ratios")
      "stages": [{"stage": str, "top1": float, "params": int, "macs": int, "onnx_bytes": int,
                  "latency_ms": {"<batch>": {"p50": float, "p90": float, "p99": float}},
                  "ratios": {"params": float, "macs": float, "onnx_bytes": float,
@@ -84,10 +86,36 @@ def render_markdown(report: dict) -> str:
     if report.get("deployable"):
         d = report["deployable"]
         lines += ["", f"Deployable artifact: `{d['artifact']}` ({d['format']}, {d['bytes'] / 1e6:.2f} MB)."]
+        if d.get("tensorrt"):
+            lines += [""] + _tensorrt_lines(d["tensorrt"])
     if report.get("plot"):
         lines += ["", f"Pareto plot (top-1 vs latency and vs ONNX size): [{report['plot']}]({report['plot']})",
                   "", f"![top-1 vs latency and ONNX size]({report['plot']})"]
     return "\n".join(lines) + "\n"
+
+
+def _tensorrt_lines(trt: dict) -> list[str]:
+    """The engine beside the reference engine of the starting model, both timed on the GPU in this run."""
+    ref, ratios = trt["reference"], trt.get("ratios", {})
+    batches = list(trt["latency_ms"])
+    lines = [f"TensorRT {trt['tensorrt']} on {trt['gpu']}: latency includes host copies; top-1 on the full test "
+             f"set through the engine.", "",
+             "| engine | precision | top-1 % | MB | " + " | ".join(f"p50 ms b{b} | p99 ms b{b}" for b in batches) + " |",
+             "|" + "---|" * (4 + 2 * len(batches))]
+    if "latency_ms" in ref:
+        cells = ["starting model", ref["precision"], f"{ref['top1']:.2f}", f"{ref['engine_bytes'] / 1e6:.2f}"]
+        for b in batches:
+            cells += [f"{ref['latency_ms'][b]['p50']:.3f}", f"{ref['latency_ms'][b]['p99']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    cells = ["deployable", trt["precision"], f"{trt['top1']:.2f}",
+             f"{trt['engine_bytes'] / 1e6:.2f} ({_fmt_ratio(ratios.get('engine_bytes'))})"]
+    for b in batches:
+        cells += [f"{trt['latency_ms'][b]['p50']:.3f} ({_fmt_ratio(ratios.get(f'latency_p50_b{b}'))})",
+                  f"{trt['latency_ms'][b]['p99']:.3f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+    if "error" in ref:
+        lines += ["", f"No reference engine: {ref['error']}"]
+    return lines
 
 
 def _write_json_md(run_dir: Path, report: dict) -> None:

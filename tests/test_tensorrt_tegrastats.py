@@ -391,6 +391,76 @@ def test_tensorrt_11_without_precision_flags_says_what_to_install(fake_gpu, floa
     trt_engine.build_engine(float_onnx, tmp_path / "c.engine", "fp32")
 
 
+def _engine_recipe(folder: Path, data_root: Path, export: str) -> Path:
+    from cifarpress.checkpoint import save_model
+    from cifarpress.models import build_model
+
+    torch.manual_seed(0)
+    save_model(folder / "start.pt", build_model("resnet20", 10), "resnet20", 10, "cifar10")
+    path = folder / "recipe.yaml"
+    path.write_text(f"name: engine\ndata_root: {data_root}\nmodel: {{arch: resnet20, checkpoint: start.pt}}\n"
+                    f"stages:\n  - export: {export}\nbench: {{batch_sizes: [1, 8], seconds: 0.1, threads: 1}}\n")
+    return path
+
+
+def test_recipe_tensorrt_export_without_tensorrt_fails_before_any_stage(no_tensorrt, tiny_cifar_root, tmp_path):
+    from cifarpress.compress import run_recipe
+    from cifarpress.recipe import load_recipe
+
+    recipe = load_recipe(_engine_recipe(tmp_path, tiny_cifar_root, "{format: tensorrt, precision: fp16}"))
+    with pytest.raises(CifarpressError) as exc:
+        run_recipe(recipe, tmp_path / "run")
+    assert "TensorRT" in one_line(exc) and not list((tmp_path / "run").glob("0*"))
+
+
+def test_recipe_fp16_needs_format_tensorrt(tiny_cifar_root, tmp_path):
+    from cifarpress.errors import RecipeError
+    from cifarpress.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.export.*fp16 needs format: tensorrt"):
+        load_recipe(_engine_recipe(tmp_path, tiny_cifar_root, "{precision: fp16}"))
+
+
+def test_recipe_tensorrt_int8_engine_is_reported_beside_a_reference_engine(fake_gpu, tiny_cifar_root, tmp_path,
+                                                                           monkeypatch):
+    """Build plumbing on the fake TensorRT; GPU timings stubbed (fp16 reference 2 ms, int8 engine 1 ms)."""
+    from cifarpress import compress
+    from cifarpress.recipe import load_recipe
+
+    fake = fake_gpu()
+    parsed = []
+    real_build = trt_engine.build_engine
+
+    def build(onnx_path, engine_path, precision, **kwargs):
+        parsed.append((Path(onnx_path).name, precision))
+        return real_build(onnx_path, engine_path, precision, **kwargs)
+
+    def timed(engine, batches, test_split=None):
+        ms = 1.0 if "reference" not in Path(engine).name else 2.0
+        lat = {str(b): {"p50": ms * b, "p90": ms * b, "p99": ms * b} for b in batches}
+        return {"model": str(engine), "engine_bytes": Path(engine).stat().st_size, "tensorrt": fake.__version__,
+                "precision": trt_engine.read_sidecar(engine)["precision"], "top1": 50.0 + ms,
+                "latency_ms": lat, "compute_latency_ms": lat, "gpu_memory": {}, "machine": {"gpu": "Fake GPU"}}
+
+    monkeypatch.setattr(trt_engine, "build_engine", build)
+    monkeypatch.setattr(trt_engine, "bench_engine", timed)
+    recipe = load_recipe(_engine_recipe(tmp_path, tiny_cifar_root, "{format: tensorrt, precision: int8, "
+                                        "calibrator: minmax, calib_images: 40, check_images: 20}"))
+    run = compress.run_recipe(recipe, tmp_path / "run")
+    report = json.loads((run / "report.json").read_text())
+    assert parsed == [("model.onnx", "int8"), ("model.onnx", "fp16")]  # the int8 QDQ export, the baseline's
+    assert [r["stage"] for r in report["stages"]] == ["baseline", "export-int8"]  # its CPU row stays
+    deployable = report["deployable"]
+    assert deployable["format"] == "tensorrt int8" and deployable["artifact"].endswith("01-export/model.engine")
+    assert deployable["onnx"]["artifact"].endswith("01-export/model.onnx")
+    trt = deployable["tensorrt"]
+    assert trt["reference"]["precision"] == "fp16" and trt["reference"]["model"].endswith("00-baseline/model.pt")
+    assert trt["ratios"]["latency_p50_b8"] == pytest.approx(0.5) and trt["ratios"]["top1_delta_pp"] == -1.0
+    text = (run / "report.md").read_text()
+    assert "| starting model | fp16 | 52.00 |" in text and "| deployable | int8 | 51.00 |" in text
+    assert "| 2.000 | 2.000 | 16.000 | 16.000 |" in text and "| 8.000 (0.50×) | 8.000 |" in text
+
+
 def test_engine_device_memory_across_versions():
     assert trt_engine.engine_device_memory(types.SimpleNamespace(device_memory_size_v2=123)) == 123
     assert trt_engine.engine_device_memory(types.SimpleNamespace(get_device_memory_size_v2=lambda: 45)) == 45
@@ -729,3 +799,21 @@ def test_cli_export_of_an_onnx_file_needs_format_tensorrt(tmp_path):
     if not (HAS_TENSORRT and torch.cuda.is_available()):
         line = _one_error_line(_cli("export", str(tmp_path / "m.onnx"), "--format", "tensorrt", "--precision", "int8"))
         assert "TensorRT" in line
+
+
+@needs_gpu
+def test_recipe_tensorrt_fp16_engine_on_a_gpu(tiny_cifar_root, tmp_path):
+    from cifarpress.compress import run_recipe
+    from cifarpress.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"name: gpu\ndata_root: {tiny_cifar_root}\n"
+                    "model: {arch: resnet20, checkpoint: builtin:resnet20-cifar10}\n"
+                    "stages:\n  - export: {format: tensorrt, precision: fp16, check_images: 50}\n"
+                    "bench: {batch_sizes: [1, 8], seconds: 0.2, threads: 1}\n")
+    report = json.loads((run_recipe(load_recipe(path), tmp_path / "run") / "report.json").read_text())
+    trt = report["deployable"]["tensorrt"]
+    assert report["deployable"]["format"] == "tensorrt fp16" and trt["gpu"] == torch.cuda.get_device_name()
+    # The engine and its reference are the same model at the same precision: equal top-1 up to kernel choice.
+    assert trt["reference"]["precision"] == "fp16" and abs(trt["ratios"]["top1_delta_pp"]) < 2.0
+    assert 0 < trt["latency_ms"]["8"]["p50"] <= trt["latency_ms"]["8"]["p99"]
