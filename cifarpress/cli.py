@@ -440,11 +440,7 @@ def export(
         out.print(f"{path}: {path.stat().st_size / 1e6:.2f} MB; onnxruntime vs PyTorch on {check.images} test "
                   f"images: max |diff| {check.max_abs_diff:.2e}, top-1 agreement {check.top1_agreement:.2f}%")
     if fmt == "tensorrt":
-        from .tensorrt_engine import build_engine
-
-        engine = build_engine(path, output or stem.with_suffix(f".{precision}.engine"), precision,
-                              opt_batch=min(64, max_batch), max_batch=max_batch)
-        out.print(f"{engine}: {engine.stat().st_size / 1e6:.2f} MB TensorRT {precision} engine (+ {engine.name}.json)")
+        _build_engine(path, output or stem.with_suffix(f".{precision}.engine"), precision, max_batch)
 
 
 @app.command()
@@ -580,7 +576,7 @@ def _from_onnx(path: Path, output: Optional[Path], fmt: str, precision: str, max
     from .data import load_split
     from .export import read_onnx_metadata
     from .quantize.int8 import quantize_onnx_int8_checked
-    from .tensorrt_engine import build_engine, onnx_has_qdq
+    from .tensorrt_engine import onnx_has_qdq
 
     dataset = read_onnx_metadata(path).get("dataset") or "cifar10"  # also: a missing or unreadable file, in words
     # m.onnx -> m.int8.engine, and m.int8.onnx -> m.int8.engine too
@@ -597,9 +593,14 @@ def _from_onnx(path: Path, output: Optional[Path], fmt: str, precision: str, max
     elif fmt == "onnx":
         raise CifarpressError(f"{path} is already quantized (Q/DQ); pass --format tensorrt to build an engine from it")
     if fmt == "tensorrt":
-        engine = build_engine(path, engine_path, precision,
-                              opt_batch=min(64, max_batch), max_batch=max_batch)
-        out.print(f"{engine}: {engine.stat().st_size / 1e6:.2f} MB TensorRT {precision} engine (+ {engine.name}.json)")
+        _build_engine(path, engine_path, precision, max_batch)
+
+
+def _build_engine(onnx_path: Path, engine_path: Path, precision: str, max_batch: int) -> None:
+    from .tensorrt_engine import build_engine
+
+    engine = build_engine(onnx_path, engine_path, precision, opt_batch=min(64, max_batch), max_batch=max_batch)
+    out.print(f"{engine}: {engine.stat().st_size / 1e6:.2f} MB TensorRT {precision} engine (+ {engine.name}.json)")
 
 
 def _require_calibrator(calibrator: str) -> None:
