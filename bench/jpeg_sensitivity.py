@@ -2,7 +2,7 @@
 
     python bench/jpeg_sensitivity.py build --quality 50 --dest /tmp/cifar-q50
     python bench/jpeg_sensitivity.py report --degraded /tmp/cifar-q50 \
-        [--model builtin:resnet20-cifar10] [--run-base RUN] [--run-degraded RUN]
+        [--model builtin:resnet20-cifar10] [--run-base RUN ...] [--run-degraded RUN ...]
 
 The CIFAR-10 copy on this machine is a JPEG re-encoding (quality 75, 4:2:0
 chroma, about 30 dB PSNR against the official pixels), and no clean copy can be
@@ -15,7 +15,8 @@ such generation takes away when a model is trained and tested on it.
 
 `report` prints and records (bench/results/jpeg_sensitivity.json): PSNR of the
 degraded copy against the source, a trained model's top-1 on both test sets,
-and, for two finished training runs (one per copy), their final top-1.
+and, for finished training runs on each copy, their final top-1 and the
+difference of the means.
 """
 from __future__ import annotations
 
@@ -90,8 +91,10 @@ def main() -> None:
     r.add_argument("--source", default=None)
     r.add_argument("--degraded", required=True)
     r.add_argument("--model", default="builtin:resnet20-cifar10")
-    r.add_argument("--run-base", type=Path, default=None, help="training run on the source copy")
-    r.add_argument("--run-degraded", type=Path, default=None, help="same command on the degraded copy")
+    r.add_argument("--run-base", type=Path, nargs="+", default=None,
+                   help="training runs on the source copy (several seeds: their mean is the reference)")
+    r.add_argument("--run-degraded", type=Path, nargs="+", default=None, help="same command on the degraded copy")
+    r.add_argument("--train-command", default=None, help="the training command both sides ran, to record")
     r.add_argument("--out", type=Path, default=RESULTS / "jpeg_sensitivity.json")
     a = p.parse_args()
 
@@ -113,10 +116,12 @@ def main() -> None:
     result["model"] = a.model
     result["model_top1"] = {"source_test": evaluate(model, clean_test), "degraded_test": evaluate(model, worse_test)}
     if a.run_base and a.run_degraded:
-        base, worse = final_top1(a.run_base), final_top1(a.run_degraded)
-        result["trained"] = {"source": {"run": str(a.run_base), "top1": base},
-                             "degraded": {"run": str(a.run_degraded), "top1": worse},
-                             "delta_pp": worse - base}
+        runs = {side: {str(run): final_top1(run) for run in paths}
+                for side, paths in (("source", a.run_base), ("degraded", a.run_degraded))}
+        means = {side: float(np.mean(list(top1s.values()))) for side, top1s in runs.items()}
+        result["trained"] = {side: {"runs": runs[side], "mean_top1": means[side]} for side in runs}
+        result["trained"]["delta_pp"] = means["degraded"] - means["source"]
+        result["trained"]["command"] = a.train_command
     atomic_write_json(a.out, result)
     print(json.dumps(result, indent=2))
 
