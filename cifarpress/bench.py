@@ -20,7 +20,7 @@ from rich.table import Table
 from .data import CifarSplit
 from .errors import CifarpressError
 from .export import INPUT_NAME, OUTPUT_NAME, read_onnx_metadata
-from .ort_lowering import folded_relu_count, lowered_bytes, lowered_path
+from .ort_lowering import lowered_bytes, lowered_path, lowering_counts
 
 
 def machine_description() -> dict:
@@ -43,8 +43,9 @@ def default_threads() -> int:
 def make_session(path: str | Path, threads: int | None = None, optimize: bool = True, lower: bool = True):
     """A CPU onnxruntime session; optimize=False runs the graph exactly as written (no fusions, no lowering).
 
-    With optimize and lower, an int8 QDQ graph's ReLU chains are first folded into
-    uint8 (cifarpress.ort_lowering), which onnxruntime's CPU kernels run fused."""
+    With optimize and lower, a QDQ graph is first lowered for onnxruntime's CPU kernels
+    (cifarpress.ort_lowering): int8 ReLU chains folded into uint8, weight-only quantized
+    layers' weights dequantized once."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -124,7 +125,9 @@ def bench_onnx(path: str | Path, batch_sizes=(1, 64), threads: int | None = None
     meta = read_onnx_metadata(path)
     result = {"model": str(path), "onnx_bytes": path.stat().st_size, "dataset": meta.get("dataset")}
     result.update(measure_latency(path, batch_sizes, threads, seconds))
-    result["relu_chains_folded_for_onnxruntime"] = folded_relu_count(path)
+    lowering = lowering_counts(path)
+    result["relu_chains_folded_for_onnxruntime"] = lowering["relu_chains"]
+    result["weights_dequantized_for_onnxruntime"] = lowering["weights"]
     if test_split is not None:
         result["top1"] = onnx_accuracy(path, test_split, threads)
     result["machine"] = machine_description()
@@ -189,5 +192,8 @@ def bench_table(result: dict) -> Table:
     table.caption = (f"size {result['onnx_bytes'] / 1e6:.2f} MB · peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB"
                      + (f" · top-1 {result['top1']:.2f}%" if "top1" in result else "")
                      + (f" · {result['relu_chains_folded_for_onnxruntime']} int8 ReLU chains run folded into uint8"
-                        if result.get("relu_chains_folded_for_onnxruntime") else ""))
+                        if result.get("relu_chains_folded_for_onnxruntime") else "")
+                     + (f" · {result['weights_dequantized_for_onnxruntime']} weight-only quantized layers run "
+                        f"with their weights dequantized once at load" if result.get("weights_dequantized_for_onnxruntime")
+                        else ""))
     return table

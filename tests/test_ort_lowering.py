@@ -12,7 +12,8 @@ from onnx import numpy_helper
 from cifarpress.bench import make_session
 from cifarpress.data import dataset_spec, load_split
 from cifarpress.export import export_onnx
-from cifarpress.ort_lowering import fold_relu_chains, folded_relu_count, lowered_bytes, lowered_path
+from cifarpress.ort_lowering import (fold_relu_chains, fold_weight_dequantize, folded_relu_count, lowered_bytes,
+                                      lowered_path, lowering_counts)
 from cifarpress.quantize.int8 import check_int8_rules, export_int8_qdq
 from test_int8 import random_resnet20
 
@@ -114,3 +115,37 @@ def test_float_graphs_are_not_touched(tmp_path):
     assert lowered_bytes(path) is None and folded_relu_count(path) == 0
     with lowered_path(path) as same:
         assert same == path
+
+
+def _ternary_export(tmp_path, act_bits=None):
+    import torch
+
+    from cifarpress.quantize import TernaryConfig, calibrate_activations, export_qdq, quantize_model
+
+    model = random_resnet20()
+    quantize_model(model, TernaryConfig(act_bits=act_bits))
+    if act_bits:
+        calibrate_activations(model, torch.randn(16, 3, 32, 32))
+    return export_qdq(model.eval(), tmp_path / f"ternary-a{act_bits}.onnx", SPEC, [str(i) for i in range(10)])
+
+
+def test_weight_only_quantized_layers_run_with_float_weights(tmp_path, tiny_cifar_root):
+    """A ternary graph without quantized activations: every weight DequantizeLinear becomes its exact float value."""
+    path = _ternary_export(tmp_path)
+    proto = onnx.load(str(path))
+    weight_dqs = sum(n.op_type == "DequantizeLinear" for n in proto.graph.node)
+    assert fold_weight_dequantize(proto) == weight_dqs == 22 == lowering_counts(path)["weights"]
+    assert not [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    constants = {t.name for t in proto.graph.initializer}
+    assert all(n.input[1] in constants for n in proto.graph.node if n.op_type in ("Conv", "Gemm"))
+    pixels = load_split("cifar10", "test", tiny_cifar_root, download_if_missing=False).images.float().numpy() / 255
+    written = as_written(str(path)).run(["logits"], {"input": pixels})[0]
+    lowered = make_session(path, 1).run(["logits"], {"input": pixels})[0]
+    assert np.abs(written - lowered).max() < 1e-4 * max(1.0, np.abs(written).max())
+
+
+def test_weights_beside_quantized_activations_stay_quantized(minmax_export, tmp_path):
+    """Where the activation is quantized too, onnxruntime fuses the pair into an integer kernel: keep it."""
+    for path in (minmax_export[0], _ternary_export(tmp_path, act_bits=8)):
+        proto = onnx.load(str(path))
+        assert fold_weight_dequantize(proto) == 0, path
