@@ -502,6 +502,29 @@ def bench(
 
 @app.command()
 @user_errors
+def lower(
+    model: Path = typer.Argument(..., help="A QDQ ONNX file (int8 or ternary export)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write (default: MODEL.ort.onnx)."),
+):
+    """Write the graph cifarpress runs in onnxruntime (int8 ReLU chains folded into uint8, weight-only quantized
+    layers' weights dequantized), for deploying with plain onnxruntime on a CPU; TensorRT takes the original."""
+    from .checkpoint import atomic_write
+    from .export import read_onnx_metadata
+    from .ort_lowering import lowered_bytes, lowering_counts
+
+    read_onnx_metadata(model)  # a missing or unreadable file, in words
+    data = lowered_bytes(model)
+    if data is None:
+        raise CifarpressError(f"{model} has nothing to lower for onnxruntime (a float graph runs as it is)")
+    counts = lowering_counts(model)
+    target = output or model.with_name(f"{model.stem}.ort.onnx")
+    atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
+    out.print(f"{target}: {len(data) / 1e6:.2f} MB for onnxruntime CPU ({counts['relu_chains']} ReLU chains folded "
+              f"into uint8, {counts['weights']} weights dequantized); build TensorRT engines from {model}")
+
+
+@app.command()
+@user_errors
 def compare(
     models: list[Path] = typer.Argument(..., help="Two or more ONNX files; the first is the reference of the ratios."),
     batch: OnnxBatch = [1, 64],

@@ -149,3 +149,22 @@ def test_weights_beside_quantized_activations_stay_quantized(minmax_export, tmp_
     for path in (minmax_export[0], _ternary_export(tmp_path, act_bits=8)):
         proto = onnx.load(str(path))
         assert fold_weight_dequantize(proto) == 0, path
+
+
+def test_cli_lower_writes_the_graph_onnxruntime_runs(minmax_export, tmp_path):
+    from typer.testing import CliRunner
+
+    from cifarpress.cli import app
+
+    path, pixels = minmax_export
+    result = CliRunner().invoke(app, ["lower", str(path), "-o", str(tmp_path / "r20.ort.onnx")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert f"{RESNET20_FOLDABLE_RELUS} ReLU chains folded" in result.output
+    plain = make_session(tmp_path / "r20.ort.onnx", 1, lower=False)  # onnxruntime's own optimizations only
+    lowered = plain.run(["logits"], {"input": pixels})[0]
+    in_session = make_session(path, 1).run(["logits"], {"input": pixels})[0]
+    assert np.array_equal(lowered, in_session)  # what plain onnxruntime gets is what cifarpress measured
+    assert lowered_bytes(tmp_path / "r20.ort.onnx") is None  # nothing left to lower
+    float_path = export_onnx(random_resnet20(), tmp_path / "fp32.onnx", SPEC, [str(i) for i in range(10)])
+    result = CliRunner().invoke(app, ["lower", str(float_path)], env={"COLUMNS": "200"})
+    assert result.exit_code != 0 and "nothing to lower" in result.output
