@@ -72,6 +72,11 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- {row['stage']}: ONNX vs PyTorch{against} on {c['images']} test images: max |Δ logit| "
                      f"{c['max_abs_diff']:.2e}, top-1 agreement {c['top1_agreement']:.2f}%; PyTorch top-1 "
                      f"{row['top1_torch']:.2f}%")
+    lowered = [row["stage"] for row in rows if any(row.get("onnxruntime_lowering", {}).values())]
+    if lowered:
+        lines.append(f"- {', '.join(lowered)}: timed as cifarpress runs QDQ graphs in onnxruntime (int8 ReLU chains "
+                     f"folded into uint8, weight-only quantized layers dequantized at load); `cifarpress lower "
+                     f"model.onnx` writes that graph for plain onnxruntime")
     ref_bytes = rows[0]["onnx_bytes"] if rows else 0
     for row in rows:
         if row.get("packed_bytes"):

@@ -251,6 +251,8 @@ def test_int8_export_stage_is_a_measured_report_row(tmp_path, tiny_cifar_root):
     assert int8["onnx_check"]["images"] == 20 and int8["top1_torch"] == baseline["top1_torch"]
     assert report["deployable"]["artifact"] == int8["onnx"] and check_int8_rules(int8["onnx"]) == []
     assert "float model in PyTorch" in (tmp_path / "run" / "report.md").read_text()
+    assert int8["onnxruntime_lowering"]["relu_chains"] > 0 and not any(baseline["onnxruntime_lowering"].values())
+    assert "- export-int8: timed as cifarpress runs QDQ graphs" in (tmp_path / "run" / "report.md").read_text()
     before = stamps(tmp_path / "run")
     run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "run")  # finished: nothing runs again
     assert stamps(tmp_path / "run") == before
