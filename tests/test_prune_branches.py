@@ -130,3 +130,31 @@ def test_prune_stage_passes_remove_branches_to_the_target():
     assert not prune_plugin(PruneStage(macs=0.5)).target.remove_branches
     with pytest.raises(ValidationError, match="remove_branches"):
         PruneStage(macs=0.5, remove_branches="sometimes")
+
+
+def test_cut_model_quantizes_to_int8_from_its_onnx(tmp_path, tiny_cifar_root):
+    """Pruning then int8: the stand-ins' constants and the narrower convs go through the int8 PTQ."""
+    from cifarpress.bench import make_session
+    from cifarpress.data import dataset_spec, load_split
+    from cifarpress.export import NormalizedClassifier, export_onnx
+    from cifarpress.quantize.int8 import check_int8_rules, quantize_onnx_int8
+
+    torch.manual_seed(2)
+    model = realistic(build_model("resnet20"))
+    groupset = discover_groups(model)
+    cut = (groups_of(groupset, "layer2.1.conv1") + groups_of(groupset, "layer1.0.conv1")[:7]
+           + groups_of(groupset, "layer3.0.conv1")[:20])
+    groupset.zero_groups(model, cut)
+    compact = compact_model(model, groupset, check_input=torch.randn(2, 3, 32, 32)).eval()
+    spec = dataset_spec("cifar10")
+    train = load_split("cifar10", "train", tiny_cifar_root, download_if_missing=False)
+    float_path = export_onnx(compact, tmp_path / "cut.onnx", spec, train.classes)
+    path = quantize_onnx_int8(float_path, tmp_path / "cut.int8.onnx", train.images[:64], "minmax", threads=1)
+    assert check_int8_rules(path) == []
+    pixels = train.images[:64].float() / 255
+    with torch.no_grad():
+        want = NormalizedClassifier(compact, spec.mean, spec.std).eval()(pixels).numpy()
+    got = make_session(path, 1).run(["logits"], {"input": pixels.numpy()})[0]
+    centred = lambda a: a - a.mean(0)  # noqa: E731  (what tells images apart, as in test_int8)
+    cosine = (centred(got) * centred(want)).sum() / (np.linalg.norm(centred(got)) * np.linalg.norm(centred(want)))
+    assert cosine > 0.99
