@@ -61,17 +61,23 @@ def make_session(path: str | Path, threads: int | None = None, optimize: bool = 
         raise CifarpressError(f"onnxruntime cannot load {path} ({str(exc).splitlines()[0][:200]})") from None
 
 
-def onnx_predictions(path: str | Path, images, threads: int | None = None, batch: int = 500,
-                     lower: bool = True) -> np.ndarray:
-    """Predicted class per image through onnxruntime; images NCHW, uint8 (0-255) or float pixels in [0, 1]."""
+def onnx_logits(path: str | Path, images, threads: int | None = None, batch: int = 500,
+                lower: bool = True) -> np.ndarray:
+    """Logits per image through onnxruntime; images NCHW, uint8 (0-255) or float pixels in [0, 1]."""
     session = make_session(path, threads, lower=lower)
-    predicted = []
+    logits = []
     for start in range(0, len(images), batch):
         x = images[start:start + batch]
         x = np.asarray(x.numpy() if hasattr(x, "numpy") else x)
         x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
-        predicted.append(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].argmax(1))
-    return np.concatenate(predicted)
+        logits.append(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
+    return np.concatenate(logits)
+
+
+def onnx_predictions(path: str | Path, images, threads: int | None = None, batch: int = 500,
+                     lower: bool = True) -> np.ndarray:
+    """Predicted class per image through onnxruntime (see onnx_logits)."""
+    return onnx_logits(path, images, threads, batch, lower).argmax(1)
 
 
 def onnx_accuracy(path: str | Path, split: CifarSplit, threads: int | None = None, batch: int = 500) -> float:

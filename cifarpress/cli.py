@@ -510,13 +510,12 @@ def lower(
     layers' weights dequantized), for deploying with plain onnxruntime on a CPU; TensorRT takes the original."""
     from .checkpoint import atomic_write
     from .export import read_onnx_metadata
-    from .ort_lowering import lowered_bytes, lowering_counts
+    from .ort_lowering import lower_file
 
     read_onnx_metadata(model)  # a missing or unreadable file, in words
-    data = lowered_bytes(model)
+    data, counts = lower_file(model)
     if data is None:
         raise CifarpressError(f"{model} has nothing to lower for onnxruntime (a float graph runs as it is)")
-    counts = lowering_counts(model)
     target = output or model.with_name(f"{model.stem}.ort.onnx")
     atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
     out.print(f"{target}: {len(data) / 1e6:.2f} MB for onnxruntime CPU ({counts['relu_chains']} ReLU chains folded "

@@ -207,15 +207,17 @@ def _tensorrt_engine(ctx: RunContext, cfg: ExportStage, onnx_path: Path, stage_d
     from .tensorrt_engine import bench_engine, build_engine
 
     batches = ctx.recipe.bench.batch_sizes
-    profile = {"opt_batch": max(batches), "max_batch": max(batches)}  # tuned for the largest batch timed
     test = ctx.split("test")
-    engine = build_engine(onnx_path, stage_dir / "model.engine", cfg.precision, **profile)
-    measured = _engine_fields(bench_engine(engine, batches, test_split=test))
+
+    def built_and_timed(onnx: str | Path, engine_name: str, precision: str) -> dict:
+        engine = build_engine(onnx, stage_dir / engine_name, precision,  # profile tuned for the largest batch timed
+                              opt_batch=max(batches), max_batch=max(batches))
+        return _engine_fields(bench_engine(engine, batches, test_split=test))
+
+    measured = built_and_timed(onnx_path, "model.engine", cfg.precision)
     ref_precision = "fp32" if cfg.precision == "fp32" else "fp16"
     try:
-        ref_engine = build_engine(first_row["onnx"], stage_dir / f"reference.{ref_precision}.engine", ref_precision,
-                                  **profile)
-        reference = _engine_fields(bench_engine(ref_engine, batches, test_split=test))
+        reference = built_and_timed(first_row["onnx"], f"reference.{ref_precision}.engine", ref_precision)
     except CifarpressError as exc:  # the comparison is lost, not the deployable engine
         reference = {"error": str(exc)}
     measured["reference"] = {"model": first_row.get("model"), "precision": ref_precision, **reference}

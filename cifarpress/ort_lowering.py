@@ -68,7 +68,7 @@ def fold_relu_chains(proto: onnx.ModelProto) -> int:
         users = consumers.get(name, [])
         return users[0] if len(users) == 1 and users[0].op_type == op and name not in graph_outputs else None
 
-    dropped: set[int] = set()
+    dropped: list[onnx.NodeProto] = []
     new_zero_points: dict[str, onnx.TensorProto] = {}
     folded = 0
     for relu in [n for n in graph.node if n.op_type == "Relu"]:
@@ -100,19 +100,25 @@ def fold_relu_chains(proto: onnx.ModelProto) -> int:
                 for slot, name in enumerate(user.input):
                     if name == dq.output[0]:
                         user.input[slot] = dq_in.output[0]
-        dropped.update(id(n) for n in [relu, *q_outs, *dq_outs])
+        dropped += [relu, *q_outs, *dq_outs]
         folded += 1
-    if not folded:
-        return 0
-    kept = [n for n in graph.node if id(n) not in dropped]
+    if folded:
+        replace_nodes(graph, dropped, list(new_zero_points.values()))
+    return folded
+
+
+def replace_nodes(graph: onnx.GraphProto, dropped: list[onnx.NodeProto],
+                  initializers: list[onnx.TensorProto]) -> None:
+    """Drop the `dropped` nodes, add `initializers`, and remove initializers no one reads."""
+    # By identity: equal nodes may appear twice. `dropped` holds the wrappers alive, so their ids stay theirs.
+    gone = {id(n) for n in dropped}
+    kept = [n for n in graph.node if id(n) not in gone]
     del graph.node[:]
     graph.node.extend(kept)
-    graph.initializer.extend(new_zero_points.values())
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    unused = [t for t in graph.initializer if t.name not in used]
-    for tensor in unused:
+    graph.initializer.extend(initializers)
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for tensor in [t for t in graph.initializer if t.name not in read]:
         graph.initializer.remove(tensor)
-    return folded
 
 
 WEIGHT_SLOT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -139,7 +145,7 @@ def fold_weight_dequantize(proto: onnx.ModelProto) -> int:
         activation = producers.get(node.input[0])
         return activation is None or activation.op_type != "DequantizeLinear"
 
-    folded, dropped = [], set()
+    folded, dropped = [], []
     for node in graph.node:
         if (node.op_type != "DequantizeLinear" or not all(name in constants for name in node.input if name)
                 or node.output[0] in graph_outputs):
@@ -157,37 +163,30 @@ def fold_weight_dequantize(proto: onnx.ModelProto) -> int:
             shape[axis] = -1
             scale, zero = scale.reshape(shape), zero.reshape(shape)
         folded.append(numpy_helper.from_array(((quantized - zero) * scale).astype(np.float32), node.output[0]))
-        dropped.add(id(node))
-    if not folded:
-        return 0
-    kept = [n for n in graph.node if id(n) not in dropped]
-    del graph.node[:]
-    graph.node.extend(kept)
-    graph.initializer.extend(folded)
-    used = {name for node in graph.node for name in node.input} | graph_outputs
-    for tensor in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(tensor)
+        dropped.append(node)
+    if folded:
+        replace_nodes(graph, dropped, folded)
     return len(folded)
 
 
-def _lowered(path: str | Path) -> tuple[onnx.ModelProto | None, dict]:
+def lower_file(path: str | Path) -> tuple[bytes | None, dict]:
+    """The serialized lowered model (None when nothing in it needs lowering: float graphs) and what was
+    rewritten: {"relu_chains": folded into uint8, "weights": DequantizeLinears folded into float constants}."""
     proto = onnx.load(str(path))
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
         return None, {"relu_chains": 0, "weights": 0}
     counts = {"relu_chains": fold_relu_chains(proto), "weights": fold_weight_dequantize(proto)}
-    return (proto if any(counts.values()) else None), counts
+    return (proto.SerializeToString() if any(counts.values()) else None), counts
 
 
 def lowered_bytes(path: str | Path) -> bytes | None:
     """The serialized lowered model, or None when nothing in it needs lowering (float graphs)."""
-    proto, _ = _lowered(path)
-    return None if proto is None else proto.SerializeToString()
+    return lower_file(path)[0]
 
 
 def lowering_counts(path: str | Path) -> dict:
-    """What cifarpress rewrites when onnxruntime opens the file: ReLU chains folded into uint8 and weight
-    DequantizeLinears folded into float constants (both 0 for float graphs)."""
-    return _lowered(path)[1]
+    """What cifarpress rewrites when onnxruntime opens the file (see lower_file; both 0 for float graphs)."""
+    return lower_file(path)[1]
 
 
 def folded_relu_count(path: str | Path) -> int:

@@ -107,17 +107,18 @@ def _tensorrt_lines(trt: dict) -> list[str]:
              f"set through the engine.", "",
              "| engine | precision | top-1 % | MB | " + " | ".join(f"p50 ms b{b} | p99 ms b{b}" for b in batches) + " |",
              "|" + "---|" * (4 + 2 * len(batches))]
-    if "latency_ms" in ref:
-        cells = ["starting model", ref["precision"], f"{ref['top1']:.2f}", f"{ref['engine_bytes'] / 1e6:.2f}"]
+
+    def row(label: str, engine: dict, ratio=lambda key: "") -> str:
+        cells = [label, engine["precision"], f"{engine['top1']:.2f}",
+                 f"{engine['engine_bytes'] / 1e6:.2f}{ratio('engine_bytes')}"]
         for b in batches:
-            cells += [f"{ref['latency_ms'][b]['p50']:.3f}", f"{ref['latency_ms'][b]['p99']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    cells = ["deployable", trt["precision"], f"{trt['top1']:.2f}",
-             f"{trt['engine_bytes'] / 1e6:.2f} ({_fmt_ratio(ratios.get('engine_bytes'))})"]
-    for b in batches:
-        cells += [f"{trt['latency_ms'][b]['p50']:.3f} ({_fmt_ratio(ratios.get(f'latency_p50_b{b}'))})",
-                  f"{trt['latency_ms'][b]['p99']:.3f}"]
-    lines.append("| " + " | ".join(cells) + " |")
+            lat = engine["latency_ms"][b]
+            cells += [f"{lat['p50']:.3f}{ratio(f'latency_p50_b{b}')}", f"{lat['p99']:.3f}"]
+        return "| " + " | ".join(cells) + " |"
+
+    if "latency_ms" in ref:
+        lines.append(row("starting model", ref))
+    lines.append(row("deployable", trt, lambda key: f" ({_fmt_ratio(ratios.get(key))})"))
     if "error" in ref:
         lines += ["", f"No reference engine: {ref['error']}"]
     return lines

@@ -52,6 +52,7 @@ from ..checkpoint import atomic_write, unwrap
 from ..data import CifarSplit, DatasetSpec
 from ..errors import CifarpressError
 from ..export import OPSET, ExportCheck, check_onnx, check_pixels, export_onnx
+from ..ort_lowering import replace_nodes
 from .qdq import _as_pixels
 
 WEIGHTED_OPS = ("Conv", "Gemm")
@@ -76,7 +77,7 @@ def unshare_initializers(graph: onnx.GraphProto) -> int:
     """
     tensors = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
-    kept, copied = [], 0
+    dropped = []
     for node in graph.node:  # topological order: a chain of Identities resolves front to back
         if node.op_type == "Identity" and node.input[0] in tensors and node.output[0] not in outputs:
             own = onnx.TensorProto()
@@ -84,17 +85,10 @@ def unshare_initializers(graph: onnx.GraphProto) -> int:
             own.name = node.output[0]
             graph.initializer.append(own)
             tensors[own.name] = own
-            copied += 1
-        else:
-            kept.append(node)
-    if copied:
-        del graph.node[:]
-        graph.node.extend(kept)
-        read = {name for node in graph.node for name in node.input} | outputs
-        unread = [t for t in graph.initializer if t.name not in read]
-        for tensor in unread:
-            graph.initializer.remove(tensor)
-    return copied
+            dropped.append(node)
+    if dropped:
+        replace_nodes(graph, dropped, [])
+    return len(dropped)
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -388,23 +382,16 @@ def quantize_onnx_int8_checked(float_path: str | Path, onnx_path: str | Path, tr
                                calibrator: str = "entropy", calib_images: int = 1024, check_images: int = 1000,
                                threads: int | None = None) -> Int8Export:
     """export_int8_checked for a float ONNX file without its PyTorch model: the reference is the float file."""
+    from ..bench import onnx_logits  # bench imports this package
+
     manifest = calibration_manifest(train.spec.name, train.labels, min(calib_images, len(train)))
     path = quantize_onnx_int8(float_path, onnx_path, manifest_images(manifest, train), calibrator,
                               manifest=manifest, threads=threads)
-    pixels = check_pixels(test, check_images).numpy()  # the images check_onnx compares on
-    reference, got = (_onnx_logits(p, pixels, threads) for p in (float_path, path))
+    pixels = check_pixels(test, check_images)  # the images check_onnx compares on
+    reference, got = (onnx_logits(p, pixels, threads) for p in (float_path, path))
     check = ExportCheck(len(pixels), float(np.abs(reference - got).max()),
                         100.0 * float((reference.argmax(1) == got.argmax(1)).mean()))
     return Int8Export(path, manifest, check, check_int8_rules(path))
-
-
-def _onnx_logits(path: str | Path, pixels: np.ndarray, threads: int | None, batch: int = 500) -> np.ndarray:
-    from ..bench import make_session  # bench imports this package
-    from ..export import INPUT_NAME, OUTPUT_NAME
-
-    session = make_session(path, threads)
-    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i:i + batch]})[0]
-                           for i in range(0, len(pixels), batch)])
 
 
 # -- TensorRT explicit-quantization rules ------------------------------------------------------
