@@ -132,7 +132,8 @@ def bench_onnx(path: str | Path, batch_sizes=(1, 64), threads: int | None = None
     result = {"model": str(path), "onnx_bytes": path.stat().st_size, "dataset": meta.get("dataset")}
     result.update(measure_latency(path, batch_sizes, threads, seconds))
     lowering = lowering_counts(path)
-    result["relu_chains_folded_for_onnxruntime"] = lowering["relu_chains"]
+    result["onnxruntime_lowering"] = lowering
+    result["relu_chains_folded_for_onnxruntime"] = lowering["relu_chains"]  # the keys before the full record
     result["weights_dequantized_for_onnxruntime"] = lowering["weights"]
     if test_split is not None:
         result["top1"] = onnx_accuracy(path, test_split, threads)
@@ -188,6 +189,7 @@ def compare_table(result: dict) -> Table:
 
 
 def bench_table(result: dict) -> Table:
+    lowering = result.get("onnxruntime_lowering", {})  # absent from results recorded before it was kept whole
     table = Table(title=f"{Path(result['model']).name} on {result['machine']['cpu']} "
                         f"(onnxruntime {result['onnxruntime']}, {result['threads']} threads)")
     for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "images/s"):
@@ -199,6 +201,10 @@ def bench_table(result: dict) -> Table:
                      + (f" · top-1 {result['top1']:.2f}%" if "top1" in result else "")
                      + (f" · {result['relu_chains_folded_for_onnxruntime']} int8 ReLU chains run folded into uint8"
                         if result.get("relu_chains_folded_for_onnxruntime") else "")
+                     + (f" · {lowering['clip_chains']} ReLU6 Clips run folded into a uint8 quantization"
+                        if lowering.get("clip_chains") else "")
+                     + (f" · {lowering['merged_quantize']} duplicate QuantizeLinears merged"
+                        if lowering.get("merged_quantize") else "")
                      + (f" · {result['weights_dequantized_for_onnxruntime']} weight-only quantized layers run "
                         f"with their weights dequantized once at load" if result.get("weights_dequantized_for_onnxruntime")
                         else ""))

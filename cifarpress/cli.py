@@ -506,8 +506,9 @@ def lower(
     model: Path = typer.Argument(..., help="A QDQ ONNX file (int8 or ternary export)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write (default: MODEL.ort.onnx)."),
 ):
-    """Write the graph cifarpress runs in onnxruntime (int8 ReLU chains folded into uint8, weight-only quantized
-    layers' weights dequantized), for deploying with plain onnxruntime on a CPU; TensorRT takes the original."""
+    """Write the graph cifarpress runs in onnxruntime (int8 ReLU and ReLU6 chains folded into uint8, duplicate
+    quantizations merged, weight-only quantized layers' weights dequantized), for deploying with plain onnxruntime
+    on a CPU; TensorRT takes the original."""
     from .checkpoint import atomic_write
     from .export import read_onnx_metadata
     from .ort_lowering import lower_file
@@ -519,7 +520,9 @@ def lower(
     target = output or model.with_name(f"{model.stem}.ort.onnx")
     atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
     out.print(f"{target}: {len(data) / 1e6:.2f} MB for onnxruntime CPU ({counts['relu_chains']} ReLU chains folded "
-              f"into uint8, {counts['weights']} weights dequantized); build TensorRT engines from {model}")
+              f"into uint8, {counts['clip_chains']} ReLU6 Clips folded into uint8, {counts['merged_quantize']} "
+              f"duplicate QuantizeLinears merged, {counts['weights']} weights dequantized); "
+              f"build TensorRT engines from {model}")
 
 
 @app.command()

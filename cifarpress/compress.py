@@ -87,8 +87,7 @@ def _bench_fields(bench: dict) -> dict:
         "latency_ms": {b: {"p50": v["p50"], "p90": v["p90"], "p99": v["p99"]} for b, v in bench["latency_ms"].items()},
         "throughput_ips": {b: v["throughput_ips"] for b, v in bench["latency_ms"].items()},
         "peak_rss_bytes": bench["peak_rss_bytes"], "threads": bench["threads"], "onnxruntime": bench["onnxruntime"],
-        "onnxruntime_lowering": {"relu_chains": bench["relu_chains_folded_for_onnxruntime"],
-                                 "weights": bench["weights_dequantized_for_onnxruntime"]},
+        "onnxruntime_lowering": bench["onnxruntime_lowering"],
     }
 
 

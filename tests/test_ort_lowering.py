@@ -12,8 +12,8 @@ from onnx import numpy_helper
 from cifarpress.bench import make_session
 from cifarpress.data import dataset_spec, load_split
 from cifarpress.export import export_onnx
-from cifarpress.ort_lowering import (fold_relu_chains, fold_weight_dequantize, folded_relu_count, lowered_bytes,
-                                      lowered_path, lowering_counts)
+from cifarpress.ort_lowering import (fold_clip_quantize, fold_relu_chains, fold_weight_dequantize, folded_relu_count,
+                                      lowered_bytes, lowered_path, lowering_counts, merge_shared_quantize)
 from cifarpress.quantize.int8 import check_int8_rules, export_int8_qdq
 from test_int8 import random_resnet20
 
@@ -168,3 +168,108 @@ def test_cli_lower_writes_the_graph_onnxruntime_runs(minmax_export, tmp_path):
     float_path = export_onnx(random_resnet20(), tmp_path / "fp32.onnx", SPEC, [str(i) for i in range(10)])
     result = CliRunner().invoke(app, ["lower", str(float_path)], env={"COLUMNS": "200"})
     assert result.exit_code != 0 and "nothing to lower" in result.output
+
+
+def test_resnet_graphs_have_no_relu6_or_shared_quantization(minmax_export):
+    assert lowering_counts(minmax_export[0]) == {"relu_chains": RESNET20_FOLDABLE_RELUS, "clip_chains": 0,
+                                                 "merged_quantize": 0, "weights": 0}
+
+
+def _clip_graph(scale: float) -> onnx.ModelProto:
+    """x -> Clip(0, 6) -> Q(scale, int8, 0) -> DQ -> y, as the int8 export writes a ReLU6."""
+    from onnx import TensorProto, helper
+
+    inits = [numpy_helper.from_array(np.array(v, dtype=t), n) for v, t, n in
+             ((0.0, np.float32, "lo"), (6.0, np.float32, "hi"), (scale, np.float32, "s"), (0, np.int8, "z"))]
+    nodes = [helper.make_node("Clip", ["x", "lo", "hi"], ["c"]),
+             helper.make_node("QuantizeLinear", ["c", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "relu6", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("scale", [0.02, 0.05])  # 255 * scale below 6 (same grid) and above it (finer grid)
+def test_relu6_clip_becomes_a_uint8_quantization(scale):
+    x = np.linspace(-3, 14, 4001, dtype=np.float32)
+    proto = _clip_graph(scale)
+    reference = as_written(proto.SerializeToString()).run(["y"], {"x": x})[0]
+    assert fold_clip_quantize(proto) == 1
+    assert [n.op_type for n in proto.graph.node] == ["QuantizeLinear", "DequantizeLinear"]
+    onnx.checker.check_model(proto)
+    lowered = as_written(proto.SerializeToString()).run(["y"], {"x": x})[0]
+    relu6 = np.clip(x, 0, 6)
+    step = min(scale, 6 / 255)
+    top = 255 * step  # uint8 saturation; the Clip's 6 where the int8 scale was coarser than 6/255
+    assert lowered.min() == 0 and np.isclose(lowered.max(), top) and top <= 6 + 1e-6
+    inside = relu6 <= top
+    assert np.abs(lowered - relu6)[inside].max() <= step / 2 + 1e-6  # within half a step of the float ReLU6
+    assert np.abs(lowered - relu6).max() <= np.abs(reference - relu6).max()  # worst case no worse than int8's
+    if scale == 0.02:  # same grid: the int8 codes themselves up to int8's saturation at 127, then closer
+        below = x <= 127 * scale
+        np.testing.assert_array_equal(lowered[below], reference[below])
+        assert np.all(np.abs(lowered - relu6) <= np.abs(reference - relu6) + 1e-6)
+
+
+def _random_mobilenetv2():
+    import torch
+    from torch import nn
+
+    from cifarpress.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mobilenetv2", 10)
+    with torch.no_grad():  # activations that reach ReLU6's 6 in some layers and not in others
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.2, 1.0)
+                m.bias.uniform_(-0.5, 1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def mobilenet_export(tmp_path_factory, tiny_cifar_root):
+    train = load_split("cifar10", "train", tiny_cifar_root, download_if_missing=False)
+    model = _random_mobilenetv2()
+    folder = tmp_path_factory.mktemp("mobilenet")
+    path = export_int8_qdq(model, folder / "mbv2.int8.onnx", SPEC, train.classes, train.images[:32], "minmax",
+                           threads=1)
+    float_path = export_onnx(model, folder / "mbv2.onnx", SPEC, train.classes)
+    return path, float_path, train.images[:32].float().numpy() / 255
+
+
+def test_merging_shared_quantizations_changes_no_value(mobilenet_export):
+    path, _, pixels = mobilenet_export
+    proto = onnx.load(str(path))
+    quantize_before = sum(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+    merged = merge_shared_quantize(proto)
+    assert merged == 10  # MobileNetV2's residual sums that feed both the next block and the next sum
+    assert sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) == quantize_before - merged
+    onnx.checker.check_model(proto)
+    reference = as_written(str(path)).run(["logits"], {"input": pixels})[0]
+    np.testing.assert_array_equal(as_written(proto.SerializeToString()).run(["logits"], {"input": pixels})[0],
+                                  reference)
+
+
+def test_mobilenetv2_int8_runs_as_integer_kernels(mobilenet_export, tmp_path):
+    path, float_path, pixels = mobilenet_export
+    counts = lowering_counts(path)
+    assert counts["clip_chains"] == 34 and counts["merged_quantize"] == 10  # every ReLU6 but the one before pooling
+    optimized = {}
+    for name, model in (("file", str(path)), ("lowered", lowered_bytes(path))):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+        opts.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
+        ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        optimized[name] = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node)
+    convs = 52  # all but the classifier: the stem, 17 blocks' two or three, the last 1x1 conv
+    assert optimized["file"]["QLinearConv"] < 20, optimized["file"]
+    # The last conv feeds the pooling unquantized, so it stays float (fused with its ReLU6).
+    assert optimized["lowered"]["QLinearConv"] == convs - 1 and optimized["lowered"]["FusedConv"] == 1
+    assert optimized["lowered"]["QLinearAdd"] == 10 and "Add" not in optimized["lowered"], optimized["lowered"]
+    # Closer to the float model than the graph as written, if anything (a finer grid where ReLU6 saturates).
+    reference = as_written(str(float_path)).run(["logits"], {"input": pixels})[0]
+    written = as_written(str(path)).run(["logits"], {"input": pixels})[0]
+    lowered = make_session(path, 1).run(["logits"], {"input": pixels})[0]
+    assert np.abs(lowered - reference).mean() <= 1.05 * np.abs(written - reference).mean()
+    assert (lowered.argmax(1) == written.argmax(1)).mean() >= 0.9
