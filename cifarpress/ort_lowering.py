@@ -202,36 +202,32 @@ def merge_shared_quantize(proto: onnx.ModelProto) -> int:
         array = index.constant(name) if name else None
         return None if array is None else (array.dtype.str, array.shape, array.tobytes())
 
-    kept: dict[tuple, onnx.NodeProto] = {}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    dropped: list[onnx.NodeProto] = []
+    groups: dict[tuple, list[onnx.NodeProto]] = {}
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or node.output[0] in index.graph_outputs:
             continue
         params = tuple(value(name) for name in node.input[1:])
         if None in params:
             continue  # a scale or zero point computed at run time
-        first = kept.setdefault((node.input[0], params, tuple(a.SerializeToString() for a in node.attribute)), node)
-        readers.setdefault(first.output[0], []).extend(index.consumers.get(node.output[0], []))
-        if first is not node:
-            for reader in index.consumers.get(node.output[0], []):
-                for slot, name in enumerate(reader.input):
-                    if name == node.output[0]:
-                        reader.input[slot] = first.output[0]
-            dropped.append(node)
+        groups.setdefault((node.input[0], params, tuple(a.SerializeToString() for a in node.attribute)), []).append(node)
     zero_128 = numpy_helper.from_array(np.array(128, dtype=np.uint8), "shared_activation_uint8_zero_point")
+    dropped: list[onnx.NodeProto] = []
     converted = False
-    for q in kept.values():
-        dqs = readers[q.output[0]]
-        scale = index.symmetric_int8(q)
-        if (len(dqs) > 1 and scale is not None and scale.size == 1
-                and all(dq.op_type == "DequantizeLinear" and np.array_equal(index.symmetric_int8(dq), scale)
-                        for dq in dqs)):
-            for node in (q, *dqs):
-                node.input[2] = zero_128.name
-            converted = True
-    if dropped or converted:
-        replace_nodes(graph, dropped, [zero_128] if converted else [])
+    for first, *others in groups.values():
+        dqs = [dq for q in (first, *others) for dq in index.consumers.get(q.output[0], [])]
+        scale = index.symmetric_int8(first)
+        # Only where the shared pair can then be stored as uint8: a merged Q that stayed int8 would fuse worse.
+        if (len(dqs) < 2 or scale is None or scale.size != 1
+                or not all(dq.op_type == "DequantizeLinear" and np.array_equal(index.symmetric_int8(dq), scale)
+                           for dq in dqs)):
+            continue
+        for dq in dqs:
+            dq.input[0], dq.input[2] = first.output[0], zero_128.name
+        first.input[2] = zero_128.name
+        dropped += others
+        converted = True
+    if converted:
+        replace_nodes(graph, dropped, [zero_128])
     return len(dropped)
 
 
@@ -245,7 +241,8 @@ def store_add_constants_as_uint8(proto: onnx.ModelProto) -> int:
     """
     graph = proto.graph
     index = _GraphIndex(graph)
-    converted: list[onnx.TensorProto] = []
+    converted: dict[str, onnx.TensorProto] = {}
+    count = 0
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in index.constants:
             continue
@@ -255,12 +252,13 @@ def store_add_constants_as_uint8(proto: onnx.ModelProto) -> int:
                 or any(user.op_type != "Add" for user in users)):
             continue
         name = f"{node.input[0]}_uint8"
-        converted += [numpy_helper.from_array((codes.astype(np.int16) + 128).astype(np.uint8), name),
-                      numpy_helper.from_array(np.array(128, dtype=np.uint8), f"{name}_zero_point")]
+        converted[name] = numpy_helper.from_array((codes.astype(np.int16) + 128).astype(np.uint8), name)
+        converted[f"{name}_zero_point"] = numpy_helper.from_array(np.array(128, dtype=np.uint8), f"{name}_zero_point")
         node.input[0], node.input[2] = name, f"{name}_zero_point"
-    if converted:
-        replace_nodes(graph, [], converted)
-    return len(converted) // 2
+        count += 1
+    if count:
+        replace_nodes(graph, [], list(converted.values()))
+    return count
 
 
 WEIGHT_SLOT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
