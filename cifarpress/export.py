@@ -23,7 +23,6 @@ from . import __version__
 from .checkpoint import atomic_write, unwrap
 from .data import CifarSplit, DatasetSpec, balanced_subset
 from .errors import CifarpressError
-from .graph_folding import fold_if_equivalent
 
 OPSET = 18
 INPUT_NAME = "input"
@@ -106,7 +105,6 @@ def export_onnx(model: nn.Module, path: str | Path, spec: DatasetSpec, classes: 
         with torch.no_grad():
             _torch_export(wrapped, tmp, opset)
         proto = onnx.load(tmp)
-        fold_if_equivalent(proto, (3, 32, 32))  # pruned residual branches: per-channel constants, not tensors
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value

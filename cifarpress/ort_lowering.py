@@ -231,36 +231,6 @@ def merge_shared_quantize(proto: onnx.ModelProto) -> int:
     return len(dropped)
 
 
-def store_add_constants_as_uint8(proto: onnx.ModelProto) -> int:
-    """Store each int8 constant (zero point 0) that is dequantized only into Adds as uint8 codes + 128 with zero
-    point 128, in place; returns how many. Exact, like merge_shared_quantize's conversion.
-
-    A pruned residual branch becomes shortcut + a per-channel constant (cifarpress.graph_folding), which the int8
-    export stores as int8 codes. onnxruntime's QLinearAdd takes two inputs of one type, and its int8 -> uint8
-    conversion covers the activation's Q -> DQ pair but not a stored constant, so the Add would stay float.
-    """
-    graph = proto.graph
-    index = _GraphIndex(graph)
-    converted: dict[str, onnx.TensorProto] = {}
-    count = 0
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in index.constants:
-            continue
-        codes, scale = index.constant(node.input[0]), index.symmetric_int8(node)
-        users = index.consumers.get(node.output[0], [])
-        if (codes.dtype != np.int8 or scale is None or scale.size != 1 or not users
-                or any(user.op_type != "Add" for user in users)):
-            continue
-        name = f"{node.input[0]}_uint8"
-        converted[name] = numpy_helper.from_array((codes.astype(np.int16) + 128).astype(np.uint8), name)
-        converted[f"{name}_zero_point"] = numpy_helper.from_array(np.array(128, dtype=np.uint8), f"{name}_zero_point")
-        node.input[0], node.input[2] = name, f"{name}_zero_point"
-        count += 1
-    if count:
-        replace_nodes(graph, [], list(converted.values()))
-    return count
-
-
 WEIGHT_SLOT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
 
@@ -312,15 +282,13 @@ def fold_weight_dequantize(proto: onnx.ModelProto) -> int:
 def lower_file(path: str | Path) -> tuple[bytes | None, dict]:
     """The serialized lowered model (None when nothing in it needs lowering: float graphs) and what was
     rewritten: {"relu_chains": int8 ReLU chains folded into uint8, "clip_chains": ReLU6 Clips folded into a uint8
-    quantization, "merged_quantize": duplicate QuantizeLinears merged, "add_constants": int8 constants of Adds
-    stored as uint8, "weights": DequantizeLinears folded into float constants}."""
+    quantization, "merged_quantize": duplicate QuantizeLinears merged, "weights": DequantizeLinears folded into
+    float constants}."""
     proto = onnx.load(str(path))
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
-        return None, {"relu_chains": 0, "clip_chains": 0, "merged_quantize": 0, "add_constants": 0,
-                      "weights": 0}
+        return None, {"relu_chains": 0, "clip_chains": 0, "merged_quantize": 0, "weights": 0}
     counts = {"relu_chains": fold_relu_chains(proto), "clip_chains": fold_clip_quantize(proto),
-              "merged_quantize": merge_shared_quantize(proto), "add_constants": store_add_constants_as_uint8(proto),
-              "weights": fold_weight_dequantize(proto)}
+              "merged_quantize": merge_shared_quantize(proto), "weights": fold_weight_dequantize(proto)}
     return (proto.SerializeToString() if any(counts.values()) else None), counts
 
 

@@ -172,7 +172,7 @@ def test_cli_lower_writes_the_graph_onnxruntime_runs(minmax_export, tmp_path):
 
 def test_resnet_graphs_have_no_relu6_or_shared_quantization(minmax_export):
     assert lowering_counts(minmax_export[0]) == {"relu_chains": RESNET20_FOLDABLE_RELUS, "clip_chains": 0,
-                                                 "merged_quantize": 0, "add_constants": 0, "weights": 0}
+                                                 "merged_quantize": 0, "weights": 0}
 
 
 def _clip_graph(scale: float) -> onnx.ModelProto:

@@ -2,12 +2,9 @@
 the stand-in layers, the model file round trip, ONNX, and the selection levels."""
 from __future__ import annotations
 
-import collections
 import copy
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -63,6 +60,8 @@ def test_a_branch_cut_is_refused_where_the_space_is_not_removable():
 
 
 def test_cut_model_survives_the_model_file_and_onnx(tmp_path):
+    import onnxruntime as ort
+
     from cifarpress.data import dataset_spec
     from cifarpress.export import NormalizedClassifier, export_onnx
 
@@ -79,10 +78,6 @@ def test_cut_model_survives_the_model_file_and_onnx(tmp_path):
     assert isinstance(loaded.layer3[1].conv2, ConstantChannels)
     spec = dataset_spec("cifar10")
     path = export_onnx(loaded, tmp_path / "cut.onnx", spec, [str(i) for i in range(10)])
-    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    # the cut blocks' constants are folded per channel (cifarpress.graph_folding): no full-size tensor per call
-    assert not {"ConstantOfShape", "Expand", "BatchNormalization"} & set(ops)
-    assert ops.count("Add") == 9  # every block's sum, the cut ones with their constant
     session = ort.InferenceSession(str(path))
     pixels = torch.rand(5, 3, 32, 32)  # another batch size than the export's: the constant follows it
     got = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})[0]
@@ -142,7 +137,6 @@ def test_cut_model_quantizes_to_int8_from_its_onnx(tmp_path, tiny_cifar_root):
     from cifarpress.bench import make_session
     from cifarpress.data import dataset_spec, load_split
     from cifarpress.export import NormalizedClassifier, export_onnx
-    from cifarpress.ort_lowering import lowered_bytes, lowering_counts
     from cifarpress.quantize.int8 import check_int8_rules, quantize_onnx_int8
 
     torch.manual_seed(2)
@@ -161,15 +155,6 @@ def test_cut_model_quantizes_to_int8_from_its_onnx(tmp_path, tiny_cifar_root):
     with torch.no_grad():
         want = NormalizedClassifier(compact, spec.mean, spec.std).eval()(pixels).numpy()
     got = make_session(path, 1).run(["logits"], {"input": pixels.numpy()})[0]
-    # all of it integer kernels in onnxruntime, the cut block's shortcut + constant too
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.optimized_model_filepath = 1, str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(lowered_bytes(path), opts, providers=["CPUExecutionProvider"])
-    optimized = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
-    # as in the unpruned graph, only the last sum (it feeds the pooling unquantized) stays float
-    assert optimized["QLinearAdd"] == 8 and optimized["Add"] == 1, optimized
-    assert optimized["QLinearConv"] == 21 - 2 and optimized["Conv"] == 0  # the cut block lost both its convs
-    assert lowering_counts(path)["add_constants"] == 1
     centred = lambda a: a - a.mean(0)  # noqa: E731  (what tells images apart, as in test_int8)
     cosine = (centred(got) * centred(want)).sum() / (np.linalg.norm(centred(got)) * np.linalg.norm(centred(want)))
     assert cosine > 0.99

@@ -11,10 +11,6 @@ TensorRT's explicit-quantization rules:
   * every Conv/Gemm data input, and both inputs of each residual Add, pass
     through Q -> DQ with one calibrated scale per tensor. The network input is
     quantized after the in-graph normalization, i.e. at the first conv's input;
-  * an Add of an activation and a stored constant (a pruned residual branch,
-    shortcut + per-channel constant, see cifarpress.graph_folding) gets the
-    activation through Q -> DQ and the constant as per-tensor int8 codes behind a
-    DequantizeLinear, so it too runs as an int8 add;
   * the logits (Gemm output) stay float.
 
 Two more choices make onnxruntime's CPU QDQ fusions fire (measured on resnet20:
@@ -41,7 +37,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -113,17 +109,6 @@ def _is_residual_add(node: onnx.NodeProto, constants: set[str]) -> bool:
     return node.op_type == "Add" and len(node.input) == 2 and not (set(node.input) & constants)
 
 
-def _constant_add_slot(node: onnx.NodeProto, constants: set[str], initializers: set[str]) -> int | None:
-    """The input slot of the stored constant of an Add of an activation and a constant (a pruned residual branch
-    folded by cifarpress.graph_folding: shortcut + per-channel constant), else None."""
-    if node.op_type != "Add" or len(node.input) != 2:
-        return None
-    stored = [slot for slot, name in enumerate(node.input) if name in initializers]
-    if len(stored) != 1 or node.input[1 - stored[0]] in constants:
-        return None
-    return stored[0]
-
-
 def _attribute(node: onnx.NodeProto, name: str, default=None):
     for attr in node.attribute:
         if attr.name == name:
@@ -145,7 +130,6 @@ class Int8Plan:
     edges: list[tuple[int, int]]         # (node, input slot) that reads its activation through Q -> DQ
     calibrated: list[str]                # tensors that need a calibrated scale (the edges' tensors)
     before_activation: dict[str, str]    # conv/Add output -> ReLU output whose scale it borrows
-    constant_adds: list[tuple[int, int]] = field(default_factory=list)  # (Add node, slot of its stored constant)
 
 
 def plan_int8(graph: onnx.GraphProto, fuse_for_onnxruntime: bool = True) -> Int8Plan:
@@ -154,7 +138,7 @@ def plan_int8(graph: onnx.GraphProto, fuse_for_onnxruntime: bool = True) -> Int8
     consumers = _consumers(graph)
     outputs = {o.name for o in graph.output}
     initializers = {t.name for t in graph.initializer}
-    weighted, edges, constant_adds = [], [], []
+    weighted, edges = [], []
     for position, node in enumerate(graph.node):
         if node.op_type in WEIGHTED_OPS:
             if len(node.input) < 2 or node.input[1] not in initializers:
@@ -166,11 +150,6 @@ def plan_int8(graph: onnx.GraphProto, fuse_for_onnxruntime: bool = True) -> Int8
             edges.append((position, 0))
         elif _is_residual_add(node, constants):
             edges += [(position, 0), (position, 1)]
-        elif (slot := _constant_add_slot(node, constants, initializers)) is not None:
-            # Both operands int8, as onnxruntime's QLinearAdd wants: the activation calibrated, the constant
-            # stored as int8 codes like a weight.
-            edges.append((position, 1 - slot))
-            constant_adds.append((position, slot))
     calibrated = sorted({graph.node[p].input[s] for p, s in edges})
     calibrated_set = set(calibrated)
     quantized_ops = {graph.node[p].output[0] for p, _ in edges if graph.node[p].op_type in ("Conv", "Add")}
@@ -180,7 +159,7 @@ def plan_int8(graph: onnx.GraphProto, fuse_for_onnxruntime: bool = True) -> Int8
         if (node.op_type in ACTIVATIONS_BEFORE_Q and node.output[0] in calibrated_set and source in quantized_ops
                 and len(consumers[source]) == 1 and source not in outputs):
             before_activation[source] = node.output[0]
-    return Int8Plan(weighted, edges, calibrated, before_activation, constant_adds)
+    return Int8Plan(weighted, edges, calibrated, before_activation)
 
 
 # -- writing the QDQ graph ----------------------------------------------------------------
@@ -264,21 +243,6 @@ def quantize_int8_graph(proto: onnx.ModelProto, plan: Int8Plan, scales: dict[str
         weight_nodes.append(helper.make_node(
             "DequantizeLinear", [quantized, f"{weight_name}_scale", f"{weight_name}_zero_point"],
             [node.input[1]], name=f"{weight_name}_dequantize", axis=0))
-
-    for position, slot in plan.constant_adds:
-        node = graph.node[position]
-        name = node.input[slot]
-        codes, scale = quantize_weight(numpy_helper.to_array(initializers[name]).reshape(1, -1), per_channel=False)
-        quantized = f"{name}_quantized"
-        writer.initializers += [numpy_helper.from_array(codes.reshape(initializers[name].dims), quantized),
-                                numpy_helper.from_array(scale[0], f"{name}_scale"),
-                                numpy_helper.from_array(np.zeros((), np.int8), f"{name}_zero_point")]
-        node.input[slot] = f"{name}_dequantized"
-        weight_nodes.append(helper.make_node(
-            "DequantizeLinear", [quantized, f"{name}_scale", f"{name}_zero_point"], [node.input[slot]],
-            name=f"{name}_dequantize"))
-        if not any(name in other.input for other in graph.node):
-            graph.initializer.remove(initializers.pop(name))
 
     for position, slot in plan.edges:
         node = graph.node[position]
