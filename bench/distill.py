@@ -11,9 +11,11 @@ method in --methods adds that loss from the frozen teacher. Arms may run in
 separate processes (--arms kd in one, --arms alone in another); a final run
 finds them finished and writes the comparison.
 
-Writes bench/results/distill.json (top-1 of each arm through onnxruntime on the
+Writes bench/results/distill[-TAG].json (top-1 of each arm through onnxruntime on the
 full test set, the gain over "alone", the teacher's top-1, the budget and the
-seconds per epoch) and bench/results/<student>-<arm>.onnx for each arm.
+seconds per epoch) and bench/results/<student>-<arm>[-TAG].onnx for each arm. --tag TAG
+keeps a second budget's results beside the first's; give it to every invocation, since
+whichever one finds all arms trained writes the comparison.
 """
 from __future__ import annotations
 
@@ -53,7 +55,12 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder for the arms' runs")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="smoke tests only")
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--tag", default="", help="name suffix for the result files (e.g. 30ep: distill-30ep.json, "
+                                                  "<student>-<arm>-30ep.onnx), so a second budget keeps the first")
     args = parser.parse_args()
+    if "/" in args.tag or "\\" in args.tag:
+        parser.error(f"--tag {args.tag!r} is a file-name suffix; it cannot contain a path separator")
+    suffix = f"-{args.tag}" if args.tag else ""
     torch.set_num_threads(args.threads)
     console = Console(width=140)
 
@@ -90,7 +97,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for arm in all_arms:
         model, info = load_model(work / arm / "model.pt")
-        onnx_path = export_onnx(model, RESULTS / f"{args.student}-{arm}.onnx", spec, test.classes,
+        onnx_path = export_onnx(model, RESULTS / f"{args.student}-{arm}{suffix}.onnx", spec, test.classes,
                                 {"arch": args.student, "bench": "distill", "arm": arm,
                                  "teacher": args.teacher if arm != "alone" else None, "epochs": args.epochs})
         check_onnx(model, onnx_path, test, 1000, 1e-4, args.threads)
@@ -111,7 +118,7 @@ def main() -> None:
         "distillation_helped": results[best]["gain_pp_over_alone"] > 0,
         "machine": machine_description(), "torch": torch.__version__,
     }
-    atomic_write_json(RESULTS / "distill.json", out)
+    atomic_write_json(RESULTS / f"distill{suffix}.json", out)
 
     table = Table(title=f"{args.student} student, teacher {args.teacher} ({teacher_top1:.2f}%), "
                         f"{args.epochs} epochs each, {out['machine']['cpu']}")
@@ -121,7 +128,7 @@ def main() -> None:
         table.add_row(arm, f"{r['top1_onnxruntime']:.2f}", f"{r['top1_torch']:.2f}",
                       f"{r['gain_pp_over_alone']:+.2f}", f"{r['train_s'] / 60:.1f}" if r["train_s"] else "-")
     table.caption = (f"distillation {'helped' if out['distillation_helped'] else 'did not help'}: best {best} "
-                     f"{out['best_gain_pp']:+.2f} pp; wrote bench/results/distill.json")
+                     f"{out['best_gain_pp']:+.2f} pp; wrote bench/results/distill{suffix}.json")
     console.print(table)
 
 
