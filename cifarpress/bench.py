@@ -44,8 +44,8 @@ def make_session(path: str | Path, threads: int | None = None, optimize: bool = 
     """A CPU onnxruntime session; optimize=False runs the graph exactly as written (no fusions, no lowering).
 
     With optimize and lower, a QDQ graph is first lowered for onnxruntime's CPU kernels
-    (cifarpress.ort_lowering): int8 ReLU chains folded into uint8, weight-only quantized
-    layers' weights dequantized once."""
+    (cifarpress.ort_lowering): int8 ReLU and ReLU6 chains folded into uint8, duplicate
+    quantizations merged, weight-only quantized layers' weights dequantized once."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

@@ -74,8 +74,9 @@ def render_markdown(report: dict) -> str:
                      f"{row['top1_torch']:.2f}%")
     lowered = [row["stage"] for row in rows if any(row.get("onnxruntime_lowering", {}).values())]
     if lowered:
-        lines.append(f"- {', '.join(lowered)}: timed as cifarpress runs QDQ graphs in onnxruntime (int8 ReLU chains "
-                     f"folded into uint8, weight-only quantized layers dequantized at load); `cifarpress lower "
+        lines.append(f"- {', '.join(lowered)}: timed as cifarpress runs QDQ graphs in onnxruntime (int8 ReLU and ReLU6 "
+                     f"chains folded into uint8, duplicate quantizations merged, weight-only quantized layers "
+                     f"dequantized at load); `cifarpress lower "
                      f"model.onnx` writes that graph for plain onnxruntime")
     ref_bytes = rows[0]["onnx_bytes"] if rows else 0
     for row in rows:
