@@ -189,7 +189,9 @@ def compare_table(result: dict) -> Table:
 
 
 def bench_table(result: dict) -> Table:
-    lowering = result.get("onnxruntime_lowering", {})  # absent from results recorded before it was kept whole
+    lowering = result.get("onnxruntime_lowering") or {  # results recorded before it was kept whole
+        "relu_chains": result.get("relu_chains_folded_for_onnxruntime"),
+        "weights": result.get("weights_dequantized_for_onnxruntime")}
     table = Table(title=f"{Path(result['model']).name} on {result['machine']['cpu']} "
                         f"(onnxruntime {result['onnxruntime']}, {result['threads']} threads)")
     for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "images/s"):
@@ -199,13 +201,12 @@ def bench_table(result: dict) -> Table:
                       f"{lat['throughput_ips']:.0f}")
     table.caption = (f"size {result['onnx_bytes'] / 1e6:.2f} MB · peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB"
                      + (f" · top-1 {result['top1']:.2f}%" if "top1" in result else "")
-                     + (f" · {result['relu_chains_folded_for_onnxruntime']} int8 ReLU chains run folded into uint8"
-                        if result.get("relu_chains_folded_for_onnxruntime") else "")
+                     + (f" · {lowering['relu_chains']} int8 ReLU chains run folded into uint8"
+                        if lowering.get("relu_chains") else "")
                      + (f" · {lowering['clip_chains']} ReLU6 Clips run folded into a uint8 quantization"
                         if lowering.get("clip_chains") else "")
                      + (f" · {lowering['merged_quantize']} duplicate QuantizeLinears merged"
                         if lowering.get("merged_quantize") else "")
-                     + (f" · {result['weights_dequantized_for_onnxruntime']} weight-only quantized layers run "
-                        f"with their weights dequantized once at load" if result.get("weights_dequantized_for_onnxruntime")
-                        else ""))
+                     + (f" · {lowering['weights']} weight-only quantized layers run with their weights "
+                        f"dequantized once at load" if lowering.get("weights") else ""))
     return table

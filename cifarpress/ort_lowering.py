@@ -241,31 +241,26 @@ def fold_weight_dequantize(proto: onnx.ModelProto) -> int:
     onnxruntime fuses into an integer kernel (QLinearConv), so the weight must stay quantized there.
     """
     graph = proto.graph
-    constants = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for slot, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, slot))
-    graph_outputs = {o.name for o in graph.output}
+    index = _GraphIndex(graph)
 
-    def float_weight_reader(node: onnx.NodeProto, slot: int) -> bool:
-        if WEIGHT_SLOT.get(node.op_type) != slot:
+    def float_weight_reader(node: onnx.NodeProto, name: str) -> bool:
+        """`node` reads `name` only as the weight of a float op."""
+        if any(read == name and slot != WEIGHT_SLOT.get(node.op_type) for slot, read in enumerate(node.input)):
             return False
-        activation = producers.get(node.input[0])
+        activation = index.producers.get(node.input[0])
         return activation is None or activation.op_type != "DequantizeLinear"
 
     folded, dropped = [], []
     for node in graph.node:
-        if (node.op_type != "DequantizeLinear" or not all(name in constants for name in node.input if name)
-                or node.output[0] in graph_outputs):
+        if (node.op_type != "DequantizeLinear" or not all(name in index.constants for name in node.input if name)
+                or node.output[0] in index.graph_outputs):
             continue
-        users = consumers.get(node.output[0], [])
-        if not users or not all(float_weight_reader(user, slot) for user, slot in users):
+        users = index.consumers.get(node.output[0], [])
+        if not users or not all(float_weight_reader(user, node.output[0]) for user in users):
             continue
-        quantized = numpy_helper.to_array(constants[node.input[0]]).astype(np.float32)
-        scale = numpy_helper.to_array(constants[node.input[1]]).astype(np.float32)
-        zero = (numpy_helper.to_array(constants[node.input[2]]).astype(np.float32)
+        quantized = index.constant(node.input[0]).astype(np.float32)
+        scale = index.constant(node.input[1]).astype(np.float32)
+        zero = (index.constant(node.input[2]).astype(np.float32)
                 if len(node.input) > 2 and node.input[2] else np.zeros_like(scale))
         if scale.ndim == 1 and scale.size > 1:  # per-axis: broadcast along `axis` (default 1)
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % quantized.ndim
@@ -279,6 +274,11 @@ def fold_weight_dequantize(proto: onnx.ModelProto) -> int:
     return len(folded)
 
 
+# In this order: the ReLU and Clip folds read the int8 pairs as the export wrote them.
+LOWERINGS = (("relu_chains", fold_relu_chains), ("clip_chains", fold_clip_quantize),
+             ("merged_quantize", merge_shared_quantize), ("weights", fold_weight_dequantize))
+
+
 def lower_file(path: str | Path) -> tuple[bytes | None, dict]:
     """The serialized lowered model (None when nothing in it needs lowering: float graphs) and what was
     rewritten: {"relu_chains": int8 ReLU chains folded into uint8, "clip_chains": ReLU6 Clips folded into a uint8
@@ -286,9 +286,8 @@ def lower_file(path: str | Path) -> tuple[bytes | None, dict]:
     float constants}."""
     proto = onnx.load(str(path))
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
-        return None, {"relu_chains": 0, "clip_chains": 0, "merged_quantize": 0, "weights": 0}
-    counts = {"relu_chains": fold_relu_chains(proto), "clip_chains": fold_clip_quantize(proto),
-              "merged_quantize": merge_shared_quantize(proto), "weights": fold_weight_dequantize(proto)}
+        return None, {name: 0 for name, _ in LOWERINGS}
+    counts = {name: rewrite(proto) for name, rewrite in LOWERINGS}
     return (proto.SerializeToString() if any(counts.values()) else None), counts
 
 
@@ -298,7 +297,7 @@ def lowered_bytes(path: str | Path) -> bytes | None:
 
 
 def lowering_counts(path: str | Path) -> dict:
-    """What cifarpress rewrites when onnxruntime opens the file (see lower_file; both 0 for float graphs)."""
+    """What cifarpress rewrites when onnxruntime opens the file (see lower_file; all 0 for float graphs)."""
     return lower_file(path)[1]
 
 

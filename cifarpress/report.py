@@ -76,8 +76,7 @@ def render_markdown(report: dict) -> str:
     if lowered:
         lines.append(f"- {', '.join(lowered)}: timed as cifarpress runs QDQ graphs in onnxruntime (int8 ReLU and ReLU6 "
                      f"chains folded into uint8, duplicate quantizations merged, weight-only quantized layers "
-                     f"dequantized at load); `cifarpress lower "
-                     f"model.onnx` writes that graph for plain onnxruntime")
+                     f"dequantized at load); `cifarpress lower model.onnx` writes that graph for plain onnxruntime")
     ref_bytes = rows[0]["onnx_bytes"] if rows else 0
     for row in rows:
         if row.get("packed_bytes"):
