@@ -61,10 +61,24 @@ def make_session(path: str | Path, threads: int | None = None, optimize: bool = 
         raise CifarpressError(f"onnxruntime cannot load {path} ({str(exc).splitlines()[0][:200]})") from None
 
 
+def check_input_shape(session, path: str | Path, image_shape: tuple) -> None:
+    """One line naming both shapes when the file's input does not take these images (onnxruntime's own
+    message names neither)."""
+    declared = session.get_inputs()[0].shape  # e.g. ['batch', 3, 32, 32]; symbolic dims are str or None
+    fixed = [d for d in declared[1:]]
+    if len(declared) != len(image_shape) + 1 or any(isinstance(d, int) and d != want
+                                                     for d, want in zip(fixed, image_shape)):
+        shown = "x".join(str(d) if isinstance(d, int) else "N" for d in declared)
+        raise CifarpressError(f"{path} takes input {shown}, but the images are "
+                              f"N{''.join(f'x{d}' for d in image_shape)}; evaluate it on data of its own shape, "
+                              f"or export a model for {'x'.join(map(str, image_shape))} inputs")
+
+
 def onnx_logits(path: str | Path, images, threads: int | None = None, batch: int = 500,
                 lower: bool = True) -> np.ndarray:
     """Logits per image through onnxruntime; images NCHW, uint8 (0-255) or float pixels in [0, 1]."""
     session = make_session(path, threads, lower=lower)
+    check_input_shape(session, path, tuple(images.shape[1:]))
     logits = []
     for start in range(0, len(images), batch):
         x = images[start:start + batch]
@@ -130,13 +144,15 @@ def bench_onnx(path: str | Path, batch_sizes=(1, 64), threads: int | None = None
     path = Path(path)
     meta = read_onnx_metadata(path)
     result = {"model": str(path), "onnx_bytes": path.stat().st_size, "dataset": meta.get("dataset")}
+    # Accuracy first: a file that cannot take the test images fails before seconds of timing are spent.
+    top1 = onnx_accuracy(path, test_split, threads) if test_split is not None else None
     result.update(measure_latency(path, batch_sizes, threads, seconds))
     lowering = lowering_counts(path)
     result["onnxruntime_lowering"] = lowering
     result["relu_chains_folded_for_onnxruntime"] = lowering["relu_chains"]  # the keys before the full record
     result["weights_dequantized_for_onnxruntime"] = lowering["weights"]
-    if test_split is not None:
-        result["top1"] = onnx_accuracy(path, test_split, threads)
+    if top1 is not None:
+        result["top1"] = top1
     result["machine"] = machine_description()
     return result
 

@@ -15,12 +15,22 @@ import time
 import numpy as np
 
 
-def rss_bytes() -> int:
+def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def rss_bytes() -> int:
+    return _status_bytes("VmRSS")
+
+
+def peak_rss_bytes() -> int:
+    """This process's own resident high-water mark. Not ru_maxrss: on Linux that survives fork+exec, so a
+    worker started by a large parent (a recipe run) would report the parent's peak, not the model's."""
+    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:
@@ -43,11 +53,14 @@ def main() -> None:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(args.model, opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    declared = session.get_inputs()[0]
+    name = declared.name
+    # The file's own input shape (a user's model need not take 3x32x32); symbolic dims get CIFAR's.
+    image_shape = [d if isinstance(d, int) else cifar for d, cifar in zip(declared.shape[1:], (3, 32, 32))]
     rng = np.random.default_rng(0)
     results = {}
     for batch in (int(b) for b in args.batches.split(",")):
-        x = rng.random((batch, 3, 32, 32), dtype=np.float32)
+        x = rng.random((batch, *image_shape), dtype=np.float32)
         for _ in range(args.warmup):
             session.run(None, {name: x})
         times = []
@@ -62,7 +75,7 @@ def main() -> None:
             "p99": float(np.percentile(t, 99)), "mean": float(t.mean()), "iters": len(t),
             "throughput_ips": float(batch * 1e3 / t.mean()),
         }
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = peak_rss_bytes()
     print(json.dumps({"latency_ms": results, "peak_rss_bytes": peak, "model_rss_bytes": max(0, peak - baseline),
                       "onnxruntime": ort.__version__, "provider": "CPUExecutionProvider"}))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import secrets
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from torch import nn
 
 from .errors import CifarpressError
 from .layers import STAND_INS
-from .models import build_model
+from .models import build_model, trusting
 
 FORMAT = "cifarpress-model/1"
 BUILTIN_DIR = Path(__file__).parent / "pretrained"
@@ -149,6 +150,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             raise CifarpressError(f"no built-in checkpoint '{name}' (available: {known})")
         return candidate
     resolved = Path(path).expanduser()
+    if resolved.is_dir():
+        raise CifarpressError(f"checkpoint {resolved} is a folder; give a model file (.pt) inside it")
     if not resolved.is_file():
         raise CifarpressError(f"checkpoint {resolved} not found; check the path (or train one with `cifarpress train`)")
     return resolved
@@ -158,8 +161,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     resolved = resolve_checkpoint(path)
     try:
         payload = torch.load(resolved, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CifarpressError(
+            f"{resolved} holds Python objects beyond tensors and plain data (code, or a pickled model), which "
+            f"cifarpress does not load; save a state dict instead: torch.save(model.state_dict(), path)") from None
     except Exception as exc:  # torch raises many types for a corrupt file
-        raise CifarpressError(f"cannot read checkpoint {resolved} ({type(exc).__name__}); is it a torch file?") from None
+        kind = "empty" if resolved.stat().st_size == 0 else f"{type(exc).__name__}"
+        raise CifarpressError(f"cannot read checkpoint {resolved} ({kind}); it is not a complete torch file "
+                              f"(an interrupted copy?): write it again") from None
     return payload
 
 
@@ -181,7 +190,8 @@ def load_model(path: str | os.PathLike, arch: str | None = None, num_classes: in
         )
     if arch is not None and arch != info["arch"] and payload.get("format") == FORMAT:
         raise CifarpressError(f"{path} holds a '{info['arch']}' model, not '{arch}'")
-    model = build_model(info["arch"], info["num_classes"])
+    with trusting(arch):  # the caller's --arch names the factory itself
+        model = build_model(info["arch"], info["num_classes"], recorded_in=str(path))
     if payload.get("layers"):
         info["resized_layers"] = resize_layers(model, payload["layers"])
     if payload.get("quantization"):

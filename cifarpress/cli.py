@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from .errors import CifarpressError, RecipeError
 from .recipe import PruneStage, QuantizeStage, TrainingOptions, load_recipe, recipe_from_dict
+from .run_folder import check_writable
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,14 +35,41 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except CifarpressError as exc:
-            # escape: paths and messages may hold [brackets] that are not console markup
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True, emoji=False)
+            _print_error(str(exc), exc)
             raise typer.Exit(exc.exit_code)
+        except OSError as exc:  # a path the user gave cannot be read or written (permissions, a full disk)
+            where = f" {exc.filename}" if exc.filename else ""
+            _print_error(f"{exc.strerror or type(exc).__name__}:{where}; check that path and its permissions", exc)
+            raise typer.Exit(1)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted: finished epochs and stages are saved; re-run the same command to resume[/]")
             raise typer.Exit(130)
 
     return wrapper
+
+
+_debug_flag = {"on": False}  # --debug of the current invocation
+
+
+def debug_enabled() -> bool:
+    return _debug_flag["on"] or os.environ.get("CIFARPRESS_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _print_error(message: str, exc: BaseException) -> None:
+    # escape: paths and messages may hold [brackets] that are not console markup
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
+    if debug_enabled():
+        import traceback
+
+        cause = exc.__cause__ or exc
+        err.print("".join(traceback.format_exception(type(cause), cause, cause.__traceback__)), markup=False,
+                  highlight=False)
+
+
+@app.callback()
+def _global_options(debug: bool = typer.Option(False, "--debug", help="Print the full traceback behind an error "
+                                                                     "(same as CIFARPRESS_DEBUG=1).")):
+    _debug_flag["on"] = debug
 
 
 def set_threads(threads: Optional[int]) -> None:
@@ -73,15 +101,17 @@ def train(
     force: bool = typer.Option(False, help="Discard a previous run in the folder instead of resuming it."),
 ):
     """Train (or fine-tune) a classifier; re-running the same command resumes after the last finished epoch."""
+    from .models import trusting
     from .training import run_training
 
     set_threads(threads)
-    result = run_training(
-        arch=model, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        schedule=schedule, label_smoothing=label_smoothing, ema=ema, init=init,
-        out_dir=out_dir or Path("runs") / f"train-{model.replace(':', '_')}", data_root=data_root, seed=seed,
-        max_steps_per_epoch=max_steps_per_epoch, force=force,
-    )
+    with trusting(model):  # --model names the factory: an --init file may record it
+        result = run_training(
+            arch=model, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            schedule=schedule, label_smoothing=label_smoothing, ema=ema, init=init,
+            out_dir=out_dir or Path("runs") / f"train-{model.replace(':', '_')}", data_root=data_root, seed=seed,
+            max_steps_per_epoch=max_steps_per_epoch, force=force,
+        )
     if result is not None:
         out.print(f"top-1 {result['top1']:.2f}%  ->  {result['model_path']}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -385,14 +415,16 @@ def export(
     calibrator: str = typer.Option("entropy", help="int8 calibration: minmax, percentile, entropy or mse."),
     data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
     check_images: int = typer.Option(1000, min=10, help="Real test images compared between PyTorch and onnxruntime."),
-    tolerance: float = typer.Option(1e-4, help="Max abs logit difference before the export counts as failed."),
+    tolerance: Optional[float] = typer.Option(
+        None, help="Max abs logit difference before the export counts as failed (default 1e-4; for a quantized "
+                   "model with int8 activations, 2% of the largest logit)."),
     arch: Optional[str] = typer.Option(None, help="Architecture, for a plain state-dict checkpoint."),
 ):
     """Export to ONNX (inputs float32 NCHW RGB in [0, 1], normalization inside), checked in onnxruntime;
     optionally build a TensorRT engine from it with a JSON sidecar."""
     from .checkpoint import load_model
     from .data import dataset_spec, load_split
-    from .export import check_onnx, export_onnx
+    from .export import check_onnx, export_onnx, publish_checked
     import torch
 
     from .quantize import check_qdq, export_qdq, quantized_layers
@@ -430,13 +462,15 @@ def export(
         path = output if (output and fmt == "onnx") else Path(f"{stem}.int8.onnx")
         _export_int8(model, info, path, spec, test, data_root, calib_images, calibrator, check_images)
     else:
-        onnx_path = output if (output and fmt == "onnx") else stem.with_suffix(".onnx")
-        if quantized:
-            path = export_qdq(model, onnx_path, spec, test.classes, {"arch": info["arch"]})
-            check = check_qdq(model, path, test.subset(torch.arange(min(check_images, len(test)))))
+        path = output if (output and fmt == "onnx") else stem.with_suffix(".onnx")
+        meta = {"arch": info["arch"]}
+        if quantized:  # --tolerance applies here too; without it, check_qdq's default for the graph's inputs
+            subset = test.subset(torch.arange(min(check_images, len(test))))
+            check = publish_checked(path, lambda tmp: export_qdq(model, tmp, spec, test.classes, meta),
+                                    lambda tmp: check_qdq(model, tmp, subset, tolerance))
         else:
-            path = export_onnx(model, onnx_path, spec, test.classes, {"arch": info["arch"]})
-            check = check_onnx(model, path, test, check_images, tolerance)
+            check = publish_checked(path, lambda tmp: export_onnx(model, tmp, spec, test.classes, meta),
+                                    lambda tmp: check_onnx(model, tmp, test, check_images, tolerance or 1e-4))
         out.print(f"{path}: {path.stat().st_size / 1e6:.2f} MB; onnxruntime vs PyTorch on {check.images} test "
                   f"images: max |diff| {check.max_abs_diff:.2e}, top-1 agreement {check.top1_agreement:.2f}%")
     if fmt == "tensorrt":
@@ -464,6 +498,7 @@ def bench(
         raise CifarpressError("batch sizes must be >= 1")
     if device not in ("cpu", "gpu", "jetson"):
         raise CifarpressError(f"unknown --device '{device}'; use cpu, gpu or jetson")
+    target = check_writable(json_out or model.with_suffix(".bench.json"))  # before measuring, not after
     is_engine = model.suffix in (".engine", ".plan")
     if device == "cpu" and is_engine:
         raise CifarpressError(f"{model} is a TensorRT engine; bench it with --device gpu or --device jetson")
@@ -495,7 +530,6 @@ def bench(
         test = load_split(meta.get("dataset", "cifar10"), "test", data_root) if accuracy else None
         result = bench_onnx(model, tuple(batch), threads, test, seconds)
         out.print(bench_table(result))
-    target = json_out or model.with_suffix(".bench.json")
     atomic_write_json(target, result)
     out.print(f"wrote {target}")
 
@@ -547,6 +581,8 @@ def compare(
     if len(models) < 2:
         raise CifarpressError("compare needs two or more ONNX files (the first is the reference); "
                               "for one file use `cifarpress bench`")
+    if json_out:
+        check_writable(json_out)  # before minutes of timing, not after
     if any(b < 1 for b in batch):
         raise CifarpressError("batch sizes must be >= 1")
     for path in models:

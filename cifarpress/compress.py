@@ -21,12 +21,13 @@ from .bench import bench_onnx, machine_description
 from .checkpoint import atomic_write_json, load_model, save_model
 from .data import CifarSplit, dataset_spec, load_split
 from .errors import CifarpressError
-from .export import check_onnx, export_onnx
-from .models import build_model
+from .export import check_onnx, export_onnx, publish_checked
+from .models import build_model, trusting
 from .profile import profile_model
 from .recipe import (PRUNE_WINDOW, DistillOptions, DistillStage, ExportStage, PruneStage, QuantizeStage, Recipe,
                      TrainStage, stage_dir_name)
 from .report import write_report
+from .run_folder import RunFolder, check_can_clear
 from .trainer import evaluate
 
 console = Console(stderr=True)
@@ -68,15 +69,16 @@ def export_checked(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, inf
     test = ctx.split("test")
     meta = {"arch": info["arch"], "stage": stage_dir.name}
     extra: dict = {}
+    onnx_path, threads = stage_dir / "model.onnx", ctx.recipe.bench.threads
     if quantized_layers(model):
-        onnx_path = export_qdq(model, stage_dir / "model.onnx", ctx.spec, test.classes, meta)
         subset = test.subset(torch.arange(min(images, len(test))))
-        check = check_qdq(model, onnx_path, subset, tolerance, ctx.recipe.bench.threads)
+        check = publish_checked(onnx_path, lambda tmp: export_qdq(model, tmp, ctx.spec, test.classes, meta),
+                                lambda tmp: check_qdq(model, tmp, subset, tolerance, threads))
         packed = save_packed(model, stage_dir / "model.packed", info["arch"], ctx.spec.num_classes, ctx.recipe.dataset)
         extra = {"packed": str(packed), "packed_bytes": packed.stat().st_size}
     else:
-        onnx_path = export_onnx(model, stage_dir / "model.onnx", ctx.spec, test.classes, meta)
-        check = check_onnx(model, onnx_path, test, images, tolerance or 1e-4, ctx.recipe.bench.threads)
+        check = publish_checked(onnx_path, lambda tmp: export_onnx(model, tmp, ctx.spec, test.classes, meta),
+                                lambda tmp: check_onnx(model, tmp, test, images, tolerance or 1e-4, threads))
     return onnx_path, {"onnx_check": check.to_dict(), **extra}
 
 
@@ -134,7 +136,7 @@ def _train_stage(ctx: RunContext, cfg, prev_model: Path, stage_dir: Path, plugin
     plugins = list(plugins) + distillation_plugins(getattr(cfg, "distill", None), ctx.spec.num_classes, prev_model)
     arch, init = student if student else (None, str(prev_model))
     run_training(arch=arch, dataset=ctx.recipe.dataset, out_dir=stage_dir, data_root=ctx.data_root,
-                 init=init, ema=ema, plugins=plugins, **cfg.training_options())
+                 init=init, ema=ema, plugins=plugins, own_folder=False, **cfg.training_options())
     return stage_dir / "model.pt"
 
 
@@ -290,15 +292,33 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | Non
     """Run (or resume) a recipe; returns the run folder holding report.json and report.md."""
     run_dir = Path(out_dir) if out_dir else Path("runs") / recipe.name
     ctx = RunContext(recipe, run_dir, data_root or recipe.data_root)
-    ctx.split("test")  # fail early, before any work (and before --force deletes anything), if the data is missing
+    # Fail early, before any work and before --force deletes anything: the data, TensorRT, the folder.
+    ctx.split("test")
     if any(s.kind == "export" and s.config.format == "tensorrt" for s in recipe.stages):
         from .tensorrt_engine import require_tensorrt
 
-        require_tensorrt()  # likewise: one sentence on a machine without TensorRT or a GPU, before any training
-    if force and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        require_tensorrt()  # one sentence on a machine without TensorRT or a GPU, before any training
+    if force:
+        check_can_clear(run_dir)
+    # The recipe names these factories, so model files in this run may name them too (see models.trusting).
+    factories = [recipe.model.arch] + [s.config.arch for s in recipe.stages if s.kind == "distill"]
+    with trusting(*factories), RunFolder(run_dir, force, command=f"cifarpress compress {recipe.name}"):
+        return _run_stages(ctx, recipe, run_dir)
 
+
+def _read_done(done_file: Path) -> dict | None:
+    """A stage's done.json, or None when it is unreadable (a kill while writing it): the stage runs again."""
+    try:
+        done = json.loads(done_file.read_text())
+        if isinstance(done, dict) and "key" in done:
+            return done
+    except (OSError, ValueError):
+        pass
+    console.print(f"[yellow]{done_file} is unreadable; running that stage again[/]")
+    return None
+
+
+def _run_stages(ctx: RunContext, recipe: Recipe, run_dir: Path) -> Path:
     stages = [("baseline", None)] + [(s.kind, s.config) for s in recipe.stages]
     rows, artifacts, prev_model = [], [], None
     bench = recipe.bench.model_dump()
@@ -306,8 +326,8 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | Non
         stage_dir = run_dir / stage_dir_name(index, kind)
         done_file = stage_dir / "done.json"
         key = _stage_key(recipe, index)
-        if done_file.exists():
-            done = json.loads(done_file.read_text())
+        done = _read_done(done_file) if done_file.exists() else None
+        if done is not None:
             if done.get("key") == key:
                 if done.get("row") and done.get("bench") != bench:
                     # Same model, other bench settings: measure it again (no retraining), so every

@@ -95,10 +95,24 @@ def download(spec: DatasetSpec, root: Path, url: str | None = None, timeout: flo
     return target
 
 
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """The CIFAR batches are pickles; allow only what they hold (dicts, lists, bytes, numpy arrays), so a
+    planted batch file cannot run code."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks to load {module}.{name}, which a data batch never holds")
+        return super().find_class(module, name)
+
+
 def _read_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _DataOnlyUnpickler(f, encoding="bytes").load()
     except (OSError, pickle.UnpicklingError, EOFError) as exc:
         raise CifarpressError(f"cannot read {path} ({exc}); delete the folder and download again") from None
 

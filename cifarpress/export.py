@@ -10,9 +10,12 @@ import contextlib
 import io
 import json
 import logging
+import os
+import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import onnx
@@ -25,6 +28,7 @@ from .data import CifarSplit, DatasetSpec, balanced_subset
 from .errors import CifarpressError
 
 OPSET = 18
+T = TypeVar("T")
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
@@ -117,14 +121,37 @@ def export_onnx(model: nn.Module, path: str | Path, spec: DatasetSpec, classes: 
         model.train(was_training)
 
 
+def publish_checked(path: str | Path, export: Callable[[Path], object], check: Callable[[Path], T]) -> T:
+    """Export to a temporary file beside `path`, check it, and only then move it into place.
+
+    A failed check leaves no unfaithful file at `path` (an earlier file there stays as it was)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unchecked = path.with_name(f".{path.stem}.unchecked.{secrets.token_hex(4)}{path.suffix}")
+    try:
+        export(unchecked)
+        try:
+            result = check(unchecked)
+        except ExportCheckError as exc:  # name the file the user asked for, not the temporary one
+            raise type(exc)(str(exc).replace(str(unchecked), str(path))) from None
+        os.replace(unchecked, path)
+    finally:
+        unchecked.unlink(missing_ok=True)
+    return result
+
+
 def read_onnx_metadata(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise CifarpressError(f"{path} is a folder; give an ONNX file (.onnx) inside it")
     if not path.is_file():
         raise CifarpressError(f"ONNX file {path} not found; export one with `cifarpress export`")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise CifarpressError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
+    if not proto.graph.node:  # protobuf parses an empty (or zeroed) file as an empty model
+        raise CifarpressError(f"{path} is empty or not an ONNX model (no graph); export it again")
     meta = {p.key: p.value for p in proto.metadata_props}
     if "classes" in meta:
         meta["classes"] = json.loads(meta["classes"])
@@ -138,11 +165,23 @@ def compare_with_onnxruntime(wrapped: nn.Module, session, pixels: torch.Tensor,
 
     Returns the check (max abs difference, top-1 agreement) and the largest |logit|,
     against which a relative tolerance can be set."""
+    broken = [name for name, t in wrapped.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:  # an infinite BatchNorm variance can still give finite logits: refuse the model itself
+        raise ExportCheckError(
+            f"the model holds NaN or infinite values in {len(broken)} tensors ({', '.join(broken[:3])}); it is broken "
+            f"(diverged training?): retrain it with a lower learning rate")
     max_diff, agree, largest = 0.0, 0, 0.0
     for start in range(0, len(pixels), batch):
         x = pixels[start:start + batch]
         ref = wrapped(x).numpy()
         got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        # max() would let a NaN through (max(0.0, nan) is 0.0): a non-finite logit fails whatever the tolerance.
+        for name, logits in (("PyTorch", ref), ("onnxruntime", got)):
+            if not np.isfinite(logits).all():
+                bad = int((~np.isfinite(logits)).any(axis=1).sum())
+                raise ExportCheckError(
+                    f"{name} gives NaN or infinite logits on {bad} of {len(x)} test images; the model is broken "
+                    f"(diverged training?): retrain it with a lower learning rate")
         max_diff = max(max_diff, float(np.abs(ref - got).max()))
         largest = max(largest, float(np.abs(ref).max()))
         agree += int((ref.argmax(1) == got.argmax(1)).sum())

@@ -217,7 +217,8 @@ class BenchSpec(Strict):
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run folder name under runs/")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,
+                      description="Run folder name under runs/")
     dataset: Literal[tuple(DATASETS)] = "cifar10"  # type: ignore[valid-type]
     data_root: Optional[str] = None
     model: ModelSpec
@@ -295,6 +296,17 @@ def recipe_from_dict(raw: dict, base: Path, source: str | Path, labels: dict[str
     def checked(value: str, field: str) -> str:
         return _checked_model_path(value, base, source, _labelled(field, labels), relative_to)
 
+    def known_arch(value: str, field: str) -> None:
+        from .models import MODELS  # late: the recipe schema itself stays torch-free
+
+        if ":" not in value and value not in MODELS:
+            raise RecipeError(f"{source}: {_labelled(field, labels)}: unknown model '{value}'; choose one of "
+                              f"{', '.join(MODELS)} or give package.module:factory")
+
+    known_arch(recipe.model.arch, "model.arch")
+    for i, stage in enumerate(recipe.stages):
+        if stage.kind == "distill":
+            known_arch(stage.config.arch, f"stages[{i}].distill.arch")
     ckpt = recipe.model.checkpoint
     if ckpt:
         recipe.model.checkpoint = checked(ckpt, "model.checkpoint")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -160,6 +161,39 @@ def evaluate(model: nn.Module, split: CifarSplit, batch_size: int = 500, device=
     return float(100.0 * counts[0] / counts[1].clamp(min=1))
 
 
+def read_resume_file(path: Path, device=None) -> dict:
+    """A run folder's last.pt, loaded weights-only: a planted file can hold data, never code.
+
+    Every plug-in's state_dict() must therefore be tensors, numbers, strings and containers of them."""
+    fix = f"delete {path} to train this stage from its start again, or pass --force"
+    try:
+        if path.stat().st_size == 0:
+            raise CifarpressError(f"{path} is empty (a run killed while writing it?); {fix}")
+        state = torch.load(path, map_location=device, weights_only=True)
+    except CifarpressError:
+        raise
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CifarpressError(f"{path} is not a checkpoint cifarpress will load: it holds objects other than "
+                              f"tensors and plain data ({first}); {fix}") from None
+    except Exception as exc:  # truncated zip, text, a folder: torch raises many types
+        detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise CifarpressError(f"{path} is unreadable ({detail}); {fix}") from None
+    keys = {"epoch", "step", "config", "model", "optimizer", "scheduler", "history", "plugins"}
+    if not isinstance(state, dict) or not keys <= state.keys():
+        raise CifarpressError(f"{path} is not a cifarpress training checkpoint (last.pt); {fix}")
+    return state
+
+
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of parameters and floating buffers (BatchNorm statistics included) holding NaN or Inf."""
+    bad = []
+    for name, tensor in unwrap(model).state_dict().items():
+        if tensor.dtype.is_floating_point and not torch.isfinite(tensor).all():
+            bad.append(name)
+    return bad
+
+
 @dataclass
 class TrainResult:
     model: nn.Module
@@ -235,7 +269,7 @@ class Trainer:
         path = self._checkpoint_path()
         if path is None or not path.exists():
             return 0
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = read_resume_file(path, self.device)
         if state["config"] != self._config_key():
             raise CifarpressError(
                 f"{path} was written with different training settings; pass --force to start over "
@@ -343,6 +377,13 @@ class Trainer:
                     top1 = evaluate(eval_model, test, c.eval_batch_size, self.device, (self.rank, self.world),
                                     c.channels_last)
                     metrics["top1"] = top1
+                # A diverged run can keep a finite loss while weights or BatchNorm statistics overflow;
+                # stop here rather than save it, export it and blame the export.
+                diverged = non_finite_tensors(self.model)
+                if diverged:
+                    raise CifarpressError(
+                        f"training diverged at epoch {self.epoch}: {len(diverged)} tensors are NaN or infinite "
+                        f"({', '.join(diverged[:3])}); lower the learning rate")
                 for p in self.plugins:
                     p.on_epoch_end(self, self.epoch, metrics)
                 self.history.append(metrics)

@@ -1,7 +1,7 @@
 """Train or fine-tune one model into a run folder: shared by `cifarpress train` and the recipe `train` stage."""
 from __future__ import annotations
 
-import shutil
+import contextlib
 import sys
 from pathlib import Path
 
@@ -12,19 +12,31 @@ from .data import dataset_spec, load_split
 from .errors import CifarpressError
 from .models import build_model
 from .plugins import WeightEMA
+from .run_folder import RunFolder, check_can_clear
 from .trainer import Plugin, TrainConfig, Trainer, distributed_context
 
 
 def run_training(arch: str, dataset: str, epochs: int, out_dir: Path, data_root=None, init: str | None = None,
                  ema: bool = False, plugins: list[Plugin] | None = None, force: bool = False,
-                 **config) -> dict | None:
-    """Returns {'top1', 'model_path', 'history'} on rank 0 (None on other ranks)."""
+                 own_folder: bool = True, **config) -> dict | None:
+    """Returns {'top1', 'model_path', 'history'} on rank 0 (None on other ranks).
+
+    own_folder: out_dir is this run's own run folder (`cifarpress train`), locked while it trains and
+    emptied first with `force`; a recipe stage passes False, as the recipe's run folder is locked already."""
     out_dir = Path(out_dir)
     rank, world = distributed_context()
-    if force and rank == 0 and out_dir.exists():
-        shutil.rmtree(out_dir)
-    if world > 1:
-        torch.distributed.barrier()  # no rank may look for last.pt before rank 0 has cleared it
+    folder = RunFolder(out_dir, force) if own_folder and rank == 0 else contextlib.nullcontext(out_dir)
+    if own_folder and force:
+        check_can_clear(out_dir)  # before loading anything, on every rank: refuse early, delete nothing
+    # Everything that can fail on bad input (model, data) runs before --force empties the folder.
+    prepared = _prepare(arch, dataset, data_root, init, config.get("seed", 0))
+    with folder:
+        if world > 1:
+            torch.distributed.barrier()  # no rank may look for last.pt before rank 0 has cleared it
+        return _train(*prepared, dataset, epochs, out_dir, ema, plugins, config)
+
+
+def _prepare(arch, dataset, data_root, init, seed):
     spec = dataset_spec(dataset)
     if init:
         model, info = load_model(init)
@@ -33,10 +45,14 @@ def run_training(arch: str, dataset: str, epochs: int, out_dir: Path, data_root=
             raise CifarpressError(
                 f"{init} has {info['num_classes']} outputs but {dataset} has {spec.num_classes} classes")
     else:
-        torch.manual_seed(config.get("seed", 0))
+        torch.manual_seed(seed)
         model = build_model(arch, spec.num_classes)
     train_split = load_split(dataset, "train", data_root)
     test_split = load_split(dataset, "test", data_root)
+    return model, arch, spec, train_split, test_split
+
+
+def _train(model, arch, spec, train_split, test_split, dataset, epochs, out_dir, ema, plugins, config):
     cfg = TrainConfig(epochs=epochs, **config)
     plugins = list(plugins or []) + ([WeightEMA()] if ema else [])
     trainer = Trainer(model, cfg, plugins, run_dir=out_dir)

@@ -69,7 +69,7 @@ def finished_run(project):
             run_recipe(recipe, run_dir)
     after_interrupt = stamps(run_dir)
     baseline_model = (run_dir / "00-baseline" / "model.pt").stat().st_mtime_ns
-    folders = sorted(p.name for p in run_dir.iterdir())
+    folders = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
     assert not (run_dir / "report.json").exists()
 
     assert run_recipe(load_recipe(project / "recipe.yaml"), run_dir) == run_dir

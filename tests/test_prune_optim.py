@@ -99,7 +99,7 @@ def test_hesso_resumes_bit_identical(train, hesso_run, tmp_path):
     ref_trainer, ref, ref_pruner, _ = hesso_run
     with pytest.raises(KeyboardInterrupt):  # step 6: mid epoch 2, the last.pt is mid period 1
         fit_hesso(train, tmp_path, PruneTarget(sparsity=0.5), at=6)
-    saved = torch.load(tmp_path / "last.pt", weights_only=False)
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
     assert saved["epoch"] == 1 and saved["plugins"]["0:hesso"]["redundant"]  # a period half done
     trainer, result, pruner, _ = fit_hesso(train, tmp_path, PruneTarget(sparsity=0.5), seed=99)
     assert result.resumed_from == 1
@@ -218,7 +218,7 @@ def test_hesso_fisher_saliency_hits_the_target_and_resumes(train, tmp_path):
     assert len(ref_pruner.pruned_ids) == 224
     with pytest.raises(KeyboardInterrupt):
         fit(tmp_path / "cut", at=6)
-    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert saved["epoch"] == 1 and saved["plugins"]["0:hesso"]["fisher_steps"] == 3  # steps 2-4
     trainer, result, pruner = fit(tmp_path / "cut", seed=99)
     assert result.resumed_from == 1 and pruner.frozen == ref_pruner.frozen

@@ -372,7 +372,7 @@ def test_ternary_2bit_code():
 @pytest.mark.parametrize("config", [TernaryConfig(), TernaryConfig(scale="absmedian", granularity="channel",
                                                                    act_bits=8, keep=["3"])])
 def test_packed_round_trip_is_bit_exact(config, tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr("cifarpress.quantize.packed.build_model", lambda arch, n: small_net(seed=5))
+    monkeypatch.setattr("cifarpress.quantize.packed.build_model", lambda arch, n, **_: small_net(seed=5))
     model = randomize_batchnorm(small_net())
     quantize_model(model, config)
     x = normalized(tiny[1].images[:50])

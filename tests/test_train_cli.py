@@ -59,7 +59,7 @@ def test_killed_run_resumes_with_the_same_command(tiny_cifar_root, tmp_path):
         proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()
-    finished = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["epoch"]
+    finished = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["epoch"]
     assert finished in (1, 2)  # almost always 1; 2 only if the kill came late on a very busy machine
 
     again = run(cmd)
@@ -103,10 +103,11 @@ def test_torchrun_two_cpu_ranks(tiny_cifar_root, tmp_path, ema):
                 "--threads", "1"] + (["--ema"] if ema else []), timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("top-1") == 1  # rank 0 alone reports
-    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "metrics.json", "model.pt"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["last.pt", "metrics.json", "model.pt"]
+    assert (out / ".cifarpress-run").exists()  # rank 0 made and marked the run folder
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
-    last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert last["config"]["world"] == 2 and last["step"] == 6
     assert last["config"]["plugins"] == (["ema"] if ema else [])
     model, info = load_model(out / "model.pt")

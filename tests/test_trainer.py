@@ -158,7 +158,7 @@ def test_hooks_are_called_in_documented_order(tiny, tmp_path):
     assert [e for _, e in log] == want
     assert rec.shapes == [((20, 3, 32, 32), (20,), (20, 10))] * 4
     assert len(result.history) == 2 and (tmp_path / "last.pt").exists()
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["plugins"] == {"0:recorder-a": {"calls": 16}}
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["plugins"] == {"0:recorder-a": {"calls": 16}}
 
 
 def test_extra_loss_changes_gradients_and_plugins_compose(tiny):
@@ -341,7 +341,7 @@ def test_interrupted_run_resumes_to_identical_weights(tiny, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         Trainer(small_net(), cfg, [stopper, WeightEMA(decay=0.9)], run_dir=run, device=cpu(), quiet=True).fit(train, test)
-    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
 
     # a different starting model proves the weights come from the checkpoint
     again = Interrupt()

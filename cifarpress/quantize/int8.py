@@ -51,7 +51,7 @@ from ..calibrate import (CALIBRATORS, INT8_MAX, AbsHistogram, activation_scale, 
 from ..checkpoint import atomic_write, unwrap
 from ..data import CifarSplit, DatasetSpec
 from ..errors import CifarpressError
-from ..export import OPSET, ExportCheck, check_onnx, check_pixels, export_onnx
+from ..export import OPSET, ExportCheck, ExportCheckError, check_onnx, check_pixels, export_onnx, publish_checked
 from ..ort_lowering import replace_nodes
 from .qdq import _as_pixels
 
@@ -372,9 +372,12 @@ def export_int8_checked(model: nn.Module, onnx_path: str | Path, train: CifarSpl
     model through onnxruntime on test images (no tolerance: int8 differs by design, the check records by how
     much) and checked against TensorRT's rules. The command line and recipes both export int8 through this."""
     manifest = calibration_manifest(train.spec.name, train.labels, min(calib_images, len(train)))
-    path = export_int8_qdq(model, onnx_path, train.spec, test.classes, manifest_images(manifest, train), calibrator,
-                           manifest=manifest, extra_metadata=extra_metadata, threads=threads)
-    check = check_onnx(model, path, test, check_images, float("inf"), threads)
+    path = Path(onnx_path)
+    check = publish_checked(  # a file whose check fails (NaN logits) is never left at onnx_path
+        path, lambda tmp: export_int8_qdq(model, tmp, train.spec, test.classes, manifest_images(manifest, train),
+                                          calibrator, manifest=manifest, extra_metadata=extra_metadata,
+                                          threads=threads),
+        lambda tmp: check_onnx(model, tmp, test, check_images, float("inf"), threads))
     return Int8Export(path, manifest, check, check_int8_rules(path))
 
 
@@ -385,13 +388,21 @@ def quantize_onnx_int8_checked(float_path: str | Path, onnx_path: str | Path, tr
     from ..bench import onnx_logits  # bench imports this package
 
     manifest = calibration_manifest(train.spec.name, train.labels, min(calib_images, len(train)))
-    path = quantize_onnx_int8(float_path, onnx_path, manifest_images(manifest, train), calibrator,
-                              manifest=manifest, threads=threads)
     pixels = check_pixels(test, check_images)  # the images check_onnx compares on
-    reference, got = (onnx_logits(p, pixels, threads) for p in (float_path, path))
-    check = ExportCheck(len(pixels), float(np.abs(reference - got).max()),
-                        100.0 * float((reference.argmax(1) == got.argmax(1)).mean()))
-    return Int8Export(path, manifest, check, check_int8_rules(path))
+
+    def check(tmp: Path) -> ExportCheck:
+        reference, got = (onnx_logits(p, pixels, threads) for p in (float_path, tmp))
+        if not (np.isfinite(reference).all() and np.isfinite(got).all()):
+            raise ExportCheckError(f"{float_path} or its int8 graph gives NaN or infinite logits; the model is "
+                                   f"broken (diverged training?): retrain it with a lower learning rate")
+        return ExportCheck(len(pixels), float(np.abs(reference - got).max()),
+                           100.0 * float((reference.argmax(1) == got.argmax(1)).mean()))
+
+    path = Path(onnx_path)
+    result = publish_checked(path, lambda tmp: quantize_onnx_int8(float_path, tmp, manifest_images(manifest, train),
+                                                                  calibrator, manifest=manifest, threads=threads),
+                             check)
+    return Int8Export(path, manifest, result, check_int8_rules(path))
 
 
 # -- TensorRT explicit-quantization rules ------------------------------------------------------

@@ -188,7 +188,7 @@ def load_packed(path: str | os.PathLike) -> nn.Module:
     """Rebuild the fake-quant model from a packed file, in eval mode, with every quantized layer deployed."""
     header, payload = _read(path)
     tensors = _decode(header, payload, path)
-    model = build_model(header["arch"], header["num_classes"])
+    model = build_model(header["arch"], header["num_classes"], recorded_in=str(path))
     precisions = quantize_model(model, TernaryConfig.from_dict(header["config"]))
     if precisions != header["layers"]:
         raise CifarpressError(f"{path} was written for different layers than '{header['arch']}' has now; "
