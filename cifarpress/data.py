@@ -39,18 +39,46 @@ def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
     return default_data_root()
 
 
+# What the build script (../shared/data/build_cifar10.py, its `.built-with` stamp) put in each split.
+_BUILD_SOURCES = {
+    "train": {"exact": "official pixels", "jpeg": "a JPEG re-encoding (~30 dB)"},
+    "test": {"exact1000": "images 0-999 only, official pixels", "mixed": "images 0-999 official, 1000-9999 JPEG",
+             "jpeg": "a JPEG re-encoding (~30 dB)"},
+}
+OFFICIAL_TEST_IMAGES = 1000  # how many leading test images are the official pixels in a --test mixed build
+
+
 @dataclass
 class CifarSplit:
     images: torch.Tensor  # uint8 [N, 3, 32, 32]
     labels: torch.Tensor  # int64 [N]
     classes: list[str]
     spec: DatasetSpec
+    source: str = ""  # where the pixels came from, in words (describe_source)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: torch.Tensor) -> "CifarSplit":
-        return CifarSplit(self.images[indices], self.labels[indices], self.classes, self.spec)
+        return CifarSplit(self.images[indices], self.labels[indices], self.classes, self.spec,
+                          f"{len(indices)} images of {self.source or 'the split'}")
+
+    @property
+    def official_prefix(self) -> int:
+        """How many leading images are the official pixels (0 when unknown or JPEG)."""
+        if "images 0-999 official" in self.source or "images 0-999 only, official" in self.source:
+            return min(OFFICIAL_TEST_IMAGES, len(self))
+        return len(self) if self.source.startswith("official") else 0
+
+
+def describe_source(folder: Path, split: str) -> str:
+    """The pixels' origin in words: the build stamp of a local copy, else the official files."""
+    stamp = folder / ".built-with"
+    if not stamp.exists():
+        return "official files"
+    options = dict(part.split("=", 1) for part in stamp.read_text().split() if "=" in part)
+    kind = options.get(split, "jpeg")
+    return _BUILD_SOURCES[split].get(kind, kind) + f"; local build {split}={kind}"
 
 
 def _md5(path: Path) -> str:
@@ -150,7 +178,18 @@ def load_split(
     meta = _read_pickle(folder / spec.meta_file)
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[spec.names_key]]
     images = torch.from_numpy(np.concatenate(data).reshape(-1, 3, 32, 32))
-    return CifarSplit(images, torch.tensor(labels, dtype=torch.int64), classes, spec)
+    if len(images) != len(labels) or len(images) == 0:
+        raise CifarpressError(f"{folder}: the {split} batches hold {len(images)} images but {len(labels)} labels; "
+                              f"rebuild or download the data again")
+    source = describe_source(folder, split)
+    if spec.name != "cifar10" and source != "official files":
+        source = "local files"
+    return CifarSplit(images, torch.tensor(labels, dtype=torch.int64), classes, spec, source)
+
+
+def describe_split(split: CifarSplit) -> str:
+    """One line on what was loaded: 'CIFAR-10 test: 10,000 images (images 0-999 official, 1000-9999 JPEG ...)'."""
+    return f"{split.spec.name} {len(split):,} images ({split.source or 'unknown source'})"
 
 
 def balanced_subset(labels: torch.Tensor, total: int, seed: int = 0) -> torch.Tensor:
