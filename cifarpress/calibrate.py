@@ -44,6 +44,7 @@ from torch import nn
 from .checkpoint import atomic_write_json, unwrap
 from .data import CifarSplit, DatasetSpec, balanced_subset, load_split
 from .errors import CifarpressError
+from .progress import progress
 
 INT8_MAX = 127
 HISTOGRAM_BINS = 2048
@@ -180,18 +181,18 @@ def collect_statistics(onnx_path: str | Path, tensors: list[str], pixels: np.nda
         onnx.save(proto, str(observed))
         session = make_session(observed, threads)
 
-        def batches():
-            for start in range(0, len(pixels), batch):
+        def batches(what: str):
+            for start in progress(range(0, len(pixels), batch), what=what):
                 x = np.ascontiguousarray(pixels[start:start + batch], dtype=np.float32)
                 yield session.run(tensors, {INPUT_NAME: x})
 
         absmax = dict.fromkeys(tensors, 0.0)
-        for values in batches():
+        for values in batches("calibration: ranges"):
             for name, value in zip(tensors, values):
                 absmax[name] = max(absmax[name], float(np.abs(value).max(initial=0.0)))
         stats = {name: AbsHistogram.empty(absmax[name], bins if histograms else 1) for name in tensors}
         if histograms:
-            for values in batches():
+            for values in batches("calibration: histograms"):
                 for name, value in zip(tensors, values):
                     stats[name].add(value)
     return stats

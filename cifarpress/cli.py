@@ -143,20 +143,40 @@ def eval_cmd(
 
     set_threads(threads)
     if checkpoint.endswith(".onnx"):
-        from .bench import onnx_accuracy, read_onnx_metadata
+        from .bench import is_quantized_graph, onnx_predictions, read_onnx_metadata
 
         meta = read_onnx_metadata(checkpoint)
         test = load_split(dataset or meta.get("dataset", "cifar10"), "test", data_root)
-        top1 = onnx_accuracy(checkpoint, test, threads=threads)
+        correct = onnx_predictions(checkpoint, test.images, threads) == test.labels.numpy()
+        graph = (onnx_predictions(checkpoint, test.images, threads, exact=True) == test.labels.numpy()
+                 if is_quantized_graph(checkpoint) else None)
     else:
         from .checkpoint import load_model
-        from .trainer import evaluate
+        from .trainer import predict
 
         model, info = load_model(checkpoint, arch, num_classes)
         test = load_split(dataset or info["dataset"] or "cifar10", "test", data_root)
         _check_classes(info["num_classes"], test)
-        top1 = evaluate(model, test)
-    out.print(json.dumps({"model": checkpoint, "top1": round(top1, 3)}))
+        correct, graph = (predict(model, test) == test.labels).numpy(), None
+    print(json.dumps(accuracy_summary(checkpoint, test, correct, graph)))  # one line: not re-wrapped
+
+
+def accuracy_summary(model: str, test, correct, graph_correct=None) -> dict:
+    """Top-1 on the whole test split, and on its official images alone where the build mixes sources (with
+    the binomial standard error, about 1 pp on 1000 images): the honest absolute figure."""
+    import numpy as np
+
+    from .data import describe_split
+
+    result = {"model": model, "top1": round(100 * float(np.mean(correct)), 3), "test_set": describe_split(test)}
+    if graph_correct is not None:
+        result["top1_graph"] = round(100 * float(np.mean(graph_correct)), 3)
+    official = test.official_prefix
+    if 0 < official < len(test):
+        p = float(np.mean(correct[:official]))
+        result[f"top1_images_0_{official - 1}_official"] = round(100 * p, 2)
+        result["standard_error_pp"] = round(100 * (p * (1 - p) / official) ** 0.5, 2)
+    return result
 
 
 @app.command()
@@ -419,6 +439,15 @@ def export(
         None, help="Max abs logit difference before the export counts as failed (default 1e-4; for a quantized "
                    "model with int8 activations, 2% of the largest logit)."),
     arch: Optional[str] = typer.Option(None, help="Architecture, for a plain state-dict checkpoint."),
+    max_drop: Optional[float] = typer.Option(
+        None, min=0.0, help="int8: fail when top-1 drops more than this many pp against the float model on the "
+                            "check images (the graph's own math), naming the layers that lose most."),
+    exclude: list[str] = typer.Option(
+        [], help="int8: keep this layer in float: an op type (Conv, Gemm, Add), a layer name (layer1.0.conv1, fc) "
+                 "or a module prefix (layer3). Repeat for several."),
+    sensitivity: bool = typer.Option(
+        False, help="int8: also rank every layer by the top-1 lost when it alone is quantized "
+                    "(writes MODEL.int8.sensitivity.json)."),
 ):
     """Export to ONNX (inputs float32 NCHW RGB in [0, 1], normalization inside), checked in onnxruntime;
     optionally build a TensorRT engine from it with a JSON sidecar."""
@@ -436,6 +465,9 @@ def export(
     if precision not in allowed:
         raise CifarpressError(f"--precision {precision} is not available for --format {fmt}; use one of "
                               f"{', '.join(allowed)}")
+    int8 = {"exclude": list(exclude), "max_drop": max_drop, "sensitivity": sensitivity}
+    if precision != "int8" and (exclude or max_drop is not None or sensitivity):
+        raise CifarpressError("--max-drop, --exclude and --sensitivity apply to --precision int8 only")
     if fmt == "tensorrt":
         from .tensorrt_engine import require_tensorrt
 
@@ -445,7 +477,7 @@ def export(
             raise CifarpressError(f"{checkpoint} is already ONNX; pass --format tensorrt to build an engine from it, "
                                   f"or --precision int8 to quantize it")
         _from_onnx(Path(checkpoint), output, fmt, precision, max_batch, calib_images, calibrator, check_images,
-                   data_root)
+                   data_root, int8)
         return
     model, info = load_model(checkpoint, arch)
     spec = dataset_spec(info["dataset"] or "cifar10")
@@ -460,7 +492,7 @@ def export(
         # Both formats get int8 from our own calibration into a QDQ graph checked against the float model:
         # TensorRT then builds it as explicit int8 (its implicit calibrators are deprecated in 10, gone in 11).
         path = output if (output and fmt == "onnx") else Path(f"{stem}.int8.onnx")
-        _export_int8(model, info, path, spec, test, data_root, calib_images, calibrator, check_images)
+        _export_int8(model, info, path, spec, test, data_root, calib_images, calibrator, check_images, int8)
     else:
         path = output if (output and fmt == "onnx") else stem.with_suffix(".onnx")
         meta = {"arch": info["arch"]}
@@ -539,6 +571,10 @@ def bench(
 def lower(
     model: Path = typer.Argument(..., help="A QDQ ONNX file (int8 or ternary export)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write (default: MODEL.ort.onnx)."),
+    reduce_range: Optional[bool] = typer.Option(
+        None, "--reduce-range/--full-range",
+        help="Requantize integer-kernel weights to 7 bits, for CPUs without VNNI (AVX2 only), whose int8 kernels "
+             "saturate 8-bit weights (default: what this CPU needs)."),
 ):
     """Write the graph cifarpress runs in onnxruntime (int8 ReLU and ReLU6 chains folded into uint8, duplicate
     quantizations merged, weight-only quantized layers' weights dequantized), for deploying with plain onnxruntime
@@ -548,14 +584,16 @@ def lower(
     from .ort_lowering import lower_file
 
     read_onnx_metadata(model)  # a missing or unreadable file, in words
-    data, counts = lower_file(model)
+    data, counts = lower_file(model, reduce_range)
     if data is None:
         raise CifarpressError(f"{model} has nothing to lower for onnxruntime (a float graph runs as it is)")
     target = output or model.with_name(f"{model.stem}.ort.onnx")
     atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
     out.print(f"{target}: {len(data) / 1e6:.2f} MB for onnxruntime CPU ({counts['relu_chains']} ReLU chains folded "
               f"into uint8, {counts['clip_chains']} ReLU6 Clips folded into uint8, {counts['merged_quantize']} "
-              f"duplicate QuantizeLinears merged, {counts['weights']} weights dequantized); "
+              f"duplicate QuantizeLinears merged, {counts['weights']} weights dequantized"
+              + (f", {counts['weights_7bit']} weights in 7-bit range for CPUs without VNNI" if counts["weights_7bit"]
+                 else "") + "); "
               f"build TensorRT engines from {model}")
 
 
@@ -631,7 +669,7 @@ def inspect(
 
 
 def _from_onnx(path: Path, output: Optional[Path], fmt: str, precision: str, max_batch: int, calib_images: int,
-               calibrator: str, check_images: int, data_root) -> None:
+               calibrator: str, check_images: int, data_root, int8: dict) -> None:
     """int8 and TensorRT engines from a cifarpress ONNX file alone. A float file is quantized by our own
     calibration into a QDQ file first (checked against the float file), so TensorRT int8 is explicit."""
     from .data import load_split
@@ -646,10 +684,12 @@ def _from_onnx(path: Path, output: Optional[Path], fmt: str, precision: str, max
     if precision == "int8" and not onnx_has_qdq(path):
         _require_calibrator(calibrator)
         target = output if (output and fmt == "onnx") else path.with_suffix(".int8.onnx")
-        exported = quantize_onnx_int8_checked(path, target, load_split(dataset, "train", data_root),
-                                              load_split(dataset, "test", data_root), calibrator, calib_images,
-                                              check_images)
+        train, test = load_split(dataset, "train", data_root), load_split(dataset, "test", data_root)
+        exported = quantize_onnx_int8_checked(path, target, train, test, calibrator, calib_images, check_images,
+                                              exclude=int8["exclude"], max_drop=int8["max_drop"])
         _print_int8(exported, calibrator, "the float ONNX")
+        if int8["sensitivity"]:
+            _sensitivity(path, exported, train, test, calibrator, check_images)
         path = exported.path
     elif fmt == "onnx":
         raise CifarpressError(f"{path} is already quantized (Q/DQ); pass --format tensorrt to build an engine from it")
@@ -673,21 +713,62 @@ def _require_calibrator(calibrator: str) -> None:
 
 def _print_int8(exported, calibrator: str, reference: str) -> None:
     rules = "follows TensorRT's explicit-quantization rules" if not exported.violations else "breaks TensorRT rules"
+    from .host import int8_kernels_exact
+
+    graph = exported.graph_check
     out.print(f"{exported.path}: {exported.path.stat().st_size / 1e6:.2f} MB int8 QDQ ({calibrator} calibration on "
-              f"{exported.manifest['count']} training images; {rules}); onnxruntime int8 vs {reference} top-1 "
-              f"agreement {exported.check.top1_agreement:.2f}% on {exported.check.images} test images")
+              f"{exported.manifest['count']} training images; {rules}); top-1 agreement with {reference} on "
+              f"{exported.check.images} test images: the graph's own math (what TensorRT builds) "
+              f"{graph.top1_agreement:.2f}%, onnxruntime on this CPU's int8 kernels "
+              f"{exported.check.top1_agreement:.2f}%"
+              + ("" if int8_kernels_exact() else " (no VNNI here: weights run in 7-bit range)")
+              + (f"; top-1 lost against it: {exported.top1_drop_pp:.2f} pp" if exported.top1_drop_pp is not None
+                 else ""), soft_wrap=True)
 
 
 def _export_int8(model, info: dict, onnx_path: Path, spec, test, data_root, calib_images: int, calibrator: str,
-                 check_images: int) -> None:
+                 check_images: int, int8: dict) -> None:
     """Post-training int8 QDQ export; reports its top-1 agreement with the float model through onnxruntime."""
+    import tempfile
+
     from .data import load_split
+    from .export import export_onnx
     from .quantize.int8 import export_int8_checked
 
     _require_calibrator(calibrator)
-    exported = export_int8_checked(model, onnx_path, load_split(spec.name, "train", data_root), test, calibrator,
-                                   calib_images, check_images, extra_metadata={"arch": info["arch"]})
+    train = load_split(spec.name, "train", data_root)
+    exported = export_int8_checked(model, onnx_path, train, test, calibrator, calib_images, check_images,
+                                   extra_metadata={"arch": info["arch"]}, exclude=int8["exclude"],
+                                   max_drop=int8["max_drop"])
     _print_int8(exported, calibrator, "PyTorch fp32")
+    if int8["sensitivity"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            float_path = export_onnx(model, Path(tmp) / "float.onnx", spec, test.classes, {"arch": info["arch"]})
+            _sensitivity(float_path, exported, train, test, calibrator, check_images)
+
+
+def _sensitivity(float_path: Path, exported, train, test, calibrator: str, check_images: int) -> None:
+    """Rank the layers by the top-1 lost when each alone is int8 (graph math, the check images)."""
+    from rich.table import Table
+
+    from .calibrate import manifest_images
+    from .checkpoint import atomic_write_json
+    from .export import check_indices
+    from .quantize.int8 import int8_sensitivity
+
+    indices = check_indices(test, check_images)
+    ranking = int8_sensitivity(float_path, manifest_images(exported.manifest, train),
+                               test.images[indices].float() / 255.0, test.labels[indices].numpy(), calibrator)
+    table = Table(title=f"int8 sensitivity: top-1 lost on {len(indices)} test images when one layer alone is int8")
+    for col in ("layer", "op", "Δ top-1 pp"):
+        table.add_column(col, justify="right" if col.startswith("Δ") else "left")
+    for row in ranking:
+        table.add_row(row["layer"], row["op"], f"{0.0 - row['top1_drop_pp']:+.2f}")
+    out.print(table)
+    target = exported.path.with_name(exported.path.name.removesuffix(".onnx") + ".sensitivity.json")
+    atomic_write_json(target, {"model": str(exported.path), "images": len(indices), "calibrator": calibrator,
+                               "layers": ranking})
+    out.print(f"wrote {target}; keep the worst in float with --exclude LAYER")
 
 
 def _check_classes(num_classes: int, split) -> None:

@@ -90,6 +90,9 @@ def _bench_fields(bench: dict) -> dict:
         "throughput_ips": {b: v["throughput_ips"] for b, v in bench["latency_ms"].items()},
         "peak_rss_bytes": bench["peak_rss_bytes"], "threads": bench["threads"], "onnxruntime": bench["onnxruntime"],
         "onnxruntime_lowering": bench["onnxruntime_lowering"],
+        # A QDQ graph's own math (what TensorRT builds) beside this CPU's kernels, which can differ (no VNNI).
+        **({"top1_graph": bench["top1_graph"]} if "top1_graph" in bench else {}),
+        "model_rss_bytes": bench.get("model_rss_bytes"),
     }
 
 
@@ -251,12 +254,15 @@ def _export_int8(ctx: RunContext, cfg: ExportStage, model: torch.nn.Module, info
     test, threads = ctx.split("test"), ctx.recipe.bench.threads
     exported = export_int8_checked(model, stage_dir / "model.onnx", ctx.split("train"), test, cfg.calibrator,
                                    cfg.calib_images, cfg.check_images,
-                                   extra_metadata={"arch": info["arch"], "stage": stage_dir.name}, threads=threads)
+                                   extra_metadata={"arch": info["arch"], "stage": stage_dir.name}, threads=threads,
+                                   exclude=cfg.exclude, max_drop=cfg.max_drop)
     bench = bench_onnx(exported.path, ctx.recipe.bench.batch_sizes, threads, test, ctx.recipe.bench.seconds)
     row = {
         "stage": "export-int8", "dir": str(stage_dir), "params": prev_row["params"], "macs": prev_row["macs"],
         **_bench_fields(bench), "top1_torch": prev_row["top1_torch"],  # the float model's, measured already
         "onnx_check": exported.check.to_dict(), "onnx_check_reference": "the float model in PyTorch",
+        "onnx_check_graph": exported.graph_check.to_dict(), "top1_drop_pp_check_images": exported.top1_drop_pp,
+        "float_layers": list(cfg.exclude),
         "calibrator": cfg.calibrator, "calib_images": exported.manifest["count"],
         "model": str(prev_model), "onnx": str(exported.path),
     }
@@ -306,6 +312,39 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | Non
         return _run_stages(ctx, recipe, run_dir)
 
 
+def retime_interleaved(run_dir: Path, recipe: Recipe, rows: list[dict]) -> None:
+    """Time every row's file again, in turn, over `bench.rounds` rounds (cifarpress.bench.interleaved_latency):
+    the stages were measured minutes apart, so machine noise would otherwise land in the ratios. Each row's p50
+    becomes the median over rounds, with the range beside it; p90/p99 stay those of its own stage's run.
+    Cached in latency.json while the files and bench settings stay the same, so a re-run costs nothing."""
+    from .bench import interleaved_latency
+
+    spec = recipe.bench
+    files = {f"{i}:{row['stage']}": Path(row["onnx"]) for i, row in enumerate(rows)}
+    key = {"bench": spec.model_dump(), "files": {name: [str(p), p.stat().st_mtime_ns, p.stat().st_size]
+                                                 for name, p in files.items()}}
+    cache = run_dir / "latency.json"
+    try:
+        cached = json.loads(cache.read_text()) if cache.exists() else None
+    except (OSError, ValueError):
+        cached = None
+    if cached and cached.get("key") == key:
+        measured = cached["latency"]
+    else:
+        console.print(f"timing {len(files)} models side by side: {spec.rounds} rounds of "
+                      f"{spec.seconds:g} s per batch size each")
+        measured = interleaved_latency(files, spec.batch_sizes, spec.threads, spec.seconds, spec.rounds)
+        atomic_write_json(cache, {"key": key, "latency": measured})
+    for name, row in zip(files, rows):
+        runs = measured["rounds"][name]
+        for batch in row["latency_ms"]:
+            values = [r[batch] for r in runs if batch in r]
+            if values:
+                row["latency_ms"][batch]["p50"] = measured["p50"][name][batch]
+                row["latency_ms"][batch]["p50_range"] = [min(values), max(values)]
+        row["latency_rounds"] = spec.rounds
+
+
 def _read_done(done_file: Path) -> dict | None:
     """A stage's done.json, or None when it is unreadable (a kill while writing it): the stage runs again."""
     try:
@@ -321,7 +360,7 @@ def _read_done(done_file: Path) -> dict | None:
 def _run_stages(ctx: RunContext, recipe: Recipe, run_dir: Path) -> Path:
     stages = [("baseline", None)] + [(s.kind, s.config) for s in recipe.stages]
     rows, artifacts, prev_model = [], [], None
-    bench = recipe.bench.model_dump()
+    bench = recipe.bench.model_dump(exclude={"rounds"})  # what each stage's own measurement depends on
     for index, (kind, cfg) in enumerate(stages):
         stage_dir = run_dir / stage_dir_name(index, kind)
         done_file = stage_dir / "done.json"
@@ -380,5 +419,8 @@ def _run_stages(ctx: RunContext, recipe: Recipe, run_dir: Path) -> Path:
             console.print(f"{stage_dir.name}: top-1 {row['top1']:.2f}%  params {row['params']:,}  "
                           f"MACs {row['macs'] / 1e6:.1f}M  ONNX {row['onnx_bytes'] / 1e6:.2f} MB")
         atomic_write_json(done_file, done)  # written last: a stage without it is not finished
-    write_report(run_dir, recipe, rows, artifacts, machine_description())
+    retime_interleaved(run_dir, recipe, rows)
+    from .data import describe_split
+
+    write_report(run_dir, recipe, rows, artifacts, machine_description(), describe_split(ctx.split("test")))
     return run_dir

@@ -26,6 +26,7 @@ from . import __version__
 from .checkpoint import atomic_write, unwrap
 from .data import CifarSplit, DatasetSpec, balanced_subset
 from .errors import CifarpressError
+from .progress import progress
 
 OPSET = 18
 T = TypeVar("T")
@@ -171,7 +172,7 @@ def compare_with_onnxruntime(wrapped: nn.Module, session, pixels: torch.Tensor,
             f"the model holds NaN or infinite values in {len(broken)} tensors ({', '.join(broken[:3])}); it is broken "
             f"(diverged training?): retrain it with a lower learning rate")
     max_diff, agree, largest = 0.0, 0, 0.0
-    for start in range(0, len(pixels), batch):
+    for start in progress(range(0, len(pixels), batch), what="export check: PyTorch vs onnxruntime"):
         x = pixels[start:start + batch]
         ref = wrapped(x).numpy()
         got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
@@ -189,23 +190,30 @@ def compare_with_onnxruntime(wrapped: nn.Module, session, pixels: torch.Tensor,
     return check, largest
 
 
-def check_pixels(split: CifarSplit, images: int) -> torch.Tensor:
-    """The test images every export check runs: a fixed class-balanced draw, as float pixels in [0, 1]."""
+def check_indices(split: CifarSplit, images: int) -> torch.Tensor:
+    """The test images every export check runs: a fixed class-balanced draw of `images` of them."""
     count = min(images, len(split))
-    idx = balanced_subset(split.labels, count, seed=1) if count >= split.spec.num_classes else torch.arange(count)
-    return split.images[idx].float() / 255.0
+    return balanced_subset(split.labels, count, seed=1) if count >= split.spec.num_classes else torch.arange(count)
+
+
+def check_pixels(split: CifarSplit, images: int) -> torch.Tensor:
+    """check_indices' images as float pixels in [0, 1]."""
+    return split.images[check_indices(split, images)].float() / 255.0
 
 
 def check_onnx(model: nn.Module, path: str | Path, split: CifarSplit, images: int = 1000,
-               tolerance: float = 1e-4, threads: int | None = None) -> ExportCheck:
-    """Run real images through onnxruntime and PyTorch; raise if logits differ beyond `tolerance`."""
+               tolerance: float = 1e-4, threads: int | None = None, exact: bool = False) -> ExportCheck:
+    """Run real images through onnxruntime and PyTorch; raise if logits differ beyond `tolerance`.
+
+    exact: run the graph's own math (no onnxruntime fusions; for a QDQ file its quantization computed in
+    float, as TensorRT builds it) rather than this host's kernels."""
     from .bench import make_session
 
     model = unwrap(model)
     was_training = model.training
     wrapped = NormalizedClassifier(model, split.spec.mean, split.spec.std).eval()
     x = check_pixels(split, images)
-    session = make_session(path, threads)
+    session = make_session(path, threads, optimize=not exact)
     try:
         check, _ = compare_with_onnxruntime(wrapped, session, x)
     finally:

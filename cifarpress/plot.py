@@ -1,4 +1,8 @@
-"""report.png: accuracy against latency and against ONNX size, one point per report row, Pareto front joined.
+"""report.png: accuracy against batch-1 and batch-64 latency and against shipped size, one point per report row.
+
+The Pareto front (rows no other row beats on both axes) is marked, not joined: a line between two
+measured models would draw trade-offs nobody measured. Latency points carry the range over the
+report's interleaved timing rounds.
 
 matplotlib is imported inside `write_pareto_plot` (and drawn through its Agg canvas, without pyplot, so no
 global backend is switched), which keeps `import cifarpress` fast.
@@ -10,9 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .checkpoint import atomic_write
-
-PREFERRED_BATCH = "64"
-
+from .host import describe_machine
 
 def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[int]:
     """Indices of the (cost, accuracy) points no other point dominates, by increasing cost.
@@ -26,33 +28,6 @@ def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[in
     return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
 
 
-def latency_point(row: dict, preferred: str = PREFERRED_BATCH) -> tuple[str, float] | None:
-    """(batch, p50 ms) at the preferred batch size, else at the largest batch the row has; None if none."""
-    lat = row.get("latency_ms") or {}
-    if preferred in lat and lat[preferred].get("p50") is not None:
-        return preferred, lat[preferred]["p50"]
-    batches = sorted((b for b in lat if lat[b].get("p50") is not None), key=int)
-    return (batches[-1], lat[batches[-1]]["p50"]) if batches else None
-
-
-def latency_label(batches: dict[int, str], names: list[str], preferred: str = PREFERRED_BATCH) -> str:
-    """x-axis label naming the batch size each row's latency was read at (batches: row index -> batch)."""
-    if not batches:
-        return "onnxruntime latency p50 (ms): none measured"
-    counts = Counter(batches.values())
-    main = preferred if preferred in counts else counts.most_common(1)[0][0]
-    label = f"onnxruntime latency p50 at batch {main} (ms)"
-    if main != preferred:
-        label += f"; no batch-{preferred} measurement"
-    others = {}
-    for i, b in batches.items():
-        if b != main:
-            others.setdefault(b, []).append(names[i])
-    for b, who in sorted(others.items(), key=lambda kv: int(kv[0])):
-        label += f"; batch {b} for {', '.join(who)}"
-    return label
-
-
 def point_names(rows: list[dict]) -> list[str]:
     """Stage names; a name used by several rows gets its stage folder's name instead (01-train, 03-train)."""
     counts = Counter(row["stage"] for row in rows)
@@ -61,7 +36,7 @@ def point_names(rows: list[dict]) -> list[str]:
 
 def machine_title(report: dict) -> str:
     m = report.get("machine") or {}
-    parts = [str(m.get("cpu", "unknown CPU"))]
+    parts = [describe_machine(m) if m.get("simd") else str(m.get("cpu", "unknown CPU"))]
     if m.get("cores"):
         parts.append(f"{m['cores']} cores")
     if m.get("system"):
@@ -74,16 +49,24 @@ def machine_title(report: dict) -> str:
     return ", ".join(parts)
 
 
-def _panel(ax, xs: list, ys: list, names: list[str], xlabel: str, log: bool = False) -> None:
+def _panel(ax, xs: list, ys: list, names: list[str], xlabel: str, log: bool = False,
+           xerr: list | None = None) -> None:
     idx = [i for i, x in enumerate(xs) if x is not None and ys[i] is not None]
     front = pareto_front(list(zip(xs, ys)))  # it skips the points with a missing value itself
     rest = [i for i in idx if i not in front]
+    if xerr is not None:  # the range over interleaved timing rounds
+        for i in idx:
+            if xerr[i]:
+                low, high = xerr[i]
+                ax.errorbar([xs[i]], [ys[i]], xerr=[[max(0.0, xs[i] - low)], [max(0.0, high - xs[i])]],
+                            fmt="none", ecolor="tab:gray", elinewidth=1, capsize=3, zorder=2)
     if rest:
         ax.scatter([xs[i] for i in rest], [ys[i] for i in rest], s=40, facecolors="none",
                    edgecolors="tab:gray", label="dominated", zorder=3)
     if front:
-        ax.plot([xs[i] for i in front], [ys[i] for i in front], "-o", color="tab:blue", markersize=7,
-                label="Pareto front", zorder=4)
+        # Markers only: a line between two measured models would suggest trade-offs nobody measured.
+        ax.scatter([xs[i] for i in front], [ys[i] for i in front], s=50, color="tab:blue",
+                   label="Pareto front (not dominated)", zorder=4)
     for i in idx:
         ax.annotate(names[i], (xs[i], ys[i]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     if log:
@@ -99,27 +82,53 @@ def _panel(ax, xs: list, ys: list, names: list[str], xlabel: str, log: bool = Fa
         ax.legend(loc="lower right", fontsize=8)
 
 
+def deployed_bytes(row: dict) -> tuple[float | None, bool]:
+    """(MB of the artifact a row ships, whether it is the packed file): a ternary row ships its packed 2-bit
+    file, the rest their ONNX file."""
+    if row.get("packed_bytes"):
+        return row["packed_bytes"] / 1e6, True
+    return (row["onnx_bytes"] / 1e6 if row.get("onnx_bytes") else None), False
+
+
+def _latency_series(rows: list[dict], batch: str) -> tuple[list, list]:
+    values, ranges = [], []
+    for row in rows:
+        lat = (row.get("latency_ms") or {}).get(batch) or {}
+        values.append(lat.get("p50"))
+        ranges.append(lat.get("p50_range"))
+    return values, ranges
+
+
 def write_pareto_plot(path: str | Path, report: dict) -> Path:
-    """Draw report.png for a report dict (report.json's shape) and write it atomically to `path`."""
+    """Draw report.png for a report dict (report.json's shape) and write it atomically to `path`:
+    top-1 against batch-1 latency (the edge number), against the largest batch's latency, and against the
+    size of what each row ships."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     rows = report["stages"]
     names = point_names(rows)
     acc = [row.get("top1") for row in rows]
-    lat_points = [latency_point(row) for row in rows]
-    latency = [p[1] if p else None for p in lat_points]
-    lat_batches = {i: p[0] for i, p in enumerate(lat_points) if p}
-    size = [row["onnx_bytes"] / 1e6 if row.get("onnx_bytes") else None for row in rows]
+    batches = sorted({b for row in rows for b in (row.get("latency_ms") or {})}, key=int)
+    panels_lat = ([batches[0]] + ([batches[-1]] if len(batches) > 1 else [])) if batches else []
+    shipped = [deployed_bytes(row) for row in rows]
+    size = [s for s, _ in shipped]
+    packed = {names[i] for i, (_, is_packed) in enumerate(shipped) if is_packed}
     sizes = [s for s in size if s]
     log_size = bool(sizes) and max(sizes) / min(sizes) > 10
 
-    fig = Figure(figsize=(13, 5.5), dpi=110, layout="constrained")
+    fig = Figure(figsize=(6 * (len(panels_lat) + 1), 5.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    ax_lat, ax_size = fig.subplots(1, 2)
-    _panel(ax_lat, latency, acc, names, latency_label(lat_batches, names))
-    _panel(ax_size, size, acc, names, "ONNX size (MB" + (", log scale)" if log_size else ")"), log=log_size)
-    ax_lat.set_title("accuracy vs latency")
-    ax_size.set_title("accuracy vs model size")
-    fig.suptitle(f"cifarpress {report['recipe']}: accuracy / cost Pareto front\n{machine_title(report)}")
+    axes = fig.subplots(1, len(panels_lat) + 1, squeeze=False)[0]
+    for ax, batch in zip(axes, panels_lat):
+        values, ranges = _latency_series(rows, batch)
+        _panel(ax, values, acc, names, f"onnxruntime latency p50 at batch {batch} (ms)", xerr=ranges)
+        ax.set_title(f"accuracy vs latency, batch {batch}" + (" (edge)" if batch == "1" else ""))
+    if not panels_lat:
+        axes[0].set_title("no latency measured")
+    size_label = "shipped file size (MB" + (", log scale" if log_size else "") + ")"
+    _panel(axes[-1], size, acc, names, size_label, log=log_size)
+    axes[-1].set_title("accuracy vs shipped size" + (f"\n(packed 2-bit file: {', '.join(sorted(packed))}; ONNX: "
+                                                     f"the rest)" if packed else " (ONNX)"), fontsize=10)
+    fig.suptitle(f"cifarpress {report['recipe']}: accuracy / cost\n{machine_title(report)}")
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

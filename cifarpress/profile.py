@@ -1,12 +1,14 @@
 """Per-layer parameter and MAC counts from one traced forward pass.
 
 Convention (the one the CIFAR papers' tables use): MACs are the
-multiply-accumulates of convolution and linear layers only, for a batch of
+multiply-accumulates of convolutions and matrix products only, for a batch of
 one image. BatchNorm, activations, pooling, residual adds and biases count 0.
+The counts come from PyTorch's own `torch.utils.flop_counter.FlopCounterMode`
+(2 FLOPs per MAC), so `F.conv2d` or `x @ w` inside a user's module count as
+much as an `nn.Conv2d`; forward hooks only attribute them to layers.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -56,12 +58,6 @@ def _is_linear(m: nn.Module) -> bool:
     )
 
 
-def _kernel_numel(kernel_size) -> int:
-    if isinstance(kernel_size, int):
-        return kernel_size
-    return math.prod(int(k) for k in kernel_size)
-
-
 def _first_tensor(obj):
     if isinstance(obj, torch.Tensor):
         return obj
@@ -76,27 +72,6 @@ def _first_tensor(obj):
             if t is not None:
                 return t
     return None
-
-
-def _per_image(t: torch.Tensor | None) -> int:
-    """Elements of `t` for one image (dimension 0 is the batch)."""
-    if t is None or t.dim() == 0:
-        return 0
-    return t.numel() // t.shape[0] if t.shape[0] else 0
-
-
-def _macs(m: nn.Module, inputs, output) -> int:
-    if _is_conv(m):
-        kernel = _kernel_numel(m.kernel_size)
-        groups = int(m.groups)
-        if getattr(m, "transposed", False):
-            # each input element is scattered to out_channels/groups * kernel outputs
-            return _per_image(_first_tensor(inputs)) * (int(m.out_channels) // groups) * kernel
-        return _per_image(_first_tensor(output)) * (int(m.in_channels) // groups) * kernel
-    if _is_linear(m):
-        # output elements per image x in_features; (N, in) -> in * out
-        return _per_image(_first_tensor(output)) * int(m.in_features)
-    return 0
 
 
 def _layer_modules(model: nn.Module) -> dict[nn.Module, tuple[str, bool]]:
@@ -156,30 +131,31 @@ def profile_model(model: nn.Module, input_shape=(1, 3, 32, 32), *, example_input
     submodule's) training flag is restored and all hooks removed, even when the
     forward pass raises.
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     rows = _layer_modules(model)
     stats: dict[nn.Module, LayerStat] = {}
 
     def hook(module, inputs, output):
-        macs = _macs(module, inputs, output)
-        stat = stats.get(module)
-        if stat is None:
+        if module not in stats:
             # counted here, not before the pass: lazy modules materialise on their first call
             name, recurse = rows[module]
             params = sum(p.numel() for p in module.parameters(recurse=recurse))
             out = _first_tensor(output)
             shape = tuple(out.shape) if out is not None else ()
-            stats[module] = LayerStat(name, type(module).__name__, int(params), int(macs), shape)
-        else:  # a module called more than once (shared weights): its compute adds up
-            stat.macs += int(macs)
+            stats[module] = LayerStat(name, type(module).__name__, int(params), 0, shape)
 
     modes = {m: m.training for m in model.modules()}
     handles = []
+    # PyTorch's own counter sees every matmul and convolution, including F.conv2d / F.linear calls that no
+    # module hook would (a model written functionally reported a quarter of its MACs that way).
+    counter = FlopCounterMode(display=False)
     try:
         for m in rows:
             handles.append(m.register_forward_hook(hook))
         x = example_input if example_input is not None else _example_input(model, input_shape)
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             model(x)
     finally:
         for h in handles:
@@ -187,9 +163,38 @@ def profile_model(model: nn.Module, input_shape=(1, 3, 32, 32), *, example_input
         for m, mode in modes.items():
             m.training = mode
 
+    batch = x.shape[0] if x.dim() else 1
+    own = _own_macs(model, counter.get_flop_counts(), batch)
+    by_module = dict(model.named_modules(remove_duplicate=True))
+    for name, macs in own.items():
+        module = by_module[name]
+        # the row of the module that did the compute, or of the nearest ancestor that has one
+        while module not in stats and name:
+            name = name.rpartition(".")[0]
+            module = by_module[name]
+        if module not in stats:
+            stats[module] = LayerStat(name or type(model).__name__, type(module).__name__,
+                                      int(sum(p.numel() for p in module.parameters(recurse=False))), 0, ())
+        stats[module].macs += macs
     layers = list(stats.values())  # in order of first call
     total_params = sum(p.numel() for p in model.parameters())
     return ModelProfile(layers=layers, params=int(total_params), macs=sum(layer.macs for layer in layers))
+
+
+def _own_macs(model: nn.Module, flop_counts: dict, batch: int) -> dict[str, int]:
+    """Per module name ('' = the root): the MACs of the ops it ran itself, not through a child, per image.
+    FlopCounterMode counts 2 FLOPs per multiply-accumulate and nests each module's count in its parents'."""
+    root = type(model).__name__
+    total = {name: sum(flop_counts.get(f"{root}.{name}" if name else root, {}).values())
+             for name, _ in model.named_modules(remove_duplicate=True)}
+    own = {}
+    for name, flops in total.items():
+        children = [f"{name}.{child}" if name else child for child, _ in
+                    model.get_submodule(name).named_children()] if flops else []
+        rest = flops - sum(total.get(c, 0) for c in children)
+        if rest > 0:
+            own[name] = rest // (2 * batch)
+    return own
 
 
 def human(n: float) -> str:

@@ -163,11 +163,18 @@ class ExportStage(Strict):
     calib_images: int = Field(1024, ge=10, description="int8: class-balanced training images to calibrate on")
     check_images: int = Field(1000, ge=10, description="Test images compared between PyTorch and onnxruntime")
     tolerance: float = Field(1e-4, gt=0, description="Max abs logit difference allowed (fp32)")
+    max_drop: Optional[float] = Field(None, ge=0, description="int8: fail the export when it loses more than this "
+                                      "many pp of top-1 against the float model on the check images (the graph's "
+                                      "own math), naming the layers that lose most")
+    exclude: list[str] = Field(default_factory=list, description="int8: layers kept in float, by op type (Conv, "
+                               "Gemm, Add), layer name (layer1.0.conv1, fc) or module prefix (layer3)")
 
     @model_validator(mode="after")
     def precision_fits_format(self):
         if self.precision == "fp16" and self.format != "tensorrt":
             raise ValueError("precision fp16 needs format: tensorrt (the ONNX file itself stays fp32 or int8)")
+        if (self.max_drop is not None or self.exclude) and self.precision != "int8":
+            raise ValueError("max_drop and exclude apply to precision: int8 only")
         return self
 
 
@@ -207,6 +214,8 @@ class BenchSpec(Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 64], min_length=1)
     threads: Optional[int] = Field(None, ge=1, description="onnxruntime intra-op threads (default: all cores)")
     seconds: float = Field(3.0, gt=0, description="Timing budget per batch size")
+    rounds: int = Field(3, ge=1, le=20, description="The report times every row's file once per round, in turn "
+                        "(as `cifarpress compare`), and gives the median and the range over rounds")
 
     @field_validator("batch_sizes")
     @classmethod

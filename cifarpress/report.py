@@ -1,12 +1,15 @@
 """report.json (stable, for scripts) and report.md (for people) of a compress run.
 
 report.json keeps this shape; fields are only ever added:
-    {"recipe": str, "dataset": str, "machine": {...}, "deployable": {...} | null,
+    {"recipe": str, "dataset": str, "test_set": str, "machine": {cpu, cores, simd, int8_kernels, versions, ...},
+     "provenance": {"created", "command", "recipe_sha256", "versions"}, "deployable": {...} | null,
      "plot": "report.png" | null,
      (with export format tensorrt, "deployable" is the engine and its "tensorrt" field holds the
       engine's GPU measurements beside a "reference" engine of the starting model, with "ratios")
      "stages": [{"stage": str, "top1": float, "params": int, "macs": int, "onnx_bytes": int,
-                 "latency_ms": {"<batch>": {"p50": float, "p90": float, "p99": float}},
+                 "top1_graph": float (QDQ rows: the graph's own math; "top1" is this CPU's kernels),
+                 "latency_ms": {"<batch>": {"p50": float, "p50_range": [min, max], "p90": float, "p99": float}},
+                 "latency_rounds": int,
                  "ratios": {"params": float, "macs": float, "onnx_bytes": float,
                             "latency_p50_b<batch>": float}, ...}]}
 Ratios are against the first row (the model the recipe started from).
@@ -14,10 +17,14 @@ Ratios are against the first row (the model the recipe started from).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .checkpoint import atomic_write_json, atomic_write_text
+from .host import describe_machine
 from .plot import write_pareto_plot
 
 PLOT_NAME = "report.png"
@@ -45,27 +52,40 @@ def render_markdown(report: dict) -> str:
     rows = report["stages"]
     batches = list(rows[0]["latency_ms"]) if rows else []
     m = report["machine"]
+    graph = any("top1_graph" in row for row in rows)
+    rounds = rows[0].get("latency_rounds") if rows else None
+    timing = (f"p50 is the median of {rounds} interleaved rounds (each round times every row once, in turn), "
+              f"with the range over rounds; p99 is from the stage's own run" if rounds
+              else "each row timed once, when its stage ran")
     lines = [
         f"# cifarpress report: {report['recipe']}",
         "",
-        f"Dataset {report['dataset']}. Measured on {m['cpu']} ({m['cores']} cores), onnxruntime "
+        f"Dataset {report['dataset']}{' (' + report['test_set'] + ')' if report.get('test_set') else ''}. "
+        f"Measured on {describe_machine(m) if 'simd' in m else m['cpu']} ({m['cores']} cores), onnxruntime "
         f"{rows[0]['onnxruntime'] if rows else '?'} CPU, {rows[0]['threads'] if rows else '?'} threads; "
-        f"top-1 on the full test set through onnxruntime.",
+        f"top-1 on the full test set through onnxruntime; {timing}.",
         "",
-        "| stage | top-1 % | Δ pp | params | MACs | ONNX MB | "
+        "| stage | top-1 % | Δ pp | " + ("graph top-1 % | " if graph else "") + "params | MACs | ONNX MB | "
         + " | ".join(f"p50 ms b{b} | p99 ms b{b}" for b in batches) + " |",
-        "|" + "---|" * (6 + 2 * len(batches)),
+        "|" + "---|" * (6 + graph + 2 * len(batches)),
     ]
     for row in rows:
         r = row["ratios"]
-        cells = [row["stage"], f"{row['top1']:.2f}", f"{r['top1_delta_pp']:+.2f}",
-                 f"{row['params']:,} ({_fmt_ratio(r['params'])})", f"{row['macs'] / 1e6:.1f}M ({_fmt_ratio(r['macs'])})",
-                 f"{row['onnx_bytes'] / 1e6:.2f} ({_fmt_ratio(r['onnx_bytes'])})"]
+        cells = [row["stage"], f"{row['top1']:.2f}", f"{r['top1_delta_pp']:+.2f}"]
+        if graph:
+            cells.append(f"{row['top1_graph']:.2f}" if "top1_graph" in row else "=")
+        cells += [f"{row['params']:,} ({_fmt_ratio(r['params'])})", f"{row['macs'] / 1e6:.1f}M ({_fmt_ratio(r['macs'])})",
+                  f"{row['onnx_bytes'] / 1e6:.2f} ({_fmt_ratio(r['onnx_bytes'])})"]
         for b in batches:
             lat = row["latency_ms"][b]
-            cells += [f"{lat['p50']:.3f} ({_fmt_ratio(r[f'latency_p50_b{b}'])})", f"{lat['p99']:.3f}"]
+            spread = (f" [{lat['p50_range'][0]:.3f}–{lat['p50_range'][1]:.3f}]" if lat.get("p50_range") else "")
+            cells += [f"{lat['p50']:.3f}{spread} ({_fmt_ratio(r[f'latency_p50_b{b}'])})", f"{lat['p99']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if graph:
+        lines.append("- graph top-1: a quantized row's own QDQ math (onnxruntime with its fusions off), what a "
+                     "TensorRT engine is built from; top-1 is what onnxruntime's kernels on this CPU give "
+                     "('=' for float rows, where the two agree)")
     for row in rows:
         c = row["onnx_check"]
         against = f" ({row['onnx_check_reference']})" if row.get("onnx_check_reference") else ""
@@ -129,11 +149,36 @@ def _write_json_md(run_dir: Path, report: dict) -> None:
     atomic_write_text(run_dir / "report.md", render_markdown(report))
 
 
-def write_report(run_dir: Path, recipe, rows: list[dict], artifacts: list[dict], machine: dict) -> dict:
+def provenance(recipe) -> dict:
+    """How the report was made: when, by which command and cifarpress commit, from which recipe (its hash)."""
+    dump = recipe.model_dump() if hasattr(recipe, "model_dump") else vars(recipe)
+    text = json.dumps(dump, sort_keys=True, default=str)
+    return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["cifarpress"] + sys.argv[1:]) if Path(sys.argv[0]).name == "cifarpress" else None,
+            "recipe_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def _keep_creation_time(path: Path, report: dict) -> None:
+    """A re-run that measured nothing new writes the same report: keep the earlier one's time and command."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    moved = ("created", "command")
+    strip = lambda r: {**r, "plot": None, "provenance": {k: v for k, v in (r.get("provenance") or {}).items()  # noqa: E731
+                                                         if k not in moved}}
+    if strip(json.loads(json.dumps(report))) == strip(earlier):
+        report["provenance"].update({k: earlier["provenance"].get(k) for k in moved})
+
+
+def write_report(run_dir: Path, recipe, rows: list[dict], artifacts: list[dict], machine: dict,
+                 test_set: str | None = None) -> dict:
     """report.json and report.md first, then report.png; if drawing fails, the two stay with "plot": null."""
     run_dir = Path(run_dir)
-    report = {"recipe": recipe.name, "dataset": recipe.dataset, "machine": machine,
+    report = {"recipe": recipe.name, "dataset": recipe.dataset, "test_set": test_set, "machine": machine,
+              "provenance": provenance(recipe) | {"versions": machine.get("versions")},
               "deployable": artifacts[-1] if artifacts else None, "stages": add_ratios(rows), "plot": None}
+    _keep_creation_time(run_dir / "report.json", report)
     _write_json_md(run_dir, report)
     try:
         if rows:

@@ -40,6 +40,7 @@ from .data import BatchLoader, CifarSplit
 from .errors import CifarpressError
 
 console = Console(stderr=True)
+LOG_EVERY_S = float(os.environ.get("CIFARPRESS_PROGRESS_EVERY", "30"))
 
 
 @dataclass
@@ -140,6 +141,17 @@ def sync_from_rank0(model: nn.Module) -> None:
     """
     for tensor in model.state_dict().values():
         dist.broadcast(tensor, 0)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: CifarSplit, batch_size: int = 500, device=None) -> torch.Tensor:
+    """Predicted class of every image of `split` (on the CPU, in order)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = [model(images).argmax(1).cpu() for images, _ in BatchLoader(split, batch_size, train=False, device=device)]
+    model.train(was_training)
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -330,7 +342,7 @@ class Trainer:
                 self.model.train()
                 task = progress.add_task("train", total=steps_per_epoch, epoch=self.epoch + 1, loss=0.0, acc=0.0, ips=0.0)
                 sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, correct, n
-                t0 = time.perf_counter()
+                t0 = last_line = time.perf_counter()
                 for i, (images, labels) in enumerate(loader):
                     if i >= steps_per_epoch:
                         break
@@ -359,6 +371,13 @@ class Trainer:
                         s = sums.tolist()
                         progress.update(task, completed=i + 1, loss=s[0] / s[2], acc=100 * s[1] / s[2],
                                         ips=s[2] * self.world / (time.perf_counter() - t0))
+                    elif progress.disable and not self.quiet and time.perf_counter() - last_line > LOG_EVERY_S:
+                        # Off a terminal (a log file, CI) a line now and then, so a long epoch is not silent.
+                        last_line = time.perf_counter()
+                        s = sums.tolist()
+                        console.print(f"epoch {self.epoch + 1}/{c.epochs}: step {i + 1}/{steps_per_epoch}  "
+                                      f"loss {s[0] / s[2]:.3f}  {s[2] * self.world / (last_line - t0):.0f} img/s",
+                                      highlight=False)
                 progress.remove_task(task)
                 train_time = time.perf_counter() - t0
                 if self.world > 1:

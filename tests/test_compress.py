@@ -29,7 +29,7 @@ def recipe_text(data_root: Path, tolerance: float | None = None, dataset: str = 
             "stages:\n"
             "  - train: {epochs: 1, max_steps_per_epoch: 2, batch_size: 32, lr: 0.05}\n"
             f"  - export: {export}\n"
-            f"bench: {{batch_sizes: {batch_sizes}, seconds: 0.1, threads: 1}}\n")
+            f"bench: {{batch_sizes: {batch_sizes}, seconds: 0.1, threads: 1, rounds: 2}}\n")
 
 
 def write_recipe(folder: Path, text: str) -> Path:
@@ -98,7 +98,9 @@ def test_report_shape_and_stage_folders(finished_run, tiny_cifar_root):
     report = json.loads((run_dir / "report.json").read_text())
     assert {"stages", "deployable", "machine", "recipe", "dataset"} <= set(report)
     assert report["recipe"] == "tiny" and report["dataset"] == "cifar10"
-    assert {"cpu", "cores"} <= set(report["machine"])
+    assert {"cpu", "cores", "simd", "int8_kernels", "versions"} <= set(report["machine"])
+    assert {"created", "recipe_sha256", "versions"} <= set(report["provenance"])
+    assert report["provenance"]["versions"]["onnxruntime"] and "images" in report["test_set"]
     rows = report["stages"]
     assert [r["stage"] for r in rows] == ["baseline", "train"]  # one row per model; export publishes
     for row in rows:
@@ -106,8 +108,10 @@ def test_report_shape_and_stage_folders(finished_run, tiny_cifar_root):
         assert row["params"] == 272474 and isinstance(row["macs"], int) and row["macs"] > 0
         assert isinstance(row["onnx_bytes"], int) and row["onnx_bytes"] > 0
         assert set(row["latency_ms"]) == {"1", "4"}
+        assert row["latency_rounds"] == 2
         for lat in row["latency_ms"].values():
-            assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+            # p50: the median of the interleaved rounds, inside their range; p90/p99: the stage's own run
+            assert 0 < lat["p50_range"][0] <= lat["p50"] <= lat["p50_range"][1] and lat["p90"] <= lat["p99"]
         ratios = row["ratios"]
         assert {"params", "macs", "onnx_bytes", "latency_p50_b1", "latency_p50_b4", "top1_delta_pp"} <= set(ratios)
         assert row["onnx_check"]["max_abs_diff"] <= 1e-4

@@ -279,3 +279,22 @@ def test_atomic_write_gives_the_file_the_mode_a_plain_write_would(tmp_path):
         assert (atomic_write_text(tmp_path / "masked.txt", "x").stat().st_mode & 0o777) == 0o640
     finally:
         os.umask(old)
+
+
+def test_bench_worker_peak_memory_is_the_models_not_the_parents():
+    """The worker's peak RSS must not depend on who launched it: ru_maxrss survives fork+exec on Linux, so
+    a worker started from a large process (a recipe run) used to report that process's peak."""
+    from pathlib import Path
+
+    model = Path(__file__).resolve().parents[1] / "bench" / "results" / "resnet20-fp32.onnx"
+    args = [str(model), "--batches", "1", "--threads", "1", "--seconds", "0.1", "--warmup", "2"]
+    ballast = np.ones(800 * 2**20 // 8)  # this process grows by 800 MB, as a compress run does
+    ballast[::512] += 1  # touched, so resident
+    inside = measure_latency(model, (1,), threads=1, seconds=0.1, warmup=2, lower=False)["peak_rss_bytes"]
+    del ballast
+    # From a shell: the worker's parent is a small `sh`, not this process.
+    command = " ".join([sys.executable, "-m", "cifarpress.bench_worker", *args])
+    proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=120)
+    shell = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    assert abs(inside - shell) <= 0.10 * shell, (inside, shell)
+    assert shell < 400 * 2**20  # onnxruntime and a 1 MB model, far from the 800 MB ballast

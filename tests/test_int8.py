@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import collections
+import copy
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +18,16 @@ from torch import nn
 from cifarpress.bench import make_session
 from cifarpress.calibrate import (AbsHistogram, activation_scale, calibration_manifest, calibrator_threshold,
                                   load_manifest, manifest_images, save_manifest, synthesize_images)
+from cifarpress.checkpoint import save_model
+from cifarpress.cli import app
 from cifarpress.data import dataset_spec, load_split
 from cifarpress.errors import CifarpressError
-from cifarpress.export import NormalizedClassifier
+from cifarpress.export import ExportCheckError, NormalizedClassifier, export_onnx
 from cifarpress.models import build_model
-from cifarpress.quantize.int8 import (check_int8_rules, describe_int8, export_int8_qdq, quantize_onnx_int8,
-                                      quantize_weight, unshare_initializers)
+from cifarpress.quantize.int8 import (check_int8_rules, describe_int8, export_int8_checked, export_int8_qdq,
+                                      quantize_onnx_int8, quantize_weight, unshare_initializers)
+from conftest import CLASSES
+from typer.testing import CliRunner
 
 SPEC = dataset_spec("cifar10")
 REPO = Path(__file__).resolve().parents[1]
@@ -338,7 +344,106 @@ def test_cli_quantizes_an_onnx_file(tmp_path, tiny_cifar_root):
     proc = _cli("export", str(tmp_path / "m.onnx"), "--precision", "int8", "--calib-images", "50",
                 "--check-images", "40", "--data-root", str(tiny_cifar_root))
     assert proc.returncode == 0, proc.stderr
-    assert check_int8_rules(tmp_path / "m.int8.onnx") == [] and "vs the float ONNX top-1 agreement" in proc.stdout
+    assert check_int8_rules(tmp_path / "m.int8.onnx") == [] and "top-1 agreement with the float ONNX" in proc.stdout
     again = _cli("export", str(tmp_path / "m.int8.onnx"), "--precision", "int8", "--data-root", str(tiny_cifar_root))
     errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
     assert again.returncode != 0 and len(errors) == 1 and "already quantized" in errors[0], again.stderr
+
+
+# -- per-layer control: exclude, max_drop, the sensitivity sweep --------------------------------
+
+@pytest.fixture(scope="module")
+def trained_small(tiny_train, tiny_cifar_root):
+    """A small conv net trained on the tiny data (well above chance), for accuracy-gated int8 tests."""
+    from cifarpress.trainer import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    test = load_split("cifar10", "test", tiny_cifar_root, download_if_missing=False)
+    cfg = TrainConfig(epochs=8, batch_size=20, lr=0.1, eval_batch_size=100, channels_last=False)
+    result = Trainer(model, cfg, device=torch.device("cpu"), quiet=True).fit(tiny_train, test)
+    assert result.top1 > 40
+    return result.model.eval(), test
+
+
+def int8_hostile(model: nn.Module) -> nn.Module:
+    """The same function, but conv '3' cannot be int8: its input channel 0 is always 0 (BN bias -100 before a
+    ReLU), and a huge weight there sets every output channel's int8 scale, rounding the real weights to 0."""
+    hostile = copy.deepcopy(model)
+    with torch.no_grad():
+        hostile[1].bias[0] = -100.0
+        hostile[3].weight[:, 0] = 1e4
+    return hostile
+
+
+def test_int8_layer_names_follow_the_pytorch_modules(int8_export):
+    from cifarpress.quantize.int8 import int8_layers
+
+    model, _ = int8_export
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = export_onnx(model, Path(tmp) / "f.onnx", SPEC, CLASSES)
+        names = list(int8_layers(onnx.load(str(float_path)).graph).values())
+    assert names[:3] == ["conv1", "layer1.0.conv1", "layer1.0.conv2"]
+    assert "layer2.0.shortcut.0" in names and "layer3.2.add" in names and names[-1] == "fc"
+    assert len(names) == 22 + 9  # 21 convs, the classifier, 9 residual adds
+
+
+def test_exclude_keeps_layers_in_float(trained_small, tiny_train, tmp_path):
+    model, test = trained_small
+    exported = export_int8_checked(model, tmp_path / "m.int8.onnx", tiny_train, test, "minmax", 100, 100,
+                                   threads=1, exclude=["3", "Gemm"])
+    proto = onnx.load(str(exported.path))
+    weights = {n.input[1] for n in proto.graph.node if n.op_type in ("Conv", "Gemm")}
+    assert "model.0.weight_dequantized" in weights  # conv 0 is int8
+    assert "model.3.weight" in weights and "model.8.weight" in weights  # conv 3 and the classifier stay float
+    assert describe_int8(exported.path)["float_layers"] == ["3", "8"]
+    assert check_int8_rules(exported.path) == []  # float layers between int8 ones are fine for TensorRT
+    with pytest.raises(CifarpressError, match="'layer9' matches no quantized layer.*layers here: 0, 3, 8"):
+        export_int8_checked(model, tmp_path / "x.onnx", tiny_train, test, "minmax", 100, 100, exclude=["layer9"])
+
+
+def test_max_drop_fails_naming_the_worst_layer_and_publishes_nothing(trained_small, tiny_train, tmp_path):
+    model, test = trained_small
+    hostile = int8_hostile(model)
+    target = tmp_path / "h.int8.onnx"
+    with pytest.raises(ExportCheckError, match=r"more than max_drop 1; the layers that lose most: 3 \(-") as info:
+        export_int8_checked(hostile, target, tiny_train, test, "minmax", 100, 100, threads=1, max_drop=1.0)
+    assert "exclude: [3" in str(info.value) and "\n" not in str(info.value)
+    assert not target.exists()
+    kept = export_int8_checked(hostile, target, tiny_train, test, "minmax", 100, 100, threads=1, max_drop=1.0,
+                               exclude=["3"])  # the fix the message names
+    assert kept.top1_drop_pp <= 1.0 and target.exists()
+
+
+def test_sensitivity_sweep_ranks_the_hostile_layer_first(trained_small, tiny_train, tmp_path):
+    from cifarpress.quantize.int8 import int8_sensitivity
+
+    model, test = trained_small
+    float_path = export_onnx(int8_hostile(model), tmp_path / "h.onnx", SPEC, CLASSES)
+    ranking = int8_sensitivity(float_path, tiny_train.images[:100], test.images.float() / 255, test.labels.numpy(),
+                               "minmax", threads=1)
+    assert [r["layer"] for r in ranking][0] == "3" and ranking[0]["top1_drop_pp"] > 10
+    assert {r["layer"] for r in ranking} == {"0", "3", "8"}
+
+
+def test_recipe_and_cli_take_max_drop_and_exclude(tmp_path, tiny_cifar_root):
+    from cifarpress.recipe import recipe_from_dict
+
+    raw = {"name": "r", "model": {"arch": "resnet20", "checkpoint": "builtin:resnet20-cifar10"},
+           "stages": [{"export": {"precision": "int8", "max_drop": 0.5, "exclude": ["fc", "layer1.0.conv1"]}}]}
+    stage = recipe_from_dict(raw, tmp_path, "r.yaml").stages[0].config
+    assert stage.max_drop == 0.5 and stage.exclude == ["fc", "layer1.0.conv1"]
+    raw["stages"] = [{"export": {"precision": "fp32", "exclude": ["fc"]}}]
+    with pytest.raises(CifarpressError, match="precision: int8 only"):
+        recipe_from_dict(raw, tmp_path, "r.yaml")
+    model = tmp_path / "m.pt"
+    save_model(model, random_resnet20(), "resnet20", 10, "cifar10")
+    result = CliRunner().invoke(app, ["export", str(model), "--precision", "int8", "--exclude", "fc", "--exclude",
+                                      "layer3", "--calib-images", "50", "--check-images", "50", "--data-root",
+                                      str(tiny_cifar_root)])
+    assert result.exit_code == 0, result.output
+    float_layers = describe_int8(tmp_path / "m.int8.onnx")["float_layers"]
+    assert float_layers[-1] == "fc" and all(n == "fc" or n.startswith("layer3.") for n in float_layers)
+    assert len(float_layers) == 1 + 7 + 3  # the classifier, stage 3's 6 convs and shortcut, its 3 adds

@@ -223,3 +223,30 @@ def test_unknown_model_lists_known_names():
 def test_unimportable_factory(spec):
     with pytest.raises(CifarpressError):
         build_model(spec)
+
+
+def test_macs_of_functional_ops_match_pytorchs_flop_counter():
+    """A block calling F.conv2d and a matmul itself: every MAC is counted (module hooks saw only a quarter)."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(16, 3, 3, 3))
+            self.conv = nn.Conv2d(16, 16, 3, padding=1)
+            self.proj = nn.Parameter(torch.randn(16, 10))
+
+        def forward(self, x):
+            x = self.conv(F.relu(F.conv2d(x, self.w, padding=1)))
+            return x.mean((2, 3)) @ self.proj
+
+    model = Functional()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 32, 32))
+    prof = profile_model(model)
+    assert prof.macs == counter.get_total_flops() // 2 == 16 * 32 * 32 * 27 + 16 * 32 * 32 * 144 + 160
+    by_name = {layer.name: layer.macs for layer in prof.layers}
+    assert by_name["conv"] == 16 * 32 * 32 * 144  # the nn.Conv2d child keeps its own
+    assert by_name["Functional"] == 16 * 32 * 32 * 27 + 160  # the root ran the functional conv and the matmul
+

@@ -13,7 +13,8 @@ from cifarpress.bench import make_session
 from cifarpress.data import dataset_spec, load_split
 from cifarpress.export import export_onnx
 from cifarpress.ort_lowering import (fold_clip_quantize, fold_relu_chains, fold_weight_dequantize, folded_relu_count,
-                                      lowered_bytes, lowered_path, lowering_counts, merge_shared_quantize)
+                                      lowered_bytes, lowered_path, lowering_counts, merge_shared_quantize,
+                                      reduce_weight_range, REDUCED_WEIGHT_MAX)
 from cifarpress.quantize.int8 import check_int8_rules, export_int8_qdq
 from test_int8 import random_resnet20
 
@@ -171,8 +172,8 @@ def test_cli_lower_writes_the_graph_onnxruntime_runs(minmax_export, tmp_path):
 
 
 def test_resnet_graphs_have_no_relu6_or_shared_quantization(minmax_export):
-    assert lowering_counts(minmax_export[0]) == {"relu_chains": RESNET20_FOLDABLE_RELUS, "clip_chains": 0,
-                                                 "merged_quantize": 0, "weights": 0}
+    assert lowering_counts(minmax_export[0], reduce_range=False) == {
+        "relu_chains": RESNET20_FOLDABLE_RELUS, "clip_chains": 0, "merged_quantize": 0, "weights": 0, "weights_7bit": 0}
 
 
 def _clip_graph(scale: float) -> onnx.ModelProto:
@@ -270,6 +271,54 @@ def test_mobilenetv2_int8_runs_as_integer_kernels(mobilenet_export, tmp_path):
     # Closer to the float model than the graph as written, if anything (a finer grid where ReLU6 saturates).
     reference = as_written(str(float_path)).run(["logits"], {"input": pixels})[0]
     written = as_written(str(path)).run(["logits"], {"input": pixels})[0]
-    lowered = make_session(path, 1).run(["logits"], {"input": pixels})[0]
+    # The lowering's own math (full 8-bit weights; a host without VNNI runs them in 7-bit range, which the
+    # host-kernel test below covers).
+    lowered = as_written(lowered_bytes(path, reduce_range=False)).run(["logits"], {"input": pixels})[0]
     assert np.abs(lowered - reference).mean() <= 1.05 * np.abs(written - reference).mean()
     assert (lowered.argmax(1) == written.argmax(1)).mean() >= 0.9
+
+
+def test_reduced_range_weights_fit_int16_pair_sums(minmax_export):
+    """7-bit weights for CPUs without VNNI: every code within [-64, 64], each channel's values within half a
+    (new) step of the 8-bit ones, and only the integer kernels' weights touched."""
+    path = minmax_export[0]
+    proto = onnx.load(str(path))
+    before = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    fold_weight_dequantize(proto)
+    reduced = reduce_weight_range(proto)
+    assert reduced == 22  # 19 convs, 2 projection shortcuts and the classifier
+    after = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear" or not node.input[0].endswith("_7bit"):
+            continue
+        codes, scale = after[node.input[0]], after[node.input[1]]
+        old_codes, old_scale = before[node.input[0][:-5]], before[node.input[1][:-5]]
+        assert codes.dtype == np.int8 and np.abs(codes.astype(int)).max() <= REDUCED_WEIGHT_MAX
+        shape = (-1,) + (1,) * (codes.ndim - 1)
+        old_values = old_codes * old_scale.reshape(shape)
+        new_values = codes * scale.reshape(shape)
+        assert np.all(np.abs(new_values - old_values) <= scale.reshape(shape) / 2 + 1e-7)
+        assert np.all(scale >= old_scale)
+    assert reduce_weight_range(proto) == 0  # idempotent: nothing left beyond 64
+
+
+@pytest.mark.parametrize("reduce_range", [False, True], ids=["8-bit", "7-bit"])
+def test_host_kernels_compute_what_the_lowered_graph_says(minmax_export, reduce_range):
+    """onnxruntime's integer kernels on this CPU give the lowered graph's own QDQ math. With 8-bit weights that
+    needs VNNI (AVX2 kernels saturate int16 pair sums); 7-bit weights, what cifarpress lowers to on such hosts,
+    must hold on every CPU."""
+    from cifarpress.host import int8_kernels_exact
+
+    if not reduce_range and not int8_kernels_exact():
+        pytest.skip("8-bit weights saturate this CPU's int8 kernels (no VNNI); the 7-bit case covers this host")
+    path, pixels = minmax_export[0], minmax_export[1]
+    lowered = lowered_bytes(path, reduce_range=reduce_range)
+    exact = as_written(lowered).run(["logits"], {"input": pixels})[0]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+    host = ort.InferenceSession(lowered, opts, providers=["CPUExecutionProvider"]).run(["logits"], {"input": pixels})[0]
+    # Only the int32 bias rounding of the fused kernels differs from the float emulation of the QDQ math.
+    centred = lambda a: a - a.mean(0)  # noqa: E731
+    assert np.abs(host - exact).max() <= 0.05 * np.abs(exact).max()
+    cos = (centred(host) * centred(exact)).sum() / (np.linalg.norm(centred(host)) * np.linalg.norm(centred(exact)))
+    assert cos > 0.995

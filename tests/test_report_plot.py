@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import cifarpress.report
-from cifarpress.plot import latency_label, latency_point, pareto_front, point_names, write_pareto_plot
+from cifarpress.plot import deployed_bytes, pareto_front, point_names, write_pareto_plot
 from cifarpress.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -58,18 +58,16 @@ def test_write_report_draws_a_png_and_names_it(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md", "report.png"]  # no temp files
 
 
-def test_latency_falls_back_to_the_largest_batch_and_says_so(tmp_path):
+def test_plot_shows_batch_1_and_the_largest_batch_and_the_shipped_size(tmp_path):
     mixed = rows()
     mixed[2]["latency_ms"] = {"1": mixed[2]["latency_ms"]["1"], "8": {"p50": 2.0, "p90": 2.1, "p99": 2.2}}
-    assert latency_point(mixed[0]) == ("64", 20.0)
-    assert latency_point(mixed[2]) == ("8", 2.0)
-    assert latency_point({"latency_ms": {}}) is None
-    names = point_names(mixed)
-    label = latency_label({i: latency_point(r)[0] for i, r in enumerate(mixed)}, names)
-    assert "batch 64" in label and "batch 8 for quantize" in label
-    assert "no batch-64" in latency_label({0: "4", 1: "4"}, ["a", "b"])
+    mixed[1]["latency_ms"]["1"]["p50_range"] = [0.9 * mixed[1]["latency_ms"]["1"]["p50"],
+                                               1.2 * mixed[1]["latency_ms"]["1"]["p50"]]
+    mixed[2]["packed_bytes"] = 90_000
+    assert deployed_bytes(mixed[2]) == (0.09, True) and deployed_bytes(mixed[0])[1] is False
     write_pareto_plot(tmp_path / "mixed.png", {"recipe": "mixed", "machine": MACHINE, "stages": mixed})
-    assert (tmp_path / "mixed.png").read_bytes()[:8] == PNG_MAGIC
+    with Image.open(tmp_path / "mixed.png") as img:
+        assert img.width > 2 * img.height  # three panels: batch 1, batch 64, size
 
 
 def test_repeated_stage_names_are_told_apart():

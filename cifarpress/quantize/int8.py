@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 import onnx
@@ -51,7 +52,8 @@ from ..calibrate import (CALIBRATORS, INT8_MAX, AbsHistogram, activation_scale, 
 from ..checkpoint import atomic_write, unwrap
 from ..data import CifarSplit, DatasetSpec
 from ..errors import CifarpressError
-from ..export import OPSET, ExportCheck, ExportCheckError, check_onnx, check_pixels, export_onnx, publish_checked
+from ..export import (OPSET, ExportCheck, ExportCheckError, check_indices, check_onnx, check_pixels, export_onnx,
+                      publish_checked)
 from ..ort_lowering import replace_nodes
 from .qdq import _as_pixels
 
@@ -132,14 +134,64 @@ class Int8Plan:
     before_activation: dict[str, str]    # conv/Add output -> ReLU output whose scale it borrows
 
 
-def plan_int8(graph: onnx.GraphProto, fuse_for_onnxruntime: bool = True) -> Int8Plan:
-    """Read the float graph: the weighted ops, the activation edges to quantize, the pre-ReLU pairs."""
+def _scope(node: onnx.NodeProto) -> str:
+    """The PyTorch module a node came from, from the exporter's `namespace` metadata ('' if unknown)."""
+    namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+    scopes = [part.split(":")[0].strip() for part in namespace.split("/")]
+    scopes = [s for s in scopes if s.startswith("model")]
+    return scopes[-1].removeprefix("model").lstrip(".") if scopes else ""
+
+
+def int8_layers(graph: onnx.GraphProto) -> dict[int, str]:
+    """The ops int8 quantizes, by node position, named as the user knows them: a Conv or Gemm by its PyTorch
+    module (its weight 'model.layer1.0.conv1.weight' -> 'layer1.0.conv1'), a residual Add by its block
+    ('layer1.0.add'). These are the names `exclude` and the sensitivity sweep use."""
+    constants = _constant_names(graph)
+    names: dict[int, str] = {}
+    taken: Counter = Counter()
+    for position, node in enumerate(graph.node):
+        if node.op_type in WEIGHTED_OPS and len(node.input) > 1 and node.input[0] not in constants:
+            weight = node.input[1]
+            name = weight.removeprefix("model.").removesuffix(".weight") if weight.endswith(".weight") else node.name
+        elif _is_residual_add(node, constants):
+            name = (_scope(node) + ".add").lstrip(".") if _scope(node) else node.name
+        else:
+            continue
+        taken[name] += 1
+        names[position] = name if taken[name] == 1 else f"{name}#{taken[name]}"
+    return names
+
+
+def _excluded(node: onnx.NodeProto, name: str, patterns: Collection[str]) -> bool:
+    """`patterns` entries match an op type (Conv, Gemm, Add), an ONNX node name, a layer name, or a module
+    prefix ending at a dot ('layer3' keeps all of stage 3 in float)."""
+    return any(p in (node.op_type, node.name, name) or name.startswith(p + ".") for p in patterns)
+
+
+def check_exclude(graph: onnx.GraphProto, exclude: Collection[str]) -> None:
+    """Every exclude entry must match something: a typo would silently quantize the layer it meant."""
+    layers = int8_layers(graph)
+    for pattern in exclude:
+        if not any(_excluded(graph.node[p], name, [pattern]) for p, name in layers.items()):
+            shown = ", ".join(list(layers.values())[:6])
+            raise CifarpressError(f"exclude: '{pattern}' matches no quantized layer; give an op type (Conv, Gemm, "
+                                  f"Add), a layer name or a module prefix (layers here: {shown}, ...)")
+
+
+def plan_int8(graph: onnx.GraphProto, fuse_for_onnxruntime: bool = True,
+              exclude: Collection[str] = ()) -> Int8Plan:
+    """Read the float graph: the weighted ops, the activation edges to quantize, the pre-ReLU pairs.
+
+    exclude: layers kept in float (see _excluded), as onnxruntime's and modelopt's nodes_to_exclude."""
     constants = _constant_names(graph)
     consumers = _consumers(graph)
     outputs = {o.name for o in graph.output}
     initializers = {t.name for t in graph.initializer}
+    names = int8_layers(graph) if exclude else {}
     weighted, edges = [], []
     for position, node in enumerate(graph.node):
+        if exclude and position in names and _excluded(node, names[position], exclude):
+            continue
         if node.op_type in WEIGHTED_OPS:
             if len(node.input) < 2 or node.input[1] not in initializers:
                 raise CifarpressError(f"{node.op_type} node {node.name!r} has no weight initializer; "
@@ -313,7 +365,7 @@ def quantize_onnx_int8(float_path: str | Path, onnx_path: str | Path,
                        calib_images: torch.Tensor | CifarSplit | np.ndarray, calibrator: str = "entropy",
                        per_channel: bool = True, manifest: dict | None = None, source: str | None = None,
                        statistics: dict[str, AbsHistogram] | None = None, fuse_for_onnxruntime: bool = True,
-                       threads: int | None = None) -> Path:
+                       threads: int | None = None, exclude: Collection[str] = ()) -> Path:
     """Post-training int8 of a float cifarpress ONNX file (pixels in [0, 1] in, normalization inside) into a
     QDQ file at `onnx_path`, atomically; the file's metadata is kept and the quantization recorded beside it.
 
@@ -324,7 +376,8 @@ def quantize_onnx_int8(float_path: str | Path, onnx_path: str | Path,
     collected on the same export (collect_statistics), to try several calibrators
     without observing again. fuse_for_onnxruntime=False leaves out the exact
     pre-ReLU Q/DQ pairs (module doc): the plain TensorRT placement, which
-    onnxruntime runs mostly in float.
+    onnxruntime runs mostly in float. exclude: layers kept in float, by op type,
+    layer name or module prefix (int8_layers names them; `check_exclude`).
     """
     if calibrator not in CALIBRATORS:
         raise CifarpressError(f"unknown calibrator '{calibrator}'; choose one of {', '.join(CALIBRATORS)}")
@@ -344,10 +397,14 @@ def quantize_onnx_int8(float_path: str | Path, onnx_path: str | Path,
         "pre_relu_pairs": fuse_for_onnxruntime,
         "calibrator": calibrator, "calibration": {"images": len(pixels), "manifest": _manifest_summary(manifest),
                                                    "source": source or ("manifest" if manifest else "images")}}
+    unshare_initializers(proto.graph)
+    check_exclude(proto.graph, exclude)
+    if exclude:
+        layers = int8_layers(proto.graph)
+        quantization["float_layers"] = [n for p, n in layers.items() if _excluded(proto.graph.node[p], n, exclude)]
     entry = proto.metadata_props.add()
     entry.key, entry.value = "quantization", json.dumps(quantization)
-    unshare_initializers(proto.graph)
-    plan = plan_int8(proto.graph, fuse_for_onnxruntime)
+    plan = plan_int8(proto.graph, fuse_for_onnxruntime, exclude)
     if statistics is None or any(t not in statistics for t in plan.calibrated):
         statistics = collect_statistics(float_path, plan.calibrated, pixels,
                                         histograms=calibrator != "minmax", threads=threads)
@@ -361,48 +418,113 @@ def quantize_onnx_int8(float_path: str | Path, onnx_path: str | Path,
 class Int8Export:
     path: Path
     manifest: dict               # the calibration draw (class-balanced training indices)
-    check: ExportCheck           # onnxruntime int8 vs the float model in PyTorch
+    check: ExportCheck           # onnxruntime int8 on this host's kernels vs the float model
     violations: list[str]        # of TensorRT's explicit-quantization rules; [] when it follows them
+    graph_check: ExportCheck | None = None  # the file's own QDQ math (what TensorRT builds) vs the float model
+    top1_drop_pp: float | None = None       # float minus int8 (graph math) top-1 on the check images
+
+
+def _exact_top1(path: str | Path, pixels: torch.Tensor, labels: np.ndarray, threads: int | None) -> float:
+    from ..bench import onnx_predictions  # bench imports this package
+
+    return 100.0 * float((onnx_predictions(path, pixels, threads, exact=True) == labels).mean())
+
+
+def int8_sensitivity(float_path: str | Path, calib_images, images: torch.Tensor, labels: np.ndarray,
+                     calibrator: str = "entropy", threads: int | None = None,
+                     statistics: dict[str, AbsHistogram] | None = None) -> list[dict]:
+    """Top-1 (pp) lost on `images` when each quantizable layer alone is int8 and the rest stay float, in the
+    graph's own math; worst first. One calibration pass serves every layer."""
+    pixels = _calibration_pixels(calib_images)
+    proto = onnx.load(str(float_path))
+    unshare_initializers(proto.graph)
+    layers = int8_layers(proto.graph)
+    if statistics is None:
+        plan = plan_int8(proto.graph)
+        statistics = collect_statistics(float_path, plan.calibrated, pixels, histograms=calibrator != "minmax",
+                                        threads=threads)
+    base = _exact_top1(float_path, images, labels, threads)
+    ranking = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for position, name in layers.items():
+            node = proto.graph.node[position]
+            others = [n for p, n in layers.items() if p != position]
+            alone = quantize_onnx_int8(float_path, Path(tmp) / "one.onnx", pixels, calibrator, statistics=statistics,
+                                       threads=threads, exclude=others)
+            ranking.append({"layer": name, "op": node.op_type,
+                            "top1_drop_pp": base - _exact_top1(alone, images, labels, threads)})
+    return sorted(ranking, key=lambda r: -r["top1_drop_pp"])
+
+
+def _enforce_max_drop(float_path: Path, int8_path: Path, test: CifarSplit, check_images: int, max_drop: float | None,
+                      calib_pixels: np.ndarray, calibrator: str, threads: int | None) -> float:
+    """Float minus int8 top-1 on the check images, in the graph's own math (the same on every CPU, and what
+    TensorRT builds); above max_drop the export fails naming the layers that lose most when quantized alone."""
+    indices = check_indices(test, check_images)
+    pixels, labels = test.images[indices].float() / 255.0, test.labels[indices].numpy()
+    drop = _exact_top1(float_path, pixels, labels, threads) - _exact_top1(int8_path, pixels, labels, threads)
+    if max_drop is not None and drop > max_drop:
+        worst = int8_sensitivity(float_path, calib_pixels, pixels, labels, calibrator, threads)[:3]
+        named = ", ".join(f"{w['layer']} ({w['top1_drop_pp']:+.2f} pp alone)".replace("(+", "(-") for w in worst)
+        raise ExportCheckError(
+            f"int8 loses {drop:.2f} pp top-1 on {len(labels)} test images, more than max_drop {max_drop:g}; "
+            f"the layers that lose most: {named}; keep them in float with exclude: "
+            f"[{', '.join(w['layer'] for w in worst[:2])}] (or --exclude)")
+    return drop
 
 
 def export_int8_checked(model: nn.Module, onnx_path: str | Path, train: CifarSplit, test: CifarSplit,
                         calibrator: str = "entropy", calib_images: int = 1024, check_images: int = 1000,
-                        extra_metadata: dict | None = None, threads: int | None = None) -> Int8Export:
+                        extra_metadata: dict | None = None, threads: int | None = None,
+                        exclude: Collection[str] = (), max_drop: float | None = None) -> Int8Export:
     """export_int8_qdq calibrated on a class-balanced draw of training images, then compared with the float
     model through onnxruntime on test images (no tolerance: int8 differs by design, the check records by how
-    much) and checked against TensorRT's rules. The command line and recipes both export int8 through this."""
-    manifest = calibration_manifest(train.spec.name, train.labels, min(calib_images, len(train)))
-    path = Path(onnx_path)
-    check = publish_checked(  # a file whose check fails (NaN logits) is never left at onnx_path
-        path, lambda tmp: export_int8_qdq(model, tmp, train.spec, test.classes, manifest_images(manifest, train),
-                                          calibrator, manifest=manifest, extra_metadata=extra_metadata,
-                                          threads=threads),
-        lambda tmp: check_onnx(model, tmp, test, check_images, float("inf"), threads))
-    return Int8Export(path, manifest, check, check_int8_rules(path))
+    much; but above `max_drop` pp of top-1 lost it fails) and checked against TensorRT's rules. The command
+    line and recipes both export int8 through this."""
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = export_onnx(unwrap(model), Path(tmp) / "float.onnx", train.spec, test.classes, extra_metadata)
+        return _quantize_checked(float_path, onnx_path, train, test, calibrator, calib_images, check_images, threads,
+                                 exclude, max_drop, torch_model=model)
 
 
 def quantize_onnx_int8_checked(float_path: str | Path, onnx_path: str | Path, train: CifarSplit, test: CifarSplit,
                                calibrator: str = "entropy", calib_images: int = 1024, check_images: int = 1000,
-                               threads: int | None = None) -> Int8Export:
+                               threads: int | None = None, exclude: Collection[str] = (),
+                               max_drop: float | None = None) -> Int8Export:
     """export_int8_checked for a float ONNX file without its PyTorch model: the reference is the float file."""
+    return _quantize_checked(Path(float_path), onnx_path, train, test, calibrator, calib_images, check_images,
+                             threads, exclude, max_drop)
+
+
+def _quantize_checked(float_path: Path, onnx_path: str | Path, train: CifarSplit, test: CifarSplit, calibrator: str,
+                      calib_images: int, check_images: int, threads: int | None, exclude: Collection[str],
+                      max_drop: float | None, torch_model: nn.Module | None = None) -> Int8Export:
     from ..bench import onnx_logits  # bench imports this package
 
     manifest = calibration_manifest(train.spec.name, train.labels, min(calib_images, len(train)))
+    calib = _calibration_pixels(manifest_images(manifest, train))
     pixels = check_pixels(test, check_images)  # the images check_onnx compares on
+    reference = None if torch_model is not None else onnx_logits(float_path, pixels, threads)
+    drop: list[float] = []
 
-    def check(tmp: Path) -> ExportCheck:
-        reference, got = (onnx_logits(p, pixels, threads) for p in (float_path, tmp))
-        if not (np.isfinite(reference).all() and np.isfinite(got).all()):
-            raise ExportCheckError(f"{float_path} or its int8 graph gives NaN or infinite logits; the model is "
-                                   f"broken (diverged training?): retrain it with a lower learning rate")
-        return ExportCheck(len(pixels), float(np.abs(reference - got).max()),
-                           100.0 * float((reference.argmax(1) == got.argmax(1)).mean()))
+    def check(tmp: Path, exact: bool = False) -> ExportCheck:
+        if torch_model is not None:
+            result = check_onnx(torch_model, tmp, test, check_images, float("inf"), threads, exact=exact)
+        else:
+            got = onnx_logits(tmp, pixels, threads, exact=exact)
+            if not (np.isfinite(reference).all() and np.isfinite(got).all()):
+                raise ExportCheckError(f"{float_path} or its int8 graph gives NaN or infinite logits; the model "
+                                       f"is broken (diverged training?): retrain it with a lower learning rate")
+            result = ExportCheck(len(pixels), float(np.abs(reference - got).max()),
+                                 100.0 * float((reference.argmax(1) == got.argmax(1)).mean()))
+        if not exact:  # checked before the file is published: a failed max_drop leaves nothing behind
+            drop.append(_enforce_max_drop(float_path, tmp, test, check_images, max_drop, calib, calibrator, threads))
+        return result
 
     path = Path(onnx_path)
-    result = publish_checked(path, lambda tmp: quantize_onnx_int8(float_path, tmp, manifest_images(manifest, train),
-                                                                  calibrator, manifest=manifest, threads=threads),
-                             check)
-    return Int8Export(path, manifest, result, check_int8_rules(path))
+    result = publish_checked(path, lambda tmp: quantize_onnx_int8(float_path, tmp, calib, calibrator, manifest=manifest,
+                                                                  threads=threads, exclude=exclude), check)
+    return Int8Export(path, manifest, result, check_int8_rules(path), check(path, exact=True), drop[0])
 
 
 # -- TensorRT explicit-quantization rules ------------------------------------------------------
@@ -456,6 +578,9 @@ def check_int8_rules(model: str | Path | onnx.ModelProto) -> list[str]:
 
     for node in graph.node:
         label = f"{node.op_type} {node.name or node.output[0]!r}"
+        if node.op_type in WEIGHTED_OPS and (made_by(node.input[0], "DequantizeLinear") is None and len(node.input) > 1
+                                             and made_by(node.input[1], "DequantizeLinear") is None):
+            continue  # a layer kept in float (exclude): TensorRT runs it in float or fp16, which is allowed
         if node.op_type in WEIGHTED_OPS:
             data = made_by(node.input[0], "DequantizeLinear")
             if data is None:
@@ -479,6 +604,8 @@ def check_int8_rules(model: str | Path | onnx.ModelProto) -> list[str]:
             if len(node.input) > 2 and node.input[2] and made_by(node.input[2], "DequantizeLinear") is not None:
                 problems.append(f"{label} bias is dequantized; keep it float (TensorRT folds a float bias)")
         elif _is_residual_add(node, constants):
+            if all(made_by(name, "DequantizeLinear") is None for name in node.input):
+                continue  # a float Add (excluded)
             for slot, name in enumerate(node.input):
                 if made_by(name, "DequantizeLinear") is None:
                     problems.append(f"{label} (residual) input {slot} is not dequantized; both inputs need Q -> DQ")
