@@ -78,6 +78,10 @@ def _panel(ax, xs: list, ys: list, names: list[str], xlabel: str, log: bool = Fa
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
     ax.margins(0.15)
+    shown = [ys[i] for i in idx]
+    if shown and max(shown) - min(shown) < 2.0:  # no zoom that makes 0.03 pp look like a cliff
+        middle = (max(shown) + min(shown)) / 2
+        ax.set_ylim(middle - 1.5, middle + 1.5)
     if idx:
         ax.legend(loc="lower right", fontsize=8)
 

@@ -69,7 +69,9 @@ def test_quickstart_recipe_validates_as_is(builtin_resnet20):
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
     assert recipe.name == "quickstart"
     assert recipe.model.checkpoint == "builtin:resnet20-cifar10"
-    assert [s.kind for s in recipe.stages] == ["quantize", "export"]  # shows a compression effect
+    assert [s.kind for s in recipe.stages] == ["export"]  # no training: minutes on any CPU
+    export = recipe.stages[0].config
+    assert export.precision == "int8" and export.max_drop == 1.0  # shows a compression effect, gated
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
