@@ -101,10 +101,13 @@ def train(
     force: bool = typer.Option(False, help="Discard a previous run in the folder instead of resuming it."),
 ):
     """Train (or fine-tune) a classifier; re-running the same command resumes after the last finished epoch."""
+    from .data import describe_split, load_split
     from .models import trusting
     from .training import run_training
 
     set_threads(threads)
+    for split in ("train", "test"):  # say what will be trained and measured on (kept in memory; cheap to reload)
+        out.print(f"{split}: {describe_split(load_split(dataset, split, data_root))}", highlight=False, soft_wrap=True)
     with trusting(model):  # --model names the factory: an --init file may record it
         result = run_training(
             arch=model, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,

@@ -469,3 +469,17 @@ def test_planted_data_batch_runs_no_code(tiny_cifar_root, tmp_path):
     with pytest.raises(CifarpressError, match="test_batch.*pathlib"):
         load_split("cifar10", "test", root, download_if_missing=False)
     assert not flag.exists()
+
+
+def test_out_in_a_read_only_folder_is_one_line(tiny_cifar_root, tmp_path, monkeypatch):
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):  # as in a folder without write permission (root ignores chmod)
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    result = cli("train", "--epochs", "1", "--max-steps-per-epoch", "1", "--data-root", str(tiny_cifar_root),
+                 "--threads", "1", "--out", str(tmp_path / "ro" / "run"))
+    one_line_error(result, "cannot create the run folder", "Permission denied", "--out")

@@ -1,0 +1,54 @@
+"""Absolute top-1 of every kept ONNX file on the official test images 0-999 and on all 10,000.
+
+    python bench/absolute_accuracy.py [FILES...] [--threads 2] [--out bench/results/absolute_accuracy.json]
+
+Needs the setup's data build (build_cifar10.py --test mixed: images 0-999 are the official pixels,
+1000-9999 the JPEG copy; $CIFARPRESS_DATA). Images 0-999 are the honest absolute figure (standard error
+about 1 pp at 90%); all 10,000 the comparison between files, which every file sees alike. Quantized files
+get the graph's own math beside this CPU's kernels. Without FILES: every *.onnx in bench/results.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from cifarpress.bench import is_quantized_graph, machine_description, onnx_predictions
+from cifarpress.checkpoint import atomic_write_json
+from cifarpress.data import describe_split, load_split
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "absolute_accuracy.json")
+    args = parser.parse_args()
+    test = load_split("cifar10", "test")
+    official = test.official_prefix
+    if not 0 < official < len(test):
+        sys.exit(f"the test set is {describe_split(test)}; build it with build_cifar10.py --test mixed")
+    labels = test.labels.numpy()
+    rows = []
+    for path in args.files or sorted(RESULTS.glob("*.onnx")):
+        row = {"file": str(path)}
+        for name, exact in (("", False), ("graph_", True)) if is_quantized_graph(path) else (("", False),):
+            correct = onnx_predictions(path, test.images, args.threads, exact=exact) == labels
+            p = float(correct[:official].mean())
+            row[f"{name}top1_all"] = 100 * float(correct.mean())
+            row[f"{name}top1_official_0_{official - 1}"] = 100 * p
+            row[f"{name}standard_error_pp"] = 100 * (p * (1 - p) / official) ** 0.5
+        rows.append(row)
+        print(f"{path.name}: official 0-{official - 1} {row[f'top1_official_0_{official - 1}']:.1f}% "
+              f"(±{row['standard_error_pp']:.1f}), all {row['top1_all']:.2f}%", flush=True)
+    atomic_write_json(args.out, {"command": "python " + " ".join(sys.argv), "test_set": describe_split(test),
+                                 "machine": machine_description(), "files": rows})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
