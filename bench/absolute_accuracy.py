@@ -13,8 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from cifarpress.bench import is_quantized_graph, machine_description, onnx_predictions
 from cifarpress.checkpoint import atomic_write_json
 from cifarpress.data import describe_split, load_split

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifarpress.bench import interleaved_latency, machine_description, make_session
+from cifarpress.bench import interleaved_latency, machine_description
 from cifarpress.checkpoint import atomic_write_json
 from cifarpress.data import load_split
 from cifarpress.host import describe_machine

@@ -8,7 +8,12 @@ Hook order for one run:
     setup(trainer)                   -> may replace trainer.model (swap layers, add gates)
     configure_optimizer(trainer, o)  -> may wrap or replace the optimizer (HESSO, DHSPG)
     per step:
+        before_step(trainer, images, labels)  -> e.g. keep the weights the step starts from (DHSPG)
+        forward_context(trainer)     -> a context manager entered around forward and loss, or None
+                                        (saved-tensor hooks of a memory saver)
         loss(trainer, images, labels, logits) -> extra loss term or None (KD, gate polarization)
+        before_optimizer_step(trainer, optimizer) -> gradients are final and unscaled (AMP): read or
+                                        edit them (gradient statistics, normalization)
         after_step(trainer)          -> e.g. update an EMA, project groups to zero
     per epoch:
         eval_model(trainer, model)   -> the model to evaluate (EMA weights, say)
@@ -22,6 +27,7 @@ NCCL on GPU): each rank trains on its shard, rank 0 alone writes files.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 import pickle
@@ -73,6 +79,13 @@ class Plugin:
 
     def configure_optimizer(self, trainer: "Trainer", optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
+
+    def before_step(self, trainer: "Trainer", images: torch.Tensor, labels: torch.Tensor) -> None: ...
+
+    def forward_context(self, trainer: "Trainer") -> contextlib.AbstractContextManager | None:
+        return None
+
+    def before_optimizer_step(self, trainer: "Trainer", optimizer: torch.optim.Optimizer) -> None: ...
 
     def loss(self, trainer: "Trainer", images: torch.Tensor, labels: torch.Tensor,
              logits: torch.Tensor) -> torch.Tensor | None:
@@ -195,6 +208,35 @@ def read_resume_file(path: Path, device=None) -> dict:
     if not isinstance(state, dict) or not keys <= state.keys():
         raise CifarpressError(f"{path} is not a cifarpress training checkpoint (last.pt); {fix}")
     return state
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start an epoch's memory high-water mark: CUDA's allocator counter, or this process's VmHWM (Linux resets
+    it when "5" is written to /proc/self/clear_refs; elsewhere the mark stays the process's lifetime peak)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The epoch's peak memory: CUDA max allocated on a GPU, else the process's peak resident set."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "peak_memory": "cuda_max_allocated"}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return {"peak_memory_bytes": int(line.split()[1]) * 1024, "peak_memory": "process_peak_rss"}
+    except OSError:
+        pass
+    import resource
+
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_memory": "process_peak_rss_lifetime"}
 
 
 def non_finite_tensors(model: nn.Module) -> list[str]:
@@ -339,6 +381,7 @@ class Trainer:
         with progress:
             while self.epoch < c.epochs:
                 loader.set_epoch(self.epoch)
+                reset_peak_memory(self.device)
                 self.model.train()
                 task = progress.add_task("train", total=steps_per_epoch, epoch=self.epoch + 1, loss=0.0, acc=0.0, ips=0.0)
                 sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, correct, n
@@ -346,7 +389,14 @@ class Trainer:
                 for i, (images, labels) in enumerate(loader):
                     if i >= steps_per_epoch:
                         break
-                    with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
+                    for p in self.plugins:
+                        p.before_step(self, images, labels)
+                    with contextlib.ExitStack() as forward:
+                        forward.enter_context(torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp))
+                        for p in self.plugins:
+                            context = p.forward_context(self)
+                            if context is not None:
+                                forward.enter_context(context)
                         logits = self.model(images)
                         loss = self.label_weight * criterion(logits, labels)
                         for p in self.plugins:
@@ -358,6 +408,9 @@ class Trainer:
                             f"training diverged (loss {loss.item()}) at epoch {self.epoch + 1}; lower the learning rate")
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)  # plug-ins see true gradients (a no-op without AMP)
+                    for p in self.plugins:
+                        p.before_optimizer_step(self, optimizer)
                     scaler.step(optimizer)
                     scaler.update()
                     scheduler.step()
@@ -386,7 +439,7 @@ class Trainer:
                 self.epoch += 1
                 metrics = {"epoch": self.epoch, "train_loss": s[0] / s[2], "train_acc": 100 * s[1] / s[2],
                            "lr": optimizer.param_groups[0]["lr"], "images_per_s": s[2] / train_time,
-                           "epoch_s": train_time}
+                           "epoch_s": train_time, **peak_memory(self.device)}
                 if test is not None:
                     eval_model = unwrap(self.model)
                     for p in self.plugins:
@@ -411,7 +464,8 @@ class Trainer:
                     console.print(
                         f"epoch {self.epoch}/{c.epochs}  loss {metrics['train_loss']:.3f}  "
                         f"train {metrics['train_acc']:.2f}%  test {metrics.get('top1', float('nan')):.2f}%  "
-                        f"{metrics['images_per_s']:.0f} img/s  {train_time:.0f}s"
+                        f"{metrics['images_per_s']:.0f} img/s  {train_time:.0f}s  "
+                        f"peak {metrics['peak_memory_bytes'] / 2**20:.0f} MiB"
                         + "".join(f"  {k} {metrics[k]:.3f}" for k in ("group_sparsity", "teacher_time_fraction") if k in metrics))
         model = unwrap(self.model)
         for p in self.plugins:

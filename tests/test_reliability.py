@@ -29,26 +29,11 @@ from cifarpress.plugins import WeightEMA
 from cifarpress.prune import DhspgPruner, HessoPruner, PruneTarget
 from cifarpress.quantize import TernaryConfig, TernaryQAT
 from cifarpress.run_folder import MARKER, RunFolder, clean_stale_tmp
-from cifarpress.trainer import Plugin, TrainConfig, Trainer
+from cifarpress.trainer import Plugin, Trainer
+
+from test_trainer import quick_config as quick, small_net, tiny  # noqa: F401 (tiny is a fixture)
 
 SPEC = dataset_spec("cifar10")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_cifar_root):
-    return (load_split("cifar10", "train", tiny_cifar_root, download_if_missing=False),
-            load_split("cifar10", "test", tiny_cifar_root, download_if_missing=False))
-
-
-def small_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-
-
-def quick(**overrides) -> TrainConfig:
-    return TrainConfig(**({"epochs": 1, "batch_size": 20, "lr": 0.05, "max_steps_per_epoch": 2,
-                           "eval_batch_size": 100} | overrides))
 
 
 def cli(*args: str, env: dict | None = None):

@@ -117,8 +117,29 @@ class Recorder(Plugin):
         self._note("configure_optimizer")
         return optimizer
 
+    def before_step(self, trainer, images, labels):
+        self._note("before_step")
+
+    def forward_context(self, trainer):
+        recorder = self
+
+        class Around:
+            def __enter__(self):
+                recorder._note("forward:enter")
+                recorder.inside = True
+
+            def __exit__(self, *exc):
+                recorder._note("forward:exit")
+                recorder.inside = False
+
+        return Around()
+
+    def before_optimizer_step(self, trainer, optimizer):
+        grads = [p.grad for p in unwrap(trainer.model).parameters()]
+        self._note(f"before_optimizer_step:{all(g is not None for g in grads)}")
+
     def loss(self, trainer, images, labels, logits):
-        self._note("loss")
+        self._note(f"loss:{getattr(self, 'inside', False)}")  # inside the forward context
         self.shapes.append((tuple(images.shape), tuple(labels.shape), tuple(logits.shape)))
         if self.bias_push:
             return self.bias_push * unwrap(trainer.model)[-1].bias.sum()
@@ -150,7 +171,8 @@ def test_hooks_are_called_in_documented_order(tiny, tmp_path):
     rec = Recorder("a", log)
     cfg = quick_config(epochs=2, max_steps_per_epoch=2)
     result = Trainer(small_net(), cfg, [rec], run_dir=tmp_path, device=cpu(), quiet=True).fit(train, test)
-    epoch = ["loss", "after_step", "loss", "after_step", "eval_model"]
+    step = ["before_step", "forward:enter", "loss:True", "forward:exit", "before_optimizer_step:True", "after_step"]
+    epoch = step + step + ["eval_model"]
     want = (["setup", "configure_optimizer"]
             + epoch + ["on_epoch_end:1:True", "state_dict"]
             + epoch + ["on_epoch_end:2:True", "state_dict"]
@@ -158,7 +180,10 @@ def test_hooks_are_called_in_documented_order(tiny, tmp_path):
     assert [e for _, e in log] == want
     assert rec.shapes == [((20, 3, 32, 32), (20,), (20, 10))] * 4
     assert len(result.history) == 2 and (tmp_path / "last.pt").exists()
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["plugins"] == {"0:recorder-a": {"calls": 16}}
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["plugins"] == {"0:recorder-a": {"calls": 32}}
+    for metrics in result.history:  # every epoch records the training process's peak memory (CPU: VmHWM)
+        assert metrics["peak_memory"] in ("process_peak_rss", "process_peak_rss_lifetime")
+        assert metrics["peak_memory_bytes"] > 50 * 2**20
 
 
 def test_extra_loss_changes_gradients_and_plugins_compose(tiny):
@@ -174,7 +199,11 @@ def test_extra_loss_changes_gradients_and_plugins_compose(tiny):
 
     # both plug-ins called for every hook, in list order
     assert log == [("a", "setup"), ("b", "setup"), ("a", "configure_optimizer"), ("b", "configure_optimizer"),
-                   ("a", "loss"), ("b", "loss"), ("a", "after_step"), ("b", "after_step"),
+                   ("a", "before_step"), ("b", "before_step"),
+                   ("a", "forward:enter"), ("b", "forward:enter"), ("a", "loss:True"), ("b", "loss:True"),
+                   ("b", "forward:exit"), ("a", "forward:exit"),  # contexts close innermost first
+                   ("a", "before_optimizer_step:True"), ("b", "before_optimizer_step:True"),
+                   ("a", "after_step"), ("b", "after_step"),
                    ("a", "on_epoch_end:1:False"), ("b", "on_epoch_end:1:False"),
                    ("a", "finalize"), ("b", "finalize")]
     g0, g1 = plain.grads[0], a.grads[0]

@@ -56,12 +56,11 @@ class DhspgPruner(GroupPruner):
         """Whether optimizer step number `step` (1-based) is followed by the projection."""
         return self.start_step + 2 <= step <= self.end_step and bool(self.redundant)
 
-    def loss(self, trainer: Trainer, images, labels, logits):
-        # x_old is the weights this step starts from; taken here, before backward and the step,
-        # so a resumed run needs no copy of it in the checkpoint
+    def before_step(self, trainer: Trainer, images, labels) -> None:
+        # x_old is the weights this step starts from; taken before the step, so a resumed run
+        # needs no copy of it in the checkpoint
         if self._penalizing(trainer.step + 1):
             self._old = [p.detach().clone() for p in self.rows.params]
-        return None
 
     @torch.no_grad()
     def after_step(self, trainer: Trainer) -> None:
