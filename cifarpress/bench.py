@@ -81,9 +81,8 @@ def check_input_shape(session, path: str | Path, image_shape: tuple) -> None:
     """One line naming both shapes when the file's input does not take these images (onnxruntime's own
     message names neither)."""
     declared = session.get_inputs()[0].shape  # e.g. ['batch', 3, 32, 32]; symbolic dims are str or None
-    fixed = [d for d in declared[1:]]
     if len(declared) != len(image_shape) + 1 or any(isinstance(d, int) and d != want
-                                                     for d, want in zip(fixed, image_shape)):
+                                                     for d, want in zip(declared[1:], image_shape)):
         shown = "x".join(str(d) if isinstance(d, int) else "N" for d in declared)
         raise CifarpressError(f"{path} takes input {shown}, but the images are "
                               f"N{''.join(f'x{d}' for d in image_shape)}; evaluate it on data of its own shape, "

@@ -227,16 +227,9 @@ def peak_memory(device: torch.device) -> dict:
     """The epoch's peak memory: CUDA max allocated on a GPU, else the process's peak resident set."""
     if device.type == "cuda":
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "peak_memory": "cuda_max_allocated"}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return {"peak_memory_bytes": int(line.split()[1]) * 1024, "peak_memory": "process_peak_rss"}
-    except OSError:
-        pass
-    import resource
+    from .bench_worker import peak_rss_bytes  # the bench worker's reader: VmHWM, else ru_maxrss
 
-    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "peak_memory": "process_peak_rss_lifetime"}
+    return {"peak_memory_bytes": peak_rss_bytes(), "peak_memory": "process_peak_rss"}
 
 
 def non_finite_tensors(model: nn.Module) -> list[str]:
