@@ -13,8 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from cifarpress.bench import is_quantized_graph, machine_description, onnx_predictions
-from cifarpress.checkpoint import atomic_write_json
+from cifarpress.runtime.ort import is_quantized_graph, onnx_predictions
+from cifarpress.runtime.latency import machine_description
+from cifarpress.utils.io import atomic_write_json
 from cifarpress.data import describe_split, load_split
 
 RESULTS = Path(__file__).parent / "results"

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifarpress.bench import machine_description
-from cifarpress.checkpoint import atomic_write_json
+from cifarpress.runtime.latency import machine_description
+from cifarpress.utils.io import atomic_write_json
 from cifarpress.data import BatchLoader, load_split
 from cifarpress.models import build_model
 

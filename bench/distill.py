@@ -28,13 +28,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cifarpress.bench import machine_description, onnx_accuracy
-from cifarpress.checkpoint import atomic_write_json, load_model
+from cifarpress.runtime.latency import machine_description
+from cifarpress.runtime.ort import onnx_accuracy
+from cifarpress.utils.io import atomic_write_json
+from cifarpress.model_file import load_model
 from cifarpress.data import dataset_spec, load_split
-from cifarpress.distill import Distillation, load_teacher
-from cifarpress.export import check_onnx, export_onnx
-from cifarpress.trainer import evaluate
-from cifarpress.training import run_training
+from cifarpress.techniques.distill.plugin import Distillation
+from cifarpress.pipeline.teacher import load_teacher
+from cifarpress.export.onnx import check_onnx, export_onnx
+from cifarpress.train.trainer import evaluate
+from cifarpress.pipeline.training import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"

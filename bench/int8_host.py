@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cifarpress.bench import interleaved_latency, machine_description
-from cifarpress.checkpoint import atomic_write_json
+from cifarpress.runtime.latency import interleaved_latency, machine_description
+from cifarpress.utils.io import atomic_write_json
 from cifarpress.data import load_split
-from cifarpress.host import describe_machine
-from cifarpress.ort_lowering import lowered_bytes
+from cifarpress.runtime.host import describe_machine
+from cifarpress.runtime.ort_lowering import lowered_bytes
 
 RESULTS = Path(__file__).parent / "results"
 

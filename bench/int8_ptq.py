@@ -16,11 +16,11 @@ calibration/, class-balanced training images):
                     (fast there, but not a graph TensorRT takes)
   <headline>-as-written
                     the headline file run without cifarpress's load-time lowering
-                    (cifarpress.ort_lowering folds each int8 ReLU chain into a uint8 Q that
+                    (cifarpress.runtime.ort_lowering folds each int8 ReLU chain into a uint8 Q that
                     onnxruntime fuses); every other int8 arm runs lowered, as cifarpress runs it
 Each arm gets: top-1 through onnxruntime on the test set, agreement of its
 predictions with fp32, file size, latency p50 at batch 1 and 64
-(cifarpress.bench.interleaved_latency, fixed threads, arms interleaved in rounds so
+(cifarpress.runtime.latency.interleaved_latency, fixed threads, arms interleaved in rounds so
 machine noise hits them alike, median over rounds), and the number of
 TensorRT explicit-quantization rule violations (check_int8_rules).
 
@@ -45,13 +45,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cifarpress.bench import interleaved_latency, machine_description, onnx_predictions
-from cifarpress.calibrate import (CALIBRATORS, collect_statistics, load_manifest, manifest_filename, manifest_images,
-                                  synthesize_images)
-from cifarpress.checkpoint import atomic_write_json, load_model
+from cifarpress.runtime.latency import interleaved_latency, machine_description
+from cifarpress.runtime.ort import onnx_predictions
+from cifarpress.export.calibrate import CALIBRATORS, collect_statistics, load_manifest, manifest_filename, manifest_images, synthesize_images
+from cifarpress.utils.io import atomic_write_json
+from cifarpress.model_file import load_model
 from cifarpress.data import balanced_subset, dataset_spec, load_split
-from cifarpress.export import INPUT_NAME, export_onnx
-from cifarpress.quantize.int8 import check_int8_rules, export_int8_qdq, plan_int8
+from cifarpress.runtime.onnx_file import INPUT_NAME
+from cifarpress.export.onnx import export_onnx
+from cifarpress.export.int8 import check_int8_rules, export_int8_qdq, plan_int8
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"

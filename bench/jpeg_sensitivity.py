@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cifarpress.bench import machine_description
-from cifarpress.checkpoint import atomic_write_json, load_model
+from cifarpress.runtime.latency import machine_description
+from cifarpress.utils.io import atomic_write_json
+from cifarpress.model_file import load_model
 from cifarpress.data import load_split, resolve_data_root
-from cifarpress.trainer import evaluate
+from cifarpress.train.trainer import evaluate
 
 RESULTS = Path(__file__).parent / "results"
 BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]

@@ -8,7 +8,7 @@ onnxruntime's own profiler on (after its graph optimizations, so the fused
 kernels it really runs are the ones counted: QLinearConv, not DQ -> Conv -> Q).
 Prints ms per run for each operator type and the total, and the ratio of each
 file's total to the first file's. Int8 QDQ files run lowered, as cifarpress runs
-them (cifarpress.ort_lowering); --as-written profiles them as the file says.
+them (cifarpress.runtime.ort_lowering); --as-written profiles them as the file says.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
-from cifarpress.bench import machine_description
-from cifarpress.checkpoint import atomic_write_json
-from cifarpress.export import INPUT_NAME
-from cifarpress.ort_lowering import lowered_bytes
+from cifarpress.runtime.latency import machine_description
+from cifarpress.utils.io import atomic_write_json
+from cifarpress.runtime.onnx_file import INPUT_NAME
+from cifarpress.runtime.ort_lowering import lowered_bytes
 
 
 def profile_ops(path: Path, batch: int, runs: int, threads: int, workdir: Path, lower: bool = True) -> dict:

@@ -40,7 +40,7 @@ separate processes (--arms); a run that finds every arm finished compares them.
 
 Comparison, in one run: top-1 through onnxruntime on the full test set, params
 and MACs (cifarpress.profile), ONNX bytes, and onnxruntime latency p50 at batch 1
-and 64 with the baseline and all arms timed in turn (cifarpress.bench.compare_onnx,
+and 64 with the baseline and all arms timed in turn (cifarpress.runtime.latency.compare_onnx,
 fixed threads, median over rounds). Writes bench/results/prune_vs_torch_pruning-<arch>.json
 and keeps our most accurate equal-budget arm (or --headline ARM) as bench/results/<arch>-hesso.onnx.
 """
@@ -57,15 +57,16 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from cifarpress.bench import compare_onnx
-from cifarpress.checkpoint import atomic_write_json, load_model, read_checkpoint, save_model
-from cifarpress.compress import distillation_plugins, prune_plugin
+from cifarpress.runtime.latency import compare_onnx
+from cifarpress.utils.io import atomic_write_json
+from cifarpress.model_file import load_model, read_checkpoint, save_model
+from cifarpress.pipeline.compress import distillation_plugins, prune_plugin
 from cifarpress.data import Normalizer, balanced_subset, dataset_spec, load_split
 from cifarpress.errors import CifarpressError
-from cifarpress.export import check_onnx, export_onnx
+from cifarpress.export.onnx import check_onnx, export_onnx
 from cifarpress.profile import profile_model
-from cifarpress.recipe import DistillOptions, PruneStage
-from cifarpress.training import run_training
+from cifarpress.pipeline.recipe import DistillOptions, PruneStage
+from cifarpress.pipeline.training import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"

@@ -13,7 +13,7 @@ measures, for the baseline and the ternary model:
     every other tensor equal, and identical logits on the test images;
   * onnxruntime CPU latency p50 at batch 1 and 64, the graphs interleaved in
     rounds (medians), fixed threads: the ternary graph as cifarpress runs it (its
-    weights dequantized once at load, cifarpress.ort_lowering) and as written.
+    weights dequantized once at load, cifarpress.runtime.ort_lowering) and as written.
 Writes bench/results/ternary.json, bench/results/<arch>-ternary-qdq.onnx and
 bench/results/<arch>-ternary.packed.
 """
@@ -29,13 +29,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cifarpress.bench import interleaved_latency, machine_description, onnx_predictions
-from cifarpress.checkpoint import atomic_write_json, load_model
-from cifarpress.compress import run_recipe
+from cifarpress.runtime.latency import interleaved_latency, machine_description
+from cifarpress.runtime.ort import onnx_predictions
+from cifarpress.utils.io import atomic_write_json
+from cifarpress.model_file import load_model
+from cifarpress.pipeline.compress import run_recipe
 from cifarpress.data import load_split
-from cifarpress.export import NormalizedClassifier, read_onnx_metadata
-from cifarpress.quantize import layer_report, load_packed, quantized_layers
-from cifarpress.recipe import load_recipe
+from cifarpress.export.onnx import NormalizedClassifier
+from cifarpress.runtime.onnx_file import read_onnx_metadata
+from cifarpress.techniques.quantize.ternary import layer_report, quantized_layers
+from cifarpress.export.packed import load_packed
+from cifarpress.pipeline.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"

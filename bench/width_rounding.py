@@ -29,16 +29,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cifarpress.bench import interleaved_latency, machine_description
-from cifarpress.checkpoint import atomic_write_json, load_model, resolve_checkpoint
+from cifarpress.runtime.latency import interleaved_latency, machine_description
+from cifarpress.utils.io import atomic_write_json
+from cifarpress.model_file import load_model, resolve_checkpoint
 from cifarpress.data import BatchLoader, dataset_spec, load_split
-from cifarpress.export import export_onnx
-from cifarpress.layers import ConstantChannels
+from cifarpress.export.onnx import export_onnx
+from cifarpress.models.layers import ConstantChannels
 from cifarpress.profile import profile_model
-from cifarpress.prune.groups import discover_groups
-from cifarpress.prune.pruner import GroupParams, group_taylor, saliency
-from cifarpress.prune.surgery import compact_model
-from cifarpress.prune.targets import SELECTIONS, PruneBudget, PruneTarget
+from cifarpress.channels.groups import discover_groups
+from cifarpress.techniques.prune.pruner import GroupParams, group_taylor, saliency
+from cifarpress.channels.surgery import compact_model
+from cifarpress.channels.budget import SELECTIONS, PruneBudget, PruneTarget
 
 RESULTS = Path(__file__).parent / "results"
 

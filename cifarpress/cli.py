@@ -12,9 +12,15 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import CifarpressError, RecipeError
-from .recipe import PruneStage, QuantizeStage, TrainingOptions, load_recipe, recipe_from_dict
-from .run_folder import check_writable
+from cifarpress.errors import CifarpressError, RecipeError
+from cifarpress.pipeline.recipe import (
+    PruneStage,
+    QuantizeStage,
+    TrainingOptions,
+    load_recipe,
+    recipe_from_dict,
+)
+from cifarpress.pipeline.run_folder import check_writable
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -101,9 +107,9 @@ def train(
     force: bool = typer.Option(False, help="Discard a previous run in the folder instead of resuming it."),
 ):
     """Train (or fine-tune) a classifier; re-running the same command resumes after the last finished epoch."""
-    from .data import describe_split, load_split
-    from .models import trusting
-    from .training import run_training
+    from cifarpress.data import describe_split, load_split
+    from cifarpress.models import trusting
+    from cifarpress.pipeline.training import run_training
 
     set_threads(threads)
     for split in ("train", "test"):  # say what will be trained and measured on (kept in memory; cheap to reload)
@@ -142,11 +148,12 @@ def eval_cmd(
     threads: Optional[int] = typer.Option(None),
 ):
     """Test-set top-1 accuracy of a model file or an ONNX export."""
-    from .data import load_split
+    from cifarpress.data import load_split
 
     set_threads(threads)
     if checkpoint.endswith(".onnx"):
-        from .bench import is_quantized_graph, onnx_predictions, read_onnx_metadata
+        from cifarpress.runtime.latency import read_onnx_metadata
+        from cifarpress.runtime.ort import is_quantized_graph, onnx_predictions
 
         meta = read_onnx_metadata(checkpoint)
         test = load_split(dataset or meta.get("dataset", "cifar10"), "test", data_root)
@@ -154,8 +161,8 @@ def eval_cmd(
         graph = (onnx_predictions(checkpoint, test.images, threads, exact=True) == test.labels.numpy()
                  if is_quantized_graph(checkpoint) else None)
     else:
-        from .checkpoint import load_model
-        from .trainer import predict
+        from cifarpress.model_file import load_model
+        from cifarpress.train.trainer import predict
 
         model, info = load_model(checkpoint, arch, num_classes)
         test = load_split(dataset or info["dataset"] or "cifar10", "test", data_root)
@@ -169,7 +176,7 @@ def accuracy_summary(model: str, test, correct, graph_correct=None) -> dict:
     the binomial standard error, about 1 pp on 1000 images): the honest absolute figure."""
     import numpy as np
 
-    from .data import describe_split
+    from cifarpress.data import describe_split
 
     result = {"model": model, "top1": round(100 * float(np.mean(correct)), 3), "test_set": describe_split(test)}
     if graph_correct is not None:
@@ -195,7 +202,7 @@ def compress(
 
     Each stage writes runs/<name>/<NN>-<stage>/ (model.pt, model.onnx, metrics.json).
     Re-running the same command resumes after the last finished stage."""
-    from .compress import run_recipe
+    from cifarpress.pipeline.compress import run_recipe
 
     spec = load_recipe(recipe)
     set_threads(threads)
@@ -249,7 +256,7 @@ MeasureAccuracy = Annotated[bool, typer.Option(help="Also measure test-set top-1
 
 def _recorded_model(checkpoint: str) -> dict:
     """arch and dataset recorded in a cifarpress model file; {} for anything else (the recipe checks report it)."""
-    from .checkpoint import FORMAT, read_checkpoint
+    from cifarpress.model_file import FORMAT, read_checkpoint
 
     try:
         payload = read_checkpoint(checkpoint)
@@ -272,7 +279,7 @@ def _run_single_stage(kind: str, values: dict[str, object], option_names: dict[s
     the options."""
     import re
 
-    from .compress import run_recipe
+    from cifarpress.pipeline.compress import run_recipe
 
     stage = {field: (option_names.get(field, "--" + field.replace("_", "-")), value) for field, value in values.items()}
     recorded = _recorded_model(checkpoint)
@@ -454,12 +461,13 @@ def export(
 ):
     """Export to ONNX (inputs float32 NCHW RGB in [0, 1], normalization inside), checked in onnxruntime;
     optionally build a TensorRT engine from it with a JSON sidecar."""
-    from .checkpoint import load_model
-    from .data import dataset_spec, load_split
-    from .export import check_onnx, export_onnx, publish_checked
     import torch
 
-    from .quantize import check_qdq, export_qdq, quantized_layers
+    from cifarpress.data import dataset_spec, load_split
+    from cifarpress.export.onnx import check_onnx, export_onnx, publish_checked
+    from cifarpress.export.qdq import check_qdq, export_qdq
+    from cifarpress.model_file import load_model
+    from cifarpress.techniques.quantize.ternary import quantized_layers
 
     if fmt not in ("onnx", "tensorrt"):
         raise CifarpressError(f"unknown --format '{fmt}'; use onnx or tensorrt")
@@ -472,7 +480,7 @@ def export(
     if precision != "int8" and (exclude or max_drop is not None or sensitivity):
         raise CifarpressError("--max-drop, --exclude and --sensitivity apply to --precision int8 only")
     if fmt == "tensorrt":
-        from .tensorrt_engine import require_tensorrt
+        from cifarpress.runtime.tensorrt import require_tensorrt
 
         require_tensorrt()  # fail in one sentence before any work on a machine without it
     if checkpoint.endswith(".onnx"):
@@ -526,8 +534,8 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result here (default: MODEL.bench.json)."),
 ):
     """Latency p50/p90/p99, throughput, peak memory, size and top-1 of an exported model on the target."""
-    from .checkpoint import atomic_write_json
-    from .data import load_split
+    from cifarpress.data import load_split
+    from cifarpress.utils.io import atomic_write_json
 
     if any(b < 1 for b in batch):
         raise CifarpressError("batch sizes must be >= 1")
@@ -541,7 +549,11 @@ def bench(
         raise CifarpressError(f"--device {device} benches a TensorRT engine; build one with "
                               f"`cifarpress export MODEL.pt --format tensorrt` and pass the .engine file")
     if is_engine:
-        from .tensorrt_engine import bench_engine, read_sidecar, require_tensorrt
+        from cifarpress.runtime.tensorrt import (
+            bench_engine,
+            read_sidecar,
+            require_tensorrt,
+        )
 
         require_tensorrt()
         if not model.is_file():
@@ -549,7 +561,7 @@ def bench(
         dataset = read_sidecar(model).get("dataset") or "cifar10"
         test = load_split(dataset, "test", data_root) if accuracy else None
         if device == "jetson":
-            from .tegrastats import TegraStatsSampler
+            from cifarpress.runtime.tegrastats import TegraStatsSampler
 
             with TegraStatsSampler() as sampler:
                 result = bench_engine(model, tuple(batch), iters, test)
@@ -558,8 +570,9 @@ def bench(
             result = bench_engine(model, tuple(batch), iters, test)
         out.print_json(json.dumps(result))
     else:
-        from .bench import bench_onnx, bench_table
-        from .export import read_onnx_metadata
+        from cifarpress.runtime.latency import bench_onnx
+        from cifarpress.runtime.onnx_file import read_onnx_metadata
+        from cifarpress.runtime.tables import bench_table
 
         meta = read_onnx_metadata(model)
         test = load_split(meta.get("dataset", "cifar10"), "test", data_root) if accuracy else None
@@ -582,9 +595,9 @@ def lower(
     """Write the graph cifarpress runs in onnxruntime (int8 ReLU and ReLU6 chains folded into uint8, duplicate
     quantizations merged, weight-only quantized layers' weights dequantized), for deploying with plain onnxruntime
     on a CPU; TensorRT takes the original."""
-    from .checkpoint import atomic_write
-    from .export import read_onnx_metadata
-    from .ort_lowering import lower_file
+    from cifarpress.runtime.onnx_file import read_onnx_metadata
+    from cifarpress.runtime.ort_lowering import lower_file
+    from cifarpress.utils.io import atomic_write
 
     read_onnx_metadata(model)  # a missing or unreadable file, in words
     data, counts = lower_file(model, reduce_range)
@@ -614,10 +627,11 @@ def compare(
 ):
     """Several exported models side by side on this CPU: latency (timed in turn, so machine noise hits all
     alike), size and top-1, with ratios against the first."""
-    from .bench import compare_onnx, compare_table
-    from .checkpoint import atomic_write_json
-    from .data import load_split
-    from .export import read_onnx_metadata
+    from cifarpress.data import load_split
+    from cifarpress.runtime.latency import compare_onnx
+    from cifarpress.runtime.onnx_file import read_onnx_metadata
+    from cifarpress.runtime.tables import compare_table
+    from cifarpress.utils.io import atomic_write_json
 
     if len(models) < 2:
         raise CifarpressError("compare needs two or more ONNX files (the first is the reference); "
@@ -652,9 +666,9 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Parameters and MACs per layer (MACs of conv and linear layers, one 32x32 image)."""
-    from .checkpoint import load_model
-    from .models import MODELS, build_model
-    from .profile import profile_model, render_profile
+    from cifarpress.model_file import load_model
+    from cifarpress.models import MODELS, build_model
+    from cifarpress.profile import profile_model, render_profile
 
     if list_models or model is None:
         for name in MODELS:
@@ -675,10 +689,10 @@ def _from_onnx(path: Path, output: Optional[Path], fmt: str, precision: str, max
                calibrator: str, check_images: int, data_root, int8: dict) -> None:
     """int8 and TensorRT engines from a cifarpress ONNX file alone. A float file is quantized by our own
     calibration into a QDQ file first (checked against the float file), so TensorRT int8 is explicit."""
-    from .data import load_split
-    from .export import read_onnx_metadata
-    from .quantize.int8 import quantize_onnx_int8_checked
-    from .tensorrt_engine import onnx_has_qdq
+    from cifarpress.data import load_split
+    from cifarpress.export.int8 import quantize_onnx_int8_checked
+    from cifarpress.runtime.onnx_file import read_onnx_metadata
+    from cifarpress.runtime.tensorrt import onnx_has_qdq
 
     dataset = read_onnx_metadata(path).get("dataset") or "cifar10"  # also: a missing or unreadable file, in words
     # m.onnx -> m.int8.engine, and m.int8.onnx -> m.int8.engine too
@@ -701,14 +715,14 @@ def _from_onnx(path: Path, output: Optional[Path], fmt: str, precision: str, max
 
 
 def _build_engine(onnx_path: Path, engine_path: Path, precision: str, max_batch: int) -> None:
-    from .tensorrt_engine import build_engine
+    from cifarpress.runtime.tensorrt import build_engine
 
     engine = build_engine(onnx_path, engine_path, precision, opt_batch=min(64, max_batch), max_batch=max_batch)
     out.print(f"{engine}: {engine.stat().st_size / 1e6:.2f} MB TensorRT {precision} engine (+ {engine.name}.json)")
 
 
 def _require_calibrator(calibrator: str) -> None:
-    from .calibrate import CALIBRATORS
+    from cifarpress.export.calibrate import CALIBRATORS
 
     if calibrator not in CALIBRATORS:  # before loading the training split
         raise CifarpressError(f"unknown --calibrator '{calibrator}'; choose one of {', '.join(CALIBRATORS)}")
@@ -716,7 +730,7 @@ def _require_calibrator(calibrator: str) -> None:
 
 def _print_int8(exported, calibrator: str, reference: str) -> None:
     rules = "follows TensorRT's explicit-quantization rules" if not exported.violations else "breaks TensorRT rules"
-    from .host import int8_kernels_exact
+    from cifarpress.runtime.host import int8_kernels_exact
 
     graph = exported.graph_check
     out.print(f"{exported.path}: {exported.path.stat().st_size / 1e6:.2f} MB int8 QDQ ({calibrator} calibration on "
@@ -734,9 +748,9 @@ def _export_int8(model, info: dict, onnx_path: Path, spec, test, data_root, cali
     """Post-training int8 QDQ export; reports its top-1 agreement with the float model through onnxruntime."""
     import tempfile
 
-    from .data import load_split
-    from .export import export_onnx
-    from .quantize.int8 import export_int8_checked
+    from cifarpress.data import load_split
+    from cifarpress.export.int8 import export_int8_checked
+    from cifarpress.export.onnx import export_onnx
 
     _require_calibrator(calibrator)
     train = load_split(spec.name, "train", data_root)
@@ -754,10 +768,10 @@ def _sensitivity(float_path: Path, exported, train, test, calibrator: str, check
     """Rank the layers by the top-1 lost when each alone is int8 (graph math, the check images)."""
     from rich.table import Table
 
-    from .calibrate import manifest_images
-    from .checkpoint import atomic_write_json
-    from .export import check_indices
-    from .quantize.int8 import int8_sensitivity
+    from cifarpress.export.calibrate import manifest_images
+    from cifarpress.export.int8 import int8_sensitivity
+    from cifarpress.export.onnx import check_indices
+    from cifarpress.utils.io import atomic_write_json
 
     indices = check_indices(test, check_images)
     ranking = int8_sensitivity(float_path, manifest_images(exported.manifest, train),

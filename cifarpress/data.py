@@ -20,8 +20,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .datasets import DATASETS, DatasetSpec, dataset_spec  # noqa: F401 (re-exported: the data API)
-from .errors import CifarpressError
+from cifarpress.datasets import DATASETS, DatasetSpec, dataset_spec  # noqa: F401 (re-exported: the data API)
+from cifarpress.errors import CifarpressError
 
 ENV_VAR = "CIFARPRESS_DATA"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import CifarpressError
+from cifarpress.errors import CifarpressError
 
 
 @dataclass(frozen=True)

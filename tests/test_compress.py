@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import cifarpress.training
-from cifarpress.checkpoint import load_model, save_model
-from cifarpress.compress import RunContext, _baseline, run_recipe
+import cifarpress.pipeline.training
+from cifarpress.model_file import load_model, save_model
+from cifarpress.pipeline.compress import RunContext, _baseline, run_recipe
 from cifarpress.errors import CifarpressError
-from cifarpress.export import read_onnx_metadata
+from cifarpress.runtime.onnx_file import read_onnx_metadata
 from cifarpress.models import build_model
-from cifarpress.recipe import load_recipe
+from cifarpress.pipeline.recipe import load_recipe
 
 STAGES = ["00-baseline", "01-train", "02-export"]
 
@@ -64,7 +64,7 @@ def finished_run(project):
         raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cifarpress.training, "run_training", interrupted)
+        mp.setattr(cifarpress.pipeline.training, "run_training", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run_recipe(recipe, run_dir)
     after_interrupt = stamps(run_dir)
@@ -240,7 +240,7 @@ def test_plain_state_dict_checkpoint_gets_the_dataset_class_count(tmp_path):
 
 
 def test_int8_export_stage_is_a_measured_report_row(tmp_path, tiny_cifar_root):
-    from cifarpress.quantize import check_int8_rules
+    from cifarpress.export.int8 import check_int8_rules
 
     torch.manual_seed(0)
     save_model(tmp_path / "start.pt", build_model("resnet20", 10), "resnet20", 10, "cifar10", {"source": "test"})
@@ -263,7 +263,7 @@ def test_int8_export_stage_is_a_measured_report_row(tmp_path, tiny_cifar_root):
 
 
 def test_int8_export_of_a_ternary_model_is_one_line(tmp_path, tiny_cifar_root):
-    from cifarpress.quantize import quantize_model
+    from cifarpress.techniques.quantize.ternary import quantize_model
 
     model = build_model("resnet20", 10)
     quantize_model(model)

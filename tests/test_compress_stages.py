@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarpress.checkpoint import load_model, save_model
-from cifarpress.compress import run_recipe
+from cifarpress.model_file import load_model, save_model
+from cifarpress.pipeline.compress import run_recipe
 from cifarpress.errors import CifarpressError, RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
 from cifarpress.models import build_model
-from cifarpress.recipe import load_recipe
+from cifarpress.pipeline.recipe import load_recipe
 
 BENCH = "bench: {batch_sizes: [1, 4], seconds: 0.05, threads: 1}"
 
@@ -131,7 +131,7 @@ def test_shipped_prune_distill_recipe_runs_end_to_end(tmp_path, tiny_cifar_root)
     """recipes/resnet20-prune-distill.yaml as shipped (both built-in checkpoints), on tiny data with a tiny budget."""
     import yaml
 
-    from cifarpress.recipe import recipe_from_dict
+    from cifarpress.pipeline.recipe import recipe_from_dict
 
     path = REPO / "recipes" / "resnet20-prune-distill.yaml"
     raw = yaml.safe_load(path.read_text())

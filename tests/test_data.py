@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from cifarpress import data
-from cifarpress.data import (BatchLoader, CifarSplit, balanced_subset, dataset_spec, download, load_split,
-                             random_crop_flip)
+from cifarpress.data import BatchLoader, CifarSplit, balanced_subset, dataset_spec, download, load_split, random_crop_flip
 from cifarpress.errors import CifarpressError
 from conftest import CLASSES, write_fake_cifar10
 

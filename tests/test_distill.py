@@ -9,15 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from cifarpress.checkpoint import save_model
+from cifarpress.model_file import save_model
 from cifarpress.data import load_split
-from cifarpress.distill import (Distillation, OutputHook, dkd_loss, feature_loss, hint_projector, kd_loss,
-                                load_teacher, nkd_loss)
-from cifarpress.distill.plugin import linear_ramp
+from cifarpress.techniques.distill.plugin import Distillation
+from cifarpress.techniques.distill.losses import OutputHook, dkd_loss, feature_loss, hint_projector, kd_loss, nkd_loss
+from cifarpress.pipeline.teacher import load_teacher
+from cifarpress.techniques.distill.plugin import linear_ramp
 from cifarpress.errors import CifarpressError
 from cifarpress.models import build_model
-from cifarpress.plugins import WeightEMA
-from cifarpress.trainer import TrainConfig, Trainer
+from cifarpress.train.ema import WeightEMA
+from cifarpress.train.trainer import TrainConfig, Trainer
 
 
 # -- references written with plain loops over Python floats ---------------------------------

@@ -15,16 +15,18 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-import cifarpress.bench as bench_module
-from cifarpress.bench import interleaved_latency, measure_latency, onnx_accuracy
-from cifarpress.checkpoint import save_model
+import cifarpress.runtime.latency as bench_module
+from cifarpress.runtime.latency import interleaved_latency, measure_latency
+from cifarpress.runtime.ort import onnx_accuracy
+from cifarpress.model_file import save_model
 from cifarpress.cli import app
 from cifarpress.data import dataset_spec, load_split
 from cifarpress.errors import CifarpressError
-from cifarpress.export import ExportCheckError, check_onnx, export_onnx, read_onnx_metadata
+from cifarpress.export.onnx import ExportCheckError, check_onnx, export_onnx
+from cifarpress.runtime.onnx_file import read_onnx_metadata
 from cifarpress.models import build_model
 from cifarpress.profile import human
-from cifarpress.trainer import evaluate
+from cifarpress.train.trainer import evaluate
 
 from conftest import CLASSES
 
@@ -268,7 +270,7 @@ def test_cli_help():
 
 def test_atomic_write_gives_the_file_the_mode_a_plain_write_would(tmp_path):
     # mkstemp creates 0600 files; a shared ONNX or report must not end up readable by its owner only
-    from cifarpress.checkpoint import atomic_write_text
+    from cifarpress.utils.io import atomic_write_text
 
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
@@ -293,7 +295,7 @@ def test_bench_worker_peak_memory_is_the_models_not_the_parents():
     inside = measure_latency(model, (1,), threads=1, seconds=0.1, warmup=2, lower=False)["peak_rss_bytes"]
     del ballast
     # From a shell: the worker's parent is a small `sh`, not this process.
-    command = " ".join([sys.executable, "-m", "cifarpress.bench_worker", *args])
+    command = " ".join([sys.executable, "-m", "cifarpress.runtime.worker", *args])
     proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=120)
     shell = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
     assert abs(inside - shell) <= 0.10 * shell, (inside, shell)

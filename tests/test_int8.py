@@ -15,17 +15,15 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from cifarpress.bench import make_session
-from cifarpress.calibrate import (AbsHistogram, activation_scale, calibration_manifest, calibrator_threshold,
-                                  load_manifest, manifest_images, save_manifest, synthesize_images)
-from cifarpress.checkpoint import save_model
+from cifarpress.runtime.ort import make_session
+from cifarpress.export.calibrate import AbsHistogram, activation_scale, calibration_manifest, calibrator_threshold, load_manifest, manifest_images, save_manifest, synthesize_images
+from cifarpress.model_file import save_model
 from cifarpress.cli import app
 from cifarpress.data import dataset_spec, load_split
 from cifarpress.errors import CifarpressError
-from cifarpress.export import ExportCheckError, NormalizedClassifier, export_onnx
+from cifarpress.export.onnx import ExportCheckError, NormalizedClassifier, export_onnx
 from cifarpress.models import build_model
-from cifarpress.quantize.int8 import (check_int8_rules, describe_int8, export_int8_checked, export_int8_qdq,
-                                      quantize_onnx_int8, quantize_weight, unshare_initializers)
+from cifarpress.export.int8 import check_int8_rules, describe_int8, export_int8_checked, export_int8_qdq, quantize_onnx_int8, quantize_weight, unshare_initializers
 from conftest import CLASSES
 from typer.testing import CliRunner
 
@@ -242,7 +240,7 @@ def test_plain_tensorrt_placement_per_tensor_minmax(int8_export, tiny_train, tmp
 
 def test_torchscript_fallback_with_shared_weights_exports(tiny_train, monkeypatch, tmp_path):
     """Models only the TorchScript exporter takes get int8 too, though it shares identical tensors via Identity."""
-    import cifarpress.export
+    import cifarpress.export.onnx
 
     model = random_resnet20(seed=1)
     twin, source = model.layer1[1], model.layer1[0]
@@ -256,7 +254,7 @@ def test_torchscript_fallback_with_shared_weights_exports(tiny_train, monkeypatc
         return dynamo_export(*args, **kwargs)
 
     monkeypatch.setattr(torch.onnx, "export", torchscript_only)
-    float_path = cifarpress.export.export_onnx(model, tmp_path / "float.onnx", SPEC, tiny_train.classes)
+    float_path = cifarpress.export.onnx.export_onnx(model, tmp_path / "float.onnx", SPEC, tiny_train.classes)
     assert unshare_initializers(onnx.load(str(float_path)).graph) >= 1  # the shape this test is about
     path = export_int8_qdq(model, tmp_path / "shared.onnx", SPEC, tiny_train.classes, tiny_train.images[:64],
                            "minmax", threads=1)
@@ -299,7 +297,7 @@ def _cli(*args):
 
 
 def test_cli_exports_int8_qdq_and_rejects_precisions_it_lacks(tmp_path, tiny_cifar_root):
-    from cifarpress.checkpoint import save_model
+    from cifarpress.model_file import save_model
 
     save_model(tmp_path / "m.pt", random_resnet20(), "resnet20", 10, "cifar10")
     proc = _cli("export", str(tmp_path / "m.pt"), "--precision", "int8", "--calibrator", "percentile",
@@ -315,7 +313,7 @@ def test_cli_exports_int8_qdq_and_rejects_precisions_it_lacks(tmp_path, tiny_cif
 
 def test_onnx_file_alone_quantizes_to_the_same_graph(int8_export, tiny_train, tmp_path):
     """Calibrating a float ONNX file gives the graph that export_int8_qdq gives from its PyTorch model."""
-    from cifarpress.export import export_onnx
+    from cifarpress.export.onnx import export_onnx
 
     model, _ = int8_export
     images = tiny_train.images[:64]
@@ -337,7 +335,7 @@ def test_onnx_file_alone_quantizes_to_the_same_graph(int8_export, tiny_train, tm
 
 
 def test_cli_quantizes_an_onnx_file(tmp_path, tiny_cifar_root):
-    from cifarpress.export import export_onnx
+    from cifarpress.export.onnx import export_onnx
 
     test = load_split("cifar10", "test", tiny_cifar_root, download_if_missing=False)
     export_onnx(random_resnet20(), tmp_path / "m.onnx", SPEC, test.classes)
@@ -355,7 +353,7 @@ def test_cli_quantizes_an_onnx_file(tmp_path, tiny_cifar_root):
 @pytest.fixture(scope="module")
 def trained_small(tiny_train, tiny_cifar_root):
     """A small conv net trained on the tiny data (well above chance), for accuracy-gated int8 tests."""
-    from cifarpress.trainer import TrainConfig, Trainer
+    from cifarpress.train.trainer import TrainConfig, Trainer
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
@@ -379,7 +377,7 @@ def int8_hostile(model: nn.Module) -> nn.Module:
 
 
 def test_int8_layer_names_follow_the_pytorch_modules(int8_export):
-    from cifarpress.quantize.int8 import int8_layers
+    from cifarpress.export.int8 import int8_layers
 
     model, _ = int8_export
     with tempfile.TemporaryDirectory() as tmp:
@@ -418,7 +416,7 @@ def test_max_drop_fails_naming_the_worst_layer_and_publishes_nothing(trained_sma
 
 
 def test_sensitivity_sweep_ranks_the_hostile_layer_first(trained_small, tiny_train, tmp_path):
-    from cifarpress.quantize.int8 import int8_sensitivity
+    from cifarpress.export.int8 import int8_sensitivity
 
     model, test = trained_small
     float_path = export_onnx(int8_hostile(model), tmp_path / "h.onnx", SPEC, CLASSES)
@@ -429,7 +427,7 @@ def test_sensitivity_sweep_ranks_the_hostile_layer_first(trained_small, tiny_tra
 
 
 def test_recipe_and_cli_take_max_drop_and_exclude(tmp_path, tiny_cifar_root):
-    from cifarpress.recipe import recipe_from_dict
+    from cifarpress.pipeline.recipe import recipe_from_dict
 
     raw = {"name": "r", "model": {"arch": "resnet20", "checkpoint": "builtin:resnet20-cifar10"},
            "stages": [{"export": {"precision": "int8", "max_drop": 0.5, "exclude": ["fc", "layer1.0.conv1"]}}]}

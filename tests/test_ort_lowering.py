@@ -1,4 +1,4 @@
-"""Load-time lowering of the TensorRT int8 QDQ graph for onnxruntime's CPU kernels (cifarpress.ort_lowering)."""
+"""Load-time lowering of the TensorRT int8 QDQ graph for onnxruntime's CPU kernels (cifarpress.runtime.ort_lowering)."""
 from __future__ import annotations
 
 import collections
@@ -9,13 +9,11 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from cifarpress.bench import make_session
+from cifarpress.runtime.ort import make_session
 from cifarpress.data import dataset_spec, load_split
-from cifarpress.export import export_onnx
-from cifarpress.ort_lowering import (fold_clip_quantize, fold_relu_chains, fold_weight_dequantize, folded_relu_count,
-                                      lowered_bytes, lowered_path, lowering_counts, merge_shared_quantize,
-                                      reduce_weight_range, REDUCED_WEIGHT_MAX)
-from cifarpress.quantize.int8 import check_int8_rules, export_int8_qdq
+from cifarpress.export.onnx import export_onnx
+from cifarpress.runtime.ort_lowering import fold_clip_quantize, fold_relu_chains, fold_weight_dequantize, folded_relu_count, lowered_bytes, lowered_path, lowering_counts, merge_shared_quantize, reduce_weight_range, REDUCED_WEIGHT_MAX
+from cifarpress.export.int8 import check_int8_rules, export_int8_qdq
 from test_int8 import random_resnet20
 
 SPEC = dataset_spec("cifar10")
@@ -121,7 +119,8 @@ def test_float_graphs_are_not_touched(tmp_path):
 def _ternary_export(tmp_path, act_bits=None):
     import torch
 
-    from cifarpress.quantize import TernaryConfig, calibrate_activations, export_qdq, quantize_model
+    from cifarpress.techniques.quantize.ternary import TernaryConfig, calibrate_activations, quantize_model
+    from cifarpress.export.qdq import export_qdq
 
     model = random_resnet20()
     quantize_model(model, TernaryConfig(act_bits=act_bits))
@@ -307,7 +306,7 @@ def test_host_kernels_compute_what_the_lowered_graph_says(minmax_export, reduce_
     """onnxruntime's integer kernels on this CPU give the lowered graph's own QDQ math. With 8-bit weights that
     needs VNNI (AVX2 kernels saturate int16 pair sums); 7-bit weights, what cifarpress lowers to on such hosts,
     must hold on every CPU."""
-    from cifarpress.host import int8_kernels_exact
+    from cifarpress.runtime.host import int8_kernels_exact
 
     if not reduce_range and not int8_kernels_exact():
         pytest.skip("8-bit weights saturate this CPU's int8 kernels (no VNNI); the 7-bit case covers this host")

@@ -9,11 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from cifarpress.checkpoint import load_model, save_model
+from cifarpress.model_file import load_model, save_model
 from cifarpress.errors import CifarpressError
-from cifarpress.layers import ChannelsCut, ConstantChannels
+from cifarpress.models.layers import ChannelsCut, ConstantChannels
 from cifarpress.models import build_model
-from cifarpress.prune import PruneBudget, PruneTarget, compact_model, discover_groups, verify_compact
+from cifarpress.channels.budget import PruneBudget, PruneTarget
+from cifarpress.channels.surgery import compact_model, verify_compact
+from cifarpress.channels.groups import discover_groups
 
 from test_prune_groups import assert_exact_compaction, realistic
 
@@ -63,7 +65,7 @@ def test_cut_model_survives_the_model_file_and_onnx(tmp_path):
     import onnxruntime as ort
 
     from cifarpress.data import dataset_spec
-    from cifarpress.export import NormalizedClassifier, export_onnx
+    from cifarpress.export.onnx import NormalizedClassifier, export_onnx
 
     torch.manual_seed(1)
     model = realistic(build_model("resnet20"))
@@ -123,8 +125,8 @@ def test_levels_reach_zero_only_for_removable_units_when_asked():
 def test_prune_stage_passes_remove_branches_to_the_target():
     from pydantic import ValidationError
 
-    from cifarpress.compress import prune_plugin
-    from cifarpress.recipe import PruneStage
+    from cifarpress.pipeline.compress import prune_plugin
+    from cifarpress.pipeline.recipe import PruneStage
 
     assert prune_plugin(PruneStage(macs=0.5, remove_branches=True)).target.remove_branches
     assert not prune_plugin(PruneStage(macs=0.5)).target.remove_branches
@@ -134,10 +136,10 @@ def test_prune_stage_passes_remove_branches_to_the_target():
 
 def test_cut_model_quantizes_to_int8_from_its_onnx(tmp_path, tiny_cifar_root):
     """Pruning then int8: the stand-ins' constants and the narrower convs go through the int8 PTQ."""
-    from cifarpress.bench import make_session
+    from cifarpress.runtime.ort import make_session
     from cifarpress.data import dataset_spec, load_split
-    from cifarpress.export import NormalizedClassifier, export_onnx
-    from cifarpress.quantize.int8 import check_int8_rules, quantize_onnx_int8
+    from cifarpress.export.onnx import NormalizedClassifier, export_onnx
+    from cifarpress.export.int8 import check_int8_rules, quantize_onnx_int8
 
     torch.manual_seed(2)
     model = realistic(build_model("resnet20"))

@@ -15,7 +15,8 @@ from torch import nn
 from cifarpress.errors import CifarpressError
 from cifarpress.models import MODELS
 from cifarpress.profile import profile_model
-from cifarpress.prune import UnsupportedOpWarning, compact_model, discover_groups, round_kept, verify_compact
+from cifarpress.channels.groups import UnsupportedOpWarning, discover_groups
+from cifarpress.channels.surgery import compact_model, round_kept, verify_compact
 
 # Counted by hand. ResNet-(6n+2): 112 (n+1) = three residual streams (16+32+64) plus n inner
 # widths per stage. VGG: the sum of conv widths. WRN-(6n+4)-2: 16 (stem) + 224 (n+1).

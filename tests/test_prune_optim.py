@@ -8,13 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from cifarpress.checkpoint import unwrap
+from cifarpress.utils.modules import unwrap
 from cifarpress.data import load_split
 from cifarpress.errors import CifarpressError
 from cifarpress.models import build_model
 from cifarpress.profile import profile_model
-from cifarpress.prune import DhspgPruner, HessoPruner, PruneBudget, PruneTarget, discover_groups, verify_compact
-from cifarpress.trainer import Plugin, TrainConfig, Trainer
+from cifarpress.techniques.prune.dhspg import DhspgPruner
+from cifarpress.techniques.prune.hesso import HessoPruner
+from cifarpress.channels.budget import PruneBudget, PruneTarget
+from cifarpress.channels.groups import discover_groups
+from cifarpress.channels.surgery import verify_compact
+from cifarpress.train.trainer import Plugin, TrainConfig, Trainer
 
 # 3 epochs x 4 steps: HESSO warms up 3 steps, prunes in 3 periods of 2 steps, fine-tunes 3
 CFG = TrainConfig(epochs=3, batch_size=20, lr=0.05, max_steps_per_epoch=4, seed=3)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import cifarpress
-from cifarpress.bench import onnx_accuracy
-from cifarpress.checkpoint import load_model
+from cifarpress.runtime.ort import onnx_accuracy
+from cifarpress.model_file import load_model
 from cifarpress.data import balanced_subset, dataset_spec, load_split
-from cifarpress.export import check_onnx, export_onnx
-from cifarpress.trainer import evaluate
+from cifarpress.export.onnx import check_onnx, export_onnx
+from cifarpress.train.trainer import evaluate
 
 from conftest import CLASSES
 

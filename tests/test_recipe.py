@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import cifarpress.checkpoint as checkpoint_mod
+import cifarpress.model_file as checkpoint_mod
 from cifarpress.errors import CifarpressError, RecipeError
-from cifarpress.recipe import ExportStage, TrainStage, load_recipe
+from cifarpress.pipeline.recipe import ExportStage, TrainStage, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cifarpress.cli"]

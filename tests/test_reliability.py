@@ -17,19 +17,24 @@ from onnx import TensorProto, helper
 from torch import nn
 from typer.testing import CliRunner
 
-from cifarpress.checkpoint import FORMAT, atomic_torch_save, load_model, save_model
+from cifarpress.model_file import FORMAT, load_model, save_model
+from cifarpress.utils.io import atomic_torch_save
 from cifarpress.cli import app
-from cifarpress.compress import _read_done
+from cifarpress.pipeline.compress import _read_done
 from cifarpress.data import load_split
 from cifarpress.datasets import dataset_spec
 from cifarpress.errors import CifarpressError
-from cifarpress.export import ExportCheckError, check_onnx, export_onnx, read_onnx_metadata
+from cifarpress.export.onnx import ExportCheckError, check_onnx, export_onnx
+from cifarpress.runtime.onnx_file import read_onnx_metadata
 from cifarpress.models import build_model, trusting
-from cifarpress.plugins import WeightEMA
-from cifarpress.prune import DhspgPruner, HessoPruner, PruneTarget
-from cifarpress.quantize import TernaryConfig, TernaryQAT
-from cifarpress.run_folder import MARKER, RunFolder, clean_stale_tmp
-from cifarpress.trainer import Plugin, Trainer
+from cifarpress.train.ema import WeightEMA
+from cifarpress.techniques.prune.dhspg import DhspgPruner
+from cifarpress.techniques.prune.hesso import HessoPruner
+from cifarpress.channels.budget import PruneTarget
+from cifarpress.techniques.quantize.ternary import TernaryConfig
+from cifarpress.techniques.quantize.qat import TernaryQAT
+from cifarpress.pipeline.run_folder import MARKER, RunFolder, clean_stale_tmp
+from cifarpress.train.trainer import Plugin, Trainer
 
 from test_trainer import quick_config as quick, small_net, tiny  # noqa: F401 (tiny is a fixture)
 
@@ -336,7 +341,7 @@ def test_real_divergence_at_a_huge_learning_rate(tiny):
 # -- 6. --tolerance applies to quantized exports, and a failed check publishes nothing -----------
 
 def test_quantized_export_honours_tolerance_and_publishes_only_after_the_check(tiny_cifar_root, tmp_path):
-    from cifarpress.quantize import quantize_model
+    from cifarpress.techniques.quantize.ternary import quantize_model
 
     model = build_model("resnet20", 10)
     quantize_model(model, TernaryConfig())

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-import cifarpress.report
-from cifarpress.plot import deployed_bytes, pareto_front, point_names, write_pareto_plot
-from cifarpress.report import write_report
+import cifarpress.pipeline.report
+from cifarpress.pipeline.plot import deployed_bytes, pareto_front, point_names, write_pareto_plot
+from cifarpress.pipeline.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MACHINE = {"cpu": "Test CPU 9000", "cores": 2, "python": "3.12.0", "system": "Linux"}
@@ -82,7 +82,7 @@ def test_a_failed_plot_keeps_the_report(tmp_path, monkeypatch, capsys):
     def broken(path, report):
         raise RuntimeError("no fonts")
 
-    monkeypatch.setattr(cifarpress.report, "write_pareto_plot", broken)
+    monkeypatch.setattr(cifarpress.pipeline.report, "write_pareto_plot", broken)
     report = write_report(tmp_path, RECIPE, rows(), [], MACHINE)
     assert report["plot"] is None
     assert json.loads((tmp_path / "report.json").read_text())["plot"] is None
@@ -92,7 +92,7 @@ def test_a_failed_plot_keeps_the_report(tmp_path, monkeypatch, capsys):
     assert "report.png not drawn (RuntimeError: no fonts)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", ["cifarpress", "cifarpress.report"])
+@pytest.mark.parametrize("module", ["cifarpress", "cifarpress.pipeline.report"])
 def test_importing_does_not_load_matplotlib(module):
     code = f"import sys, {module}; assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -25,11 +25,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from cifarpress import tensorrt_engine as trt_engine
+from cifarpress.runtime import tensorrt as trt_engine
 from cifarpress.data import dataset_spec, load_split
 from cifarpress.errors import CifarpressError
-from cifarpress.export import INPUT_NAME, OUTPUT_NAME
-from cifarpress.tegrastats import TegraStatsSampler, parse_line, parse_lines, summarize
+from cifarpress.runtime.onnx_file import INPUT_NAME, OUTPUT_NAME
+from cifarpress.runtime.tegrastats import TegraStatsSampler, parse_line, parse_lines, summarize
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tegrastats"
 SPEC = dataset_spec("cifar10")
@@ -335,10 +335,10 @@ def test_qdq_onnx_builds_int8_without_calibration_and_only_as_int8(fake_gpu, qdq
 def test_cli_int8_engine_from_a_float_model_is_explicit_from_our_calibration(fake_gpu, tiny_cifar_root, tmp_path):
     from typer.testing import CliRunner
 
-    from cifarpress.checkpoint import save_model
+    from cifarpress.model_file import save_model
     from cifarpress.cli import app
     from cifarpress.models import build_model
-    from cifarpress.quantize.int8 import check_int8_rules
+    from cifarpress.export.int8 import check_int8_rules
 
     fake = fake_gpu()
     save_model(tmp_path / "m.pt", build_model("resnet20").eval(), "resnet20", 10, "cifar10")
@@ -357,7 +357,7 @@ def test_cli_int8_engine_from_a_float_onnx_file_is_explicit_too(fake_gpu, tiny_c
     from typer.testing import CliRunner
 
     from cifarpress.cli import app
-    from cifarpress.export import export_onnx
+    from cifarpress.export.onnx import export_onnx
     from cifarpress.models import build_model
 
     export_onnx(build_model("resnet20").eval(), tmp_path / "m.onnx", SPEC, [str(i) for i in range(10)])
@@ -392,7 +392,7 @@ def test_tensorrt_11_without_precision_flags_says_what_to_install(fake_gpu, floa
 
 
 def _engine_recipe(folder: Path, data_root: Path, export: str) -> Path:
-    from cifarpress.checkpoint import save_model
+    from cifarpress.model_file import save_model
     from cifarpress.models import build_model
 
     torch.manual_seed(0)
@@ -404,8 +404,8 @@ def _engine_recipe(folder: Path, data_root: Path, export: str) -> Path:
 
 
 def test_recipe_tensorrt_export_without_tensorrt_fails_before_any_stage(no_tensorrt, tiny_cifar_root, tmp_path):
-    from cifarpress.compress import run_recipe
-    from cifarpress.recipe import load_recipe
+    from cifarpress.pipeline.compress import run_recipe
+    from cifarpress.pipeline.recipe import load_recipe
 
     recipe = load_recipe(_engine_recipe(tmp_path, tiny_cifar_root, "{format: tensorrt, precision: fp16}"))
     with pytest.raises(CifarpressError) as exc:
@@ -415,7 +415,7 @@ def test_recipe_tensorrt_export_without_tensorrt_fails_before_any_stage(no_tenso
 
 def test_recipe_fp16_needs_format_tensorrt(tiny_cifar_root, tmp_path):
     from cifarpress.errors import RecipeError
-    from cifarpress.recipe import load_recipe
+    from cifarpress.pipeline.recipe import load_recipe
 
     with pytest.raises(RecipeError, match=r"stages\[0\]\.export.*fp16 needs format: tensorrt"):
         load_recipe(_engine_recipe(tmp_path, tiny_cifar_root, "{precision: fp16}"))
@@ -424,8 +424,8 @@ def test_recipe_fp16_needs_format_tensorrt(tiny_cifar_root, tmp_path):
 def test_recipe_tensorrt_int8_engine_is_reported_beside_a_reference_engine(fake_gpu, tiny_cifar_root, tmp_path,
                                                                            monkeypatch):
     """Build plumbing on the fake TensorRT; GPU timings stubbed (fp16 reference 2 ms, int8 engine 1 ms)."""
-    from cifarpress import compress
-    from cifarpress.recipe import load_recipe
+    from cifarpress.pipeline import compress
+    from cifarpress.pipeline.recipe import load_recipe
 
     fake = fake_gpu()
     parsed = []
@@ -472,8 +472,8 @@ def test_engine_device_memory_across_versions():
 @pytest.fixture(scope="module")
 def gpu_setup(tmp_path_factory, tiny_cifar_root):
     """The built-in trained resnet20, its ONNX export, and the tiny synthetic splits."""
-    from cifarpress.checkpoint import load_model
-    from cifarpress.export import export_onnx
+    from cifarpress.model_file import load_model
+    from cifarpress.export.onnx import export_onnx
 
     folder = tmp_path_factory.mktemp("tensorrt")
     model, _ = load_model("builtin:resnet20-cifar10")
@@ -546,7 +546,8 @@ def test_calibrated_int8_engine_matches_onnxruntime_and_reuses_its_cache(gpu_set
 
 @needs_gpu
 def test_qdq_export_builds_an_explicit_int8_engine(gpu_setup):
-    from cifarpress.quantize import TernaryConfig, calibrate_activations, export_qdq, quantize_model
+    from cifarpress.techniques.quantize.ternary import TernaryConfig, calibrate_activations, quantize_model
+    from cifarpress.export.qdq import export_qdq
 
     model, _, train, test, folder = gpu_setup
     quantized = copy.deepcopy(model)
@@ -766,7 +767,7 @@ def _one_error_line(proc) -> str:
 
 @pytest.mark.skipif(HAS_TENSORRT and torch.cuda.is_available(), reason="this machine can build engines")
 def test_cli_export_tensorrt_without_it_is_one_sentence(tmp_path):
-    from cifarpress.checkpoint import save_model
+    from cifarpress.model_file import save_model
     from cifarpress.models import build_model
 
     save_model(tmp_path / "m.pt", build_model("resnet20"), "resnet20", 10, "cifar10")
@@ -784,9 +785,9 @@ def test_cli_bench_device_mismatches_are_one_line(tmp_path):
 def test_cli_exports_a_quantized_model_as_qdq(tmp_path, tiny_cifar_root):
     import onnx
 
-    from cifarpress.checkpoint import save_model
+    from cifarpress.model_file import save_model
     from cifarpress.models import build_model
-    from cifarpress.quantize import quantize_model
+    from cifarpress.techniques.quantize.ternary import quantize_model
 
     model = build_model("resnet20")
     quantize_model(model)
@@ -807,8 +808,8 @@ def test_cli_export_of_an_onnx_file_needs_format_tensorrt(tmp_path):
 
 @needs_gpu
 def test_recipe_tensorrt_fp16_engine_on_a_gpu(tiny_cifar_root, tmp_path):
-    from cifarpress.compress import run_recipe
-    from cifarpress.recipe import load_recipe
+    from cifarpress.pipeline.compress import run_recipe
+    from cifarpress.pipeline.recipe import load_recipe
 
     path = tmp_path / "recipe.yaml"
     path.write_text(f"name: gpu\ndata_root: {tiny_cifar_root}\n"

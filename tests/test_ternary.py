@@ -15,13 +15,15 @@ from torch import nn
 
 from cifarpress.data import dataset_spec, load_split
 from cifarpress.errors import CifarpressError
-from cifarpress.export import export_onnx, read_onnx_metadata
+from cifarpress.export.onnx import export_onnx
+from cifarpress.runtime.onnx_file import read_onnx_metadata
 from cifarpress.models import build_model
-from cifarpress.quantize import (Int8Conv2d, Int8Linear, TernaryConfig, TernaryConv2d, TernaryLinear, TernaryQAT,
-                                 calibrate_activations, check_qdq, export_qdq, layer_report, load_packed,
-                                 quantize_model, quantized_layers, read_packed_header, save_packed)
-from cifarpress.quantize.packed import MAGIC, pack_ternary, unpack_ternary
-from cifarpress.trainer import Plugin, TrainConfig, Trainer
+from cifarpress.techniques.quantize.ternary import Int8Conv2d, Int8Linear, TernaryConfig, TernaryConv2d, TernaryLinear, calibrate_activations, layer_report, quantize_model, quantized_layers
+from cifarpress.techniques.quantize.qat import TernaryQAT
+from cifarpress.export.qdq import check_qdq, export_qdq
+from cifarpress.export.packed import load_packed, read_packed_header, save_packed
+from cifarpress.export.packed import MAGIC, pack_ternary, unpack_ternary
+from cifarpress.train.trainer import Plugin, TrainConfig, Trainer
 
 SPEC = dataset_spec("cifar10")
 CLASSES = [str(i) for i in range(10)]
@@ -268,7 +270,7 @@ def test_plugin_trains_through_the_trainer(trained_int8_inputs):
 
 
 def test_plugin_before_ema_is_required():
-    from cifarpress.plugins import WeightEMA
+    from cifarpress.train.ema import WeightEMA
 
     trainer = Trainer(small_net(), TrainConfig(), plugins=[WeightEMA(), TernaryQAT()], device=torch.device("cpu"))
     with pytest.raises(CifarpressError, match="list TernaryQAT first"):
@@ -343,7 +345,7 @@ def test_qdq_int8_inputs_have_static_per_tensor_scales(trained_int8_inputs, tiny
     # only near-tied predictions (here one image with a top-2 margin of ~1e-4) may flip
     # On a CPU without VNNI cifarpress also runs the 8-bit first conv and classifier with 7-bit weights
     # (ort_lowering.reduce_weight_range), which moves the logits further than the bias rounding alone.
-    from cifarpress.host import int8_kernels_exact
+    from cifarpress.runtime.host import int8_kernels_exact
 
     exact = int8_kernels_exact()
     deployed = check_qdq(model, path, test.images, threads=1, runtime_optimizations=True,
@@ -378,7 +380,7 @@ def test_ternary_2bit_code():
 @pytest.mark.parametrize("config", [TernaryConfig(), TernaryConfig(scale="absmedian", granularity="channel",
                                                                    act_bits=8, keep=["3"])])
 def test_packed_round_trip_is_bit_exact(config, tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr("cifarpress.quantize.packed.build_model", lambda arch, n, **_: small_net(seed=5))
+    monkeypatch.setattr("cifarpress.export.packed.build_model", lambda arch, n, **_: small_net(seed=5))
     model = randomize_batchnorm(small_net())
     quantize_model(model, config)
     x = normalized(tiny[1].images[:50])

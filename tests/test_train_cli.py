@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from cifarpress.checkpoint import load_model
+from cifarpress.model_file import load_model
 from cifarpress.data import load_split
-from cifarpress.trainer import evaluate
+from cifarpress.train.trainer import evaluate
 
 CLI = [sys.executable, "-m", "cifarpress.cli"]
 

@@ -1,4 +1,4 @@
-"""cifarpress.trainer: learning, schedules, plug-in hooks, EMA, checkpoint/resume."""
+"""cifarpress.train.trainer: learning, schedules, plug-in hooks, EMA, checkpoint/resume."""
 from __future__ import annotations
 
 import copy
@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from cifarpress.checkpoint import unwrap
+from cifarpress.utils.modules import unwrap
 from cifarpress.data import load_split
 from cifarpress.errors import CifarpressError
 from cifarpress.models import build_model
-from cifarpress.plugins import WeightEMA
-from cifarpress.trainer import Plugin, TrainConfig, Trainer, evaluate, lr_factor
+from cifarpress.train.ema import WeightEMA
+from cifarpress.train.trainer import Plugin, TrainConfig, Trainer, evaluate, lr_factor
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ from typing import Callable
 
 from torch import nn
 
-from ..errors import CifarpressError
-from .mobilenetv2 import CifarMobileNetV2
-from .resnet import CifarResNet
-from .vgg import CifarVGG
-from .wrn import WideResNet
+from cifarpress.errors import CifarpressError
+from cifarpress.models.mobilenetv2 import CifarMobileNetV2
+from cifarpress.models.resnet import CifarResNet
+from cifarpress.models.vgg import CifarVGG
+from cifarpress.models.wrn import WideResNet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     **{f"resnet{d}": partial(CifarResNet, d) for d in (20, 32, 44, 56, 110)},

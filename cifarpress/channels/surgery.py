@@ -1,0 +1,160 @@
+"""Physical channel surgery: turn zeroed groups into a smaller model that computes the same function.
+
+`compact_model` deep-copies the model and, for every conv, BatchNorm and linear that owns
+a cut row or column, builds a new module of the smaller width with the kept slices
+(depthwise convs shrink in, out and groups together) and puts it in place under each of
+its qualified names. The forward code, every other module and the training flags are the
+copy's own, so the result is still the user's model class.
+
+A space cut whole, which GroupSet allows only for a residual branch's inner width, leaves its
+producer without outputs and its consumer without inputs: they become the stand-ins of
+cifarpress.models.layers (an empty tensor, then the consumer's bias as a constant) and its
+BatchNorm an Identity, so the block computes shortcut + constant, as the zeroed model does.
+
+Cutting a group is exact only when its producer slices are all zero (see groups.py);
+`verify_compact` measures that, and `compact_model(check_input=...)` refuses a cut that is not.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from cifarpress.channels.groups import GroupSet, eval_mode
+from cifarpress.errors import CifarpressError
+from cifarpress.models.layers import ChannelsCut, ConstantChannels
+
+Keep = dict[tuple[str, int], torch.Tensor]  # (attribute, dim) -> kept positions, only where some are cut
+
+
+def round_kept(count: int, multiple: int, total: int | None = None) -> int:
+    """Channels to keep in a space whose width must be a multiple of `multiple` (tensor-core / SIMD
+    friendly): `count` rounded up, at least one multiple, never more than the `total` it has."""
+    if multiple < 1:
+        raise ValueError(f"channel multiple must be >= 1, got {multiple}")
+    kept = max(multiple, math.ceil(count / multiple) * multiple)
+    return kept if total is None else min(kept, total)
+
+
+def compact_model(model: nn.Module, groupset: GroupSet, zero_threshold: float = 0.0, *,
+                  group_ids=None, check_input: torch.Tensor | None = None, atol: float = 1e-4) -> nn.Module:
+    """A physically smaller copy of `model` without the channels of the cut groups.
+
+    Cuts `group_ids` when given, otherwise every group whose producer slices are all within
+    `zero_threshold` of zero (0.0: exactly zero, so the copy computes the same function).
+    With `check_input`, the copy is run against `model` and a difference above `atol`
+    raises CifarpressError. `model` itself is left untouched.
+    """
+    if group_ids is None:
+        cut = torch.tensor(groupset.zero_group_ids(model, zero_threshold), dtype=torch.long)
+    else:
+        cut = groupset._checked_ids(group_ids)
+    compact = copy.deepcopy(model)
+    for module_name, keep in _kept_positions(groupset, cut).items():
+        old = compact.get_submodule(module_name)
+        _swap(compact, old, _rebuilt(old, keep))
+    if check_input is not None:
+        diff = verify_compact(model, compact, check_input)
+        if not diff <= atol:
+            raise CifarpressError(
+                f"the compacted {type(model).__name__} differs from the original by {diff:.3g} (> {atol:g}) on the "
+                "check input, so the cut groups were not all zero; zero them first with GroupSet.zero_groups"
+            )
+    return compact
+
+
+def verify_compact(zeroed_model: nn.Module, compact: nn.Module, x: torch.Tensor) -> float:
+    """Largest absolute difference between the two models' outputs on `x`, both in eval mode."""
+    with eval_mode(zeroed_model, compact):
+        expected, got = _tensors(zeroed_model(x)), _tensors(compact(x))
+    if len(expected) != len(got) or any(a.shape != b.shape for a, b in zip(expected, got)):
+        raise CifarpressError("the compacted model returns outputs of other shapes than the original")
+    return max((a.float() - b.float()).abs().max().item() for a, b in zip(expected, got))
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    return [t for item in output for t in _tensors(item)]
+
+
+def _kept_positions(groupset: GroupSet, cut: torch.Tensor) -> dict[str, Keep]:
+    """Per module, the rows/columns that stay, for every parameter and buffer that loses some."""
+    plan: dict[str, Keep] = {}
+    removable = groupset.removable_group_ids()
+    for role in groupset.roles:
+        lost = torch.isin(role.group_of, cut)
+        if not lost.any():
+            continue
+        module_name, _, attr = role.param.rpartition(".")
+        kept = (~lost).nonzero().flatten()
+        if role.kind == "producer" and len(kept) == 0 and not set(role.group_of.tolist()) <= removable:
+            raise CifarpressError(
+                f"cutting these groups would leave '{module_name}' with no channels; keep at least one group of "
+                "every channel space"
+            )
+        plan.setdefault(module_name, {})[(attr, role.dim)] = kept
+    return plan
+
+
+def _rebuilt(old: nn.Module, keep: Keep) -> nn.Module:
+    """A new module of the same class and settings, at the kept width, holding the kept slices."""
+
+    def width(dim: int, full: int) -> int:
+        kept = keep.get(("weight", dim))
+        return full if kept is None else len(kept)
+
+    # A residual branch cut whole (GroupSet.removable_spaces): torch has no zero-width layer, so stand-ins
+    if isinstance(old, (nn.Conv2d, nn.Linear)) and getattr(old, "groups", 1) == 1:  # weight: (out, in, ...)
+        if width(0, old.weight.shape[0]) == 0:
+            return ChannelsCut.replacing(old)
+        if width(1, old.weight.shape[1]) == 0:
+            bias = None if old.bias is None else _sliced(old.bias, "bias", keep)
+            return ConstantChannels.replacing(old, width(0, old.weight.shape[0]), bias).train(old.training)
+    if isinstance(old, nn.modules.batchnorm._BatchNorm) and width(0, old.num_features) == 0:
+        return nn.Identity()
+    # Built on the meta device: every parameter and buffer is replaced just below.
+    if isinstance(old, nn.modules.conv._ConvNd):
+        out = width(0, old.out_channels)
+        depthwise = old.groups > 1  # the tracer only passes groups == in == out
+        new = type(old)(out if depthwise else width(1, old.in_channels), out, old.kernel_size, stride=old.stride,
+                        padding=old.padding, dilation=old.dilation, groups=out if depthwise else 1,
+                        bias=old.bias is not None, padding_mode=old.padding_mode, device="meta")
+    elif isinstance(old, nn.modules.batchnorm._BatchNorm):
+        new = type(old)(width(0, old.num_features), eps=old.eps, momentum=old.momentum, affine=old.affine,
+                        track_running_stats=old.track_running_stats, device="meta")
+    elif isinstance(old, nn.Linear):
+        new = type(old)(width(1, old.in_features), width(0, old.out_features), bias=old.bias is not None,
+                        device="meta")
+    else:
+        raise TypeError(f"no surgery for {type(old).__name__}")  # the tracer never hands one over
+    for attr, value in old._parameters.items():
+        new._parameters[attr] = None if value is None else nn.Parameter(
+            _sliced(value, attr, keep), requires_grad=value.requires_grad)
+    for attr, value in old._buffers.items():
+        new._buffers[attr] = None if value is None else _sliced(value, attr, keep)
+    new.train(old.training)
+    return new
+
+
+def _sliced(value: torch.Tensor, attr: str, keep: Keep) -> torch.Tensor:
+    out = value.detach()
+    for (name, dim), kept in keep.items():
+        if name == attr:
+            out = out.index_select(dim, kept.to(out.device))
+    channels_last = value.dim() == 4 and not value.is_contiguous() \
+        and value.is_contiguous(memory_format=torch.channels_last)
+    # clone: the copy owns its storage instead of viewing the original's
+    return out.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _swap(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` wherever `old` is registered (a module can sit under several names)."""
+    names = [name for name, m in root.named_modules(remove_duplicate=False) if m is old]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent), child, new)

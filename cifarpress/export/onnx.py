@@ -1,0 +1,209 @@
+"""ONNX export that a device can use on its own, checked against PyTorch.
+
+The exported graph takes float32 NCHW RGB in [0, 1] and normalizes inside
+(folded into the first conv by onnxruntime/TensorRT), and its metadata names
+the dataset, the classes and the preprocessing: nothing else ships with it.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import secrets
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from cifarpress import __version__
+from cifarpress.data import CifarSplit, DatasetSpec, balanced_subset
+from cifarpress.errors import CifarpressError
+from cifarpress.runtime.onnx_file import INPUT_NAME, OUTPUT_NAME
+from cifarpress.utils.io import atomic_write
+from cifarpress.utils.modules import unwrap
+from cifarpress.utils.progress import progress
+
+OPSET = 18
+T = TypeVar("T")
+
+
+class NormalizedClassifier(nn.Module):
+    """Wraps a model trained on normalized inputs so it takes pixels in [0, 1]."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) * self.inv_std)
+
+
+class ExportCheckError(CifarpressError):
+    """onnxruntime disagrees with PyTorch beyond tolerance."""
+
+
+@dataclass
+class ExportCheck:
+    images: int
+    max_abs_diff: float
+    top1_agreement: float
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "max_abs_diff": self.max_abs_diff, "top1_agreement": self.top1_agreement}
+
+
+def _torch_export(wrapped: nn.Module, path: str, opset: int) -> None:
+    example = torch.rand(2, 3, 32, 32)
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        try:
+            torch.onnx.export(
+                wrapped, (example,), path, dynamo=True, opset_version=opset, external_data=False,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+            )
+            return
+        except Exception as first:  # user models torch.export cannot trace: try the TorchScript exporter
+            dynamo_error = first
+        try:
+            torch.onnx.export(
+                wrapped, (example,), path, dynamo=False, opset_version=max(17, min(opset, 20)),
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+        except Exception as exc:
+            raise CifarpressError(
+                f"ONNX export failed ({type(dynamo_error).__name__}: {str(dynamo_error).splitlines()[0][:200]}); "
+                f"the model likely uses an operation ONNX cannot express"
+            ) from exc
+
+
+def export_onnx(model: nn.Module, path: str | Path, spec: DatasetSpec, classes: list[str],
+                extra_metadata: dict | None = None, opset: int = OPSET) -> Path:
+    """Write `model` (trained on normalized inputs) as a self-contained ONNX file, atomically."""
+    model = unwrap(model)
+    model = model.to(memory_format=torch.contiguous_format)
+    was_training = model.training
+    wrapped = NormalizedClassifier(model, spec.mean, spec.std).eval()
+    metadata = {
+        "producer": f"cifarpress {__version__}",
+        "dataset": spec.name,
+        "classes": json.dumps(classes),
+        "input": "float32 NCHW RGB 32x32, pixel values in [0, 1]",
+        "preprocessing": json.dumps({"scale": "1/255", "mean": list(spec.mean), "std": list(spec.std),
+                                     "normalization": "inside the graph"}),
+        **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra_metadata or {}).items()},
+    }
+
+    def write(tmp: str) -> None:
+        with torch.no_grad():
+            _torch_export(wrapped, tmp, opset)
+        proto = onnx.load(tmp)
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto)
+        onnx.save(proto, tmp)
+
+    try:
+        return atomic_write(path, write)
+    finally:
+        model.train(was_training)
+
+
+def publish_checked(path: str | Path, export: Callable[[Path], object], check: Callable[[Path], T]) -> T:
+    """Export to a temporary file beside `path`, check it, and only then move it into place.
+
+    A failed check leaves no unfaithful file at `path` (an earlier file there stays as it was)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unchecked = path.with_name(f".{path.stem}.unchecked.{secrets.token_hex(4)}{path.suffix}")
+    try:
+        export(unchecked)
+        try:
+            result = check(unchecked)
+        except ExportCheckError as exc:  # name the file the user asked for, not the temporary one
+            raise type(exc)(str(exc).replace(str(unchecked), str(path))) from None
+        os.replace(unchecked, path)
+    finally:
+        unchecked.unlink(missing_ok=True)
+    return result
+
+
+@torch.no_grad()
+def compare_with_onnxruntime(wrapped: nn.Module, session, pixels: torch.Tensor,
+                             batch: int = 250) -> tuple[ExportCheck, float]:
+    """Logits of `wrapped` (PyTorch) vs the onnxruntime session on `pixels` in [0, 1].
+
+    Returns the check (max abs difference, top-1 agreement) and the largest |logit|,
+    against which a relative tolerance can be set."""
+    broken = [name for name, t in wrapped.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:  # an infinite BatchNorm variance can still give finite logits: refuse the model itself
+        raise ExportCheckError(
+            f"the model holds NaN or infinite values in {len(broken)} tensors ({', '.join(broken[:3])}); it is broken "
+            f"(diverged training?): retrain it with a lower learning rate")
+    max_diff, agree, largest = 0.0, 0, 0.0
+    for start in progress(range(0, len(pixels), batch), what="export check: PyTorch vs onnxruntime"):
+        x = pixels[start:start + batch]
+        ref = wrapped(x).numpy()
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        # max() would let a NaN through (max(0.0, nan) is 0.0): a non-finite logit fails whatever the tolerance.
+        for name, logits in (("PyTorch", ref), ("onnxruntime", got)):
+            if not np.isfinite(logits).all():
+                bad = int((~np.isfinite(logits)).any(axis=1).sum())
+                raise ExportCheckError(
+                    f"{name} gives NaN or infinite logits on {bad} of {len(x)} test images; the model is broken "
+                    f"(diverged training?): retrain it with a lower learning rate")
+        max_diff = max(max_diff, float(np.abs(ref - got).max()))
+        largest = max(largest, float(np.abs(ref).max()))
+        agree += int((ref.argmax(1) == got.argmax(1)).sum())
+    check = ExportCheck(images=len(pixels), max_abs_diff=max_diff, top1_agreement=100.0 * agree / max(1, len(pixels)))
+    return check, largest
+
+
+def check_indices(split: CifarSplit, images: int) -> torch.Tensor:
+    """The test images every export check runs: a fixed class-balanced draw of `images` of them."""
+    count = min(images, len(split))
+    return balanced_subset(split.labels, count, seed=1) if count >= split.spec.num_classes else torch.arange(count)
+
+
+def check_pixels(split: CifarSplit, images: int) -> torch.Tensor:
+    """check_indices' images as float pixels in [0, 1]."""
+    return split.images[check_indices(split, images)].float() / 255.0
+
+
+def check_onnx(model: nn.Module, path: str | Path, split: CifarSplit, images: int = 1000,
+               tolerance: float = 1e-4, threads: int | None = None, exact: bool = False) -> ExportCheck:
+    """Run real images through onnxruntime and PyTorch; raise if logits differ beyond `tolerance`.
+
+    exact: run the graph's own math (no onnxruntime fusions; for a QDQ file its quantization computed in
+    float, as TensorRT builds it) rather than this host's kernels."""
+    from cifarpress.runtime.ort import make_session
+
+    model = unwrap(model)
+    was_training = model.training
+    wrapped = NormalizedClassifier(model, split.spec.mean, split.spec.std).eval()
+    x = check_pixels(split, images)
+    session = make_session(path, threads, optimize=not exact)
+    try:
+        check, _ = compare_with_onnxruntime(wrapped, session, x)
+    finally:
+        model.train(was_training)  # like export_onnx: leave the caller's model in the mode it was in
+    max_diff = check.max_abs_diff
+    if max_diff > tolerance:
+        raise ExportCheckError(
+            f"onnxruntime output of {path} differs from PyTorch by {max_diff:.2e} (> {tolerance:.0e}) on "
+            f"{len(x)} test images, top-1 agreement {check.top1_agreement:.2f}%; the export is not faithful"
+        )
+    return check

@@ -1,0 +1,239 @@
+"""ONNX export of a ternary fake-quant model with explicit QuantizeLinear/DequantizeLinear.
+
+Every quantized layer's weight is stored as an int8 initializer with a float32
+scale per output channel (axis 0) and an int8 zero point of 0, and it reaches its
+Conv/Gemm through DequantizeLinear. TensorRT's explicit quantization accepts this
+form. Ternary layers hold only the integers -1, 0 and 1. Kept layers hold int8 in
+[-127, 127]. A per-tensor scale is repeated once per channel.
+
+With act_bits=8, the input of each quantized layer also passes through
+QuantizeLinear -> DequantizeLinear, using the layer's static per-tensor scale
+(running absmax / 127). ONNX and TensorRT need constant scales, so per-sample
+training exports per tensor too, and PyTorch evaluation uses the same scale.
+
+How it is built: export_onnx traces a float copy of the model whose layers hold
+the dequantized weights, so no quantizer ops are traced. The graph is then
+rewritten. torch.onnx's optimizer folds each eval-mode BatchNorm into the conv
+before it, giving W * gamma / sigma per output channel. A ternary tensor times a
+per-channel factor is still ternary, with scale s * |gamma / sigma| per channel,
+so the codes are read back from the folded weights: the sign flips where
+gamma < 0, and the scale is exact. Int8 layers re-derive absmax codes from the
+folded weights. Layers with no BN after them, such as the classifier, keep
+PyTorch's codes and scales unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from cifarpress.data import CifarSplit, DatasetSpec
+from cifarpress.errors import CifarpressError
+from cifarpress.export.onnx import (
+    OPSET,
+    ExportCheck,
+    ExportCheckError,
+    NormalizedClassifier,
+    compare_with_onnxruntime,
+    export_onnx,
+)
+from cifarpress.runtime.onnx_file import read_onnx_metadata
+from cifarpress.runtime.ort import make_session
+from cifarpress.techniques.quantize.ternary import (
+    INT8_MAX,
+    FakeQuantLayer,
+    _replace_module,
+    config_from_model,
+    quantized_layers,
+)
+from cifarpress.utils.io import atomic_write
+from cifarpress.utils.modules import unwrap
+
+WRAPPER_PREFIX = "model."  # export_onnx wraps the net as NormalizedClassifier(model=...)
+WEIGHT_ONLY_TOLERANCE = 1e-4  # max |logit difference| when activations stay float
+ACT_RELATIVE_TOLERANCE = 0.02  # with int8 activations: share of the largest |logit| (see check_qdq)
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """A float copy of `model` in which each quantized layer is a plain layer holding its dequantized weights."""
+    twin = copy.deepcopy(unwrap(model)).cpu()  # export_onnx traces on the CPU
+    for name, layer in quantized_layers(twin).items():
+        _replace_module(twin, name, layer.to_float())
+    return twin
+
+
+def _per_channel(scale: torch.Tensor, channels: int) -> np.ndarray:
+    return scale.detach().float().cpu().reshape(-1).expand(channels).numpy().copy()
+
+
+def _weight_codes(layer: FakeQuantLayer, exported: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes, per-channel float32 scale) reproducing the exported weight `exported`."""
+    channels = exported.shape[0]
+    torch_scale = _per_channel(layer.weight_scale(), channels)
+    if np.array_equal(exported, layer.quantized_weight().cpu().numpy()):  # no BN folded in
+        return layer.weight_codes().cpu().numpy().astype(np.int8), torch_scale
+    rows = exported.reshape(channels, -1)
+    magnitude = np.abs(rows).max(axis=1)
+    if layer.precision == "ternary":
+        codes = np.sign(rows)
+        if not np.array_equal(codes * magnitude[:, None], rows):
+            raise CifarpressError(f"the exporter changed layer {layer.layer_name!r} into non-ternary weights; "
+                                  f"export with the dynamo exporter (torch>=2.5) and report this as a bug")
+        scale = magnitude
+    else:
+        scale = (magnitude / np.float32(INT8_MAX)).astype(np.float32)
+        codes = np.clip(np.rint(rows / np.where(magnitude > 0, scale, 1)[:, None]), -INT8_MAX, INT8_MAX)
+    # An all-zero channel (gamma = 0) still needs a positive scale; the codes make it irrelevant.
+    scale = np.where(magnitude > 0, scale, torch_scale).astype(np.float32)
+    return codes.reshape(exported.shape).astype(np.int8), scale
+
+
+def _check_weight_consumers(name: str, weight: str, nodes: list) -> None:
+    for node in nodes:
+        gemm_transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        if list(node.input).index(weight) != 1 or not (node.op_type == "Conv" or gemm_transposed):
+            raise CifarpressError(f"layer {name!r} exported as {node.op_type}, not Conv/Gemm(transB=1); "
+                                  f"QDQ export needs plain conv and linear layers")
+
+
+def _input_qdq(layer: FakeQuantLayer, name: str, node, graph) -> list:
+    """Q -> DQ nodes in front of `node`'s data input, using the layer's static per-tensor scale."""
+    scale_name, zero_name = f"{name}.input_scale", f"{name}.input_zero_point"
+    scale = layer.static_input_scale().detach().float().cpu().numpy().reshape(())
+    graph.initializer.extend([numpy_helper.from_array(scale, scale_name),
+                              numpy_helper.from_array(np.zeros((), np.int8), zero_name)])
+    source, quantized, dequantized = node.input[0], f"{name}.input_quantized", f"{name}.input_dequantized"
+    node.input[0] = dequantized
+    return [helper.make_node("QuantizeLinear", [source, scale_name, zero_name], [quantized],
+                             name=f"{name}.input_quantize"),
+            helper.make_node("DequantizeLinear", [quantized, scale_name, zero_name], [dequantized],
+                             name=f"{name}.input_dequantize")]
+
+
+def quantize_graph(proto: onnx.ModelProto, layers: dict[str, FakeQuantLayer]) -> None:
+    """Rewrite, in place, a float export of `dequantized_copy(model)` into the QDQ form."""
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    consumers = defaultdict(list)
+    for node in graph.node:
+        for value in node.input:
+            consumers[value].append(node)
+    weight_dequantizers, before_node = [], defaultdict(list)
+    for name, layer in layers.items():
+        weight = WRAPPER_PREFIX + name + ".weight"
+        tensor = initializers.get(weight)
+        if tensor is None:
+            raise CifarpressError(f"the exported graph has no weight initializer for layer {name!r}; "
+                                  f"QDQ export needs torch.onnx's dynamo exporter to trace the model")
+        _check_weight_consumers(name, weight, consumers[weight])
+        codes, scale = _weight_codes(layer, numpy_helper.to_array(tensor))
+        graph.initializer.remove(tensor)
+        graph.initializer.extend([
+            numpy_helper.from_array(codes, weight + "_quantized"),
+            numpy_helper.from_array(scale, weight + "_scale"),
+            numpy_helper.from_array(np.zeros(len(scale), np.int8), weight + "_zero_point"),
+        ])
+        weight_dequantizers.append(helper.make_node(
+            "DequantizeLinear", [weight + "_quantized", weight + "_scale", weight + "_zero_point"], [weight],
+            name=weight + "_dequantize", axis=0))
+        if layer.act_bits:
+            for i, node in enumerate(consumers[weight]):
+                before_node[id(node)] += _input_qdq(layer, name if i == 0 else f"{name}.{i}", node, graph)
+    replaced = {WRAPPER_PREFIX + name + ".weight" for name in layers}
+    for value in [v for v in graph.input if v.name in replaced]:  # older IRs also list initializers as inputs
+        graph.input.remove(value)
+    ordered = list(weight_dequantizers)
+    for node in graph.node:
+        ordered += before_node.get(id(node), []) + [node]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def export_qdq(model: nn.Module, path: str | Path, spec: DatasetSpec, classes: list[str],
+               extra_metadata: dict | None = None, opset: int = OPSET) -> Path:
+    """Write the fake-quant `model` as a QDQ ONNX file (input: pixels in [0, 1]), atomically."""
+    model = unwrap(model)
+    layers = quantized_layers(model)
+    if not layers:
+        raise CifarpressError("the model has no ternary or int8 layers; quantize it (quantize_model or TernaryQAT) "
+                              "before export_qdq, or use export_onnx for a float model")
+    for layer in layers.values():
+        if layer.act_bits:
+            layer.static_input_scale()  # fails early, naming the layer, when a range is missing
+    config = config_from_model(model)
+    metadata = {"quantization": {
+        "scheme": "BitNet b1.58 ternary weights, int8 QDQ", "layers": {n: m.precision for n, m in layers.items()},
+        "config": config.to_dict(), "activations": "int8 per tensor, static" if config.act_bits else "float"},
+        **(extra_metadata or {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = export_onnx(dequantized_copy(model), Path(tmp) / "float.onnx", spec, classes, metadata, opset)
+        proto = onnx.load(str(float_path))
+    quantize_graph(proto, layers)
+    onnx.checker.check_model(proto)
+    return atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+
+
+def _as_pixels(images: torch.Tensor | CifarSplit) -> torch.Tensor:
+    if isinstance(images, CifarSplit):
+        images = images.images
+    if images.dtype == torch.uint8:
+        return images.float() / 255.0
+    return images.float()
+
+
+def check_qdq(model: nn.Module, path: str | Path, images: torch.Tensor | CifarSplit,
+              tolerance: float | None = None, threads: int | None = None,
+              runtime_optimizations: bool = False) -> ExportCheck:
+    """Compare onnxruntime on the QDQ file with the PyTorch fake-quant model (eval mode) on `images`.
+
+    `images`: uint8 NCHW (0-255), float NCHW in [0, 1], or a CifarSplit. The
+    normalization is read from the file's metadata. Raises ExportCheckError when
+    the logits differ by more than `tolerance`.
+
+    By default onnxruntime runs the graph as written (graph optimizations off),
+    which checks the file's own semantics. runtime_optimizations=True runs it as
+    bench deploys it: onnxruntime then quantizes each conv bias to int32 with scale
+    s_input * s_weight, as int8 engines do. With int8 inputs that moves the logits
+    by about 1% of their range and can flip near-tied predictions. With float
+    inputs it changes nothing measurable.
+
+    Default tolerance: 1e-4 when the inputs stay float, where the graph computes
+    what PyTorch computes up to float rounding (about 1e-7 on resnet20). With int8
+    inputs it is 2% of the largest |logit|. PyTorch applies BN after the conv, while
+    the graph has BN folded into it, so the two differ by an ulp. That ulp can move
+    an activation across a rounding boundary and flip its int8 code by one step.
+    Such flips cost a fraction of a percent of the logit range, while a wrong scale
+    or axis costs tens of percent.
+    """
+    meta = read_onnx_metadata(path)
+    try:
+        preprocessing = json.loads(meta["preprocessing"])
+    except (KeyError, ValueError):
+        raise CifarpressError(f"{path} has no cifarpress preprocessing metadata; export it with export_qdq") from None
+    model = unwrap(model)
+    was_training = model.training
+    wrapped = NormalizedClassifier(model, preprocessing["mean"], preprocessing["std"]).eval()
+    x = _as_pixels(images)
+    session = make_session(path, threads, optimize=runtime_optimizations)
+    try:
+        check, largest_logit = compare_with_onnxruntime(wrapped, session, x)
+    finally:
+        model.train(was_training)
+    max_diff = check.max_abs_diff
+    if tolerance is None:
+        int8_inputs = any(layer.act_bits for layer in quantized_layers(model).values())
+        tolerance = ACT_RELATIVE_TOLERANCE * largest_logit if int8_inputs else WEIGHT_ONLY_TOLERANCE
+    if max_diff > tolerance:
+        raise ExportCheckError(
+            f"onnxruntime output of {path} differs from the PyTorch fake-quant model by {max_diff:.2e} "
+            f"(> {tolerance:.1e}) on {len(x)} images, top-1 agreement {check.top1_agreement:.2f}%; "
+            f"the QDQ export is not faithful")
+    return check

@@ -1,0 +1,69 @@
+"""Train or fine-tune one model into a run folder: shared by `cifarpress train` and the recipe `train` stage."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+
+from cifarpress.data import dataset_spec, load_split
+from cifarpress.errors import CifarpressError
+from cifarpress.model_file import load_model, save_model
+from cifarpress.models import build_model
+from cifarpress.pipeline.run_folder import RunFolder, check_can_clear
+from cifarpress.train.ema import WeightEMA
+from cifarpress.train.trainer import Plugin, TrainConfig, Trainer, distributed_context
+from cifarpress.utils.io import atomic_write_json
+
+
+def run_training(arch: str, dataset: str, epochs: int, out_dir: Path, data_root=None, init: str | None = None,
+                 ema: bool = False, plugins: list[Plugin] | None = None, force: bool = False,
+                 own_folder: bool = True, **config) -> dict | None:
+    """Returns {'top1', 'model_path', 'history'} on rank 0 (None on other ranks).
+
+    own_folder: out_dir is this run's own run folder (`cifarpress train`), locked while it trains and
+    emptied first with `force`; a recipe stage passes False, as the recipe's run folder is locked already."""
+    out_dir = Path(out_dir)
+    rank, world = distributed_context()
+    folder = RunFolder(out_dir, force) if own_folder and rank == 0 else contextlib.nullcontext(out_dir)
+    if own_folder and force:
+        check_can_clear(out_dir)  # before loading anything, on every rank: refuse early, delete nothing
+    # Everything that can fail on bad input (model, data) runs before --force empties the folder.
+    prepared = _prepare(arch, dataset, data_root, init, config.get("seed", 0))
+    with folder:
+        if world > 1:
+            torch.distributed.barrier()  # no rank may look for last.pt before rank 0 has cleared it
+        return _train(*prepared, dataset, epochs, out_dir, ema, plugins, config)
+
+
+def _prepare(arch, dataset, data_root, init, seed):
+    spec = dataset_spec(dataset)
+    if init:
+        model, info = load_model(init)
+        arch = info["arch"]
+        if info["num_classes"] != spec.num_classes:
+            raise CifarpressError(
+                f"{init} has {info['num_classes']} outputs but {dataset} has {spec.num_classes} classes")
+    else:
+        torch.manual_seed(seed)
+        model = build_model(arch, spec.num_classes)
+    train_split = load_split(dataset, "train", data_root)
+    test_split = load_split(dataset, "test", data_root)
+    return model, arch, spec, train_split, test_split
+
+
+def _train(model, arch, spec, train_split, test_split, dataset, epochs, out_dir, ema, plugins, config):
+    cfg = TrainConfig(epochs=epochs, **config)
+    plugins = list(plugins or []) + ([WeightEMA()] if ema else [])
+    trainer = Trainer(model, cfg, plugins, run_dir=out_dir)
+    result = trainer.fit(train_split, test_split)
+    if not trainer.is_main:
+        return None
+    command = " ".join(["cifarpress"] + sys.argv[1:]) if Path(sys.argv[0]).name == "cifarpress" else None
+    meta = {"top1": result.top1, "epochs": epochs, "train_config": vars(cfg), "command": command,
+            "history": result.history}
+    model_path = save_model(out_dir / "model.pt", result.model, arch, spec.num_classes, dataset, meta)
+    atomic_write_json(out_dir / "metrics.json", {"top1": result.top1, "arch": arch, "dataset": dataset,
+                                                  "history": result.history, "command": command})
+    return {"top1": result.top1, "model_path": str(model_path), "history": result.history}
