@@ -36,6 +36,7 @@ from cifarpress.data import load_split
 from cifarpress.export import NormalizedClassifier, read_onnx_metadata
 from cifarpress.quantize import layer_report, load_packed, quantized_layers
 from cifarpress.recipe import load_recipe
+from harness import with_provenance  # bench/harness.py: a script's own folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -143,7 +144,7 @@ def main() -> None:
     shutil.copyfile(packed, RESULTS / f"{arch}-ternary.packed")
     result["files"] = [f"bench/results/{arch}-ternary-qdq.onnx", f"bench/results/{arch}-ternary.packed"]
     out = RESULTS / "ternary.json"
-    atomic_write_json(out, result)
+    atomic_write_json(out, with_provenance(result))
 
     t = result["top1"]
     table = Table(title=f"Ternary {arch} vs fp32, {len(test)} test images, {result['machine']['cpu']}, "
