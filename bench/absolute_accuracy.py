@@ -17,6 +17,7 @@ from cifarpress.runtime.ort import is_quantized_graph, onnx_predictions
 from cifarpress.runtime.latency import machine_description
 from cifarpress.utils.io import atomic_write_json
 from cifarpress.data import describe_split, load_split
+from harness import command_line, with_provenance  # bench/harness.py: a script's own folder is on sys.path
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -44,8 +45,8 @@ def main() -> None:
         rows.append(row)
         print(f"{path.name}: official 0-{official - 1} {row[f'top1_official_0_{official - 1}']:.1f}% "
               f"(±{row['standard_error_pp']:.1f}), all {row['top1_all']:.2f}%", flush=True)
-    atomic_write_json(args.out, {"command": "python " + " ".join(sys.argv), "test_set": describe_split(test),
-                                 "machine": machine_description(), "files": rows})
+    atomic_write_json(args.out, with_provenance({"command": command_line(), "test_set": describe_split(test),
+                                                 "machine": machine_description(), "files": rows}))
     print(f"wrote {args.out}")
 
 

@@ -23,6 +23,7 @@ from cifarpress.runtime.latency import machine_description
 from cifarpress.utils.io import atomic_write_json
 from cifarpress.data import BatchLoader, load_split
 from cifarpress.models import build_model
+from harness import with_provenance  # bench/harness.py: a script's own folder is on sys.path
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -94,7 +95,7 @@ def main() -> None:
         "pipeline_only_images_per_s": pipeline_ips, "dataset_load_s": load_s,
         "machine": machine_description(), "torch": torch.__version__,
     }
-    atomic_write_json(args.out, result)
+    atomic_write_json(args.out, with_provenance(result))
     print(json.dumps({k: result[k] for k in ("train_images_per_s", "ratio_loader_over_cached",
                                              "pipeline_only_images_per_s", "threads")}, indent=2))
 

@@ -1,7 +1,7 @@
 """Does distillation help? The same student trained alone and with a teacher, same budget, side by side.
 
     python bench/distill.py --teacher builtin:resnet56-cifar10 [--student resnet20] [--epochs 5]
-                            [--methods kd] [--threads 1] [--arms alone,kd]
+                            [--methods kd] [--threads 1] [--arms alone,kd] [--rerun ARM,...]
 
 Every arm trains the student from the same random initialization (same seed,
 same data order, same schedule, same EMA), in its own resumable folder under
@@ -9,7 +9,10 @@ same data order, same schedule, same EMA), in its own resumable folder under
 difference is the distillation plug-in. "alone" trains on the labels only; each
 method in --methods adds that loss from the frozen teacher. Arms may run in
 separate processes (--arms kd in one, --arms alone in another); a final run
-finds them finished and writes the comparison.
+finds them finished and writes the comparison. An arm is finished once its
+seconds.json (wall time, threads, provenance: commit, command, machine) is
+written; --rerun trains an arm again from scratch, the old folder kept beside it
+as <arm>.replaced-<time> (bench/harness.py).
 
 Writes bench/results/distill[-TAG].json (top-1 of each arm through onnxruntime on the
 full test set, the gain over "alone", the teacher's top-1, the budget and the
@@ -20,8 +23,6 @@ whichever one finds all arms trained writes the comparison.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from cifarpress.pipeline.teacher import load_teacher
 from cifarpress.export.onnx import check_onnx, export_onnx
 from cifarpress.train.trainer import evaluate
 from cifarpress.pipeline.training import run_training
+from harness import Arms, with_provenance  # bench/harness.py: a script's own folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -53,6 +55,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--methods", default="kd", help="comma list of kd, dkd, nkd")
     parser.add_argument("--arms", default=None, help="train only these arms now (default: alone + every method)")
+    parser.add_argument("--rerun", default="", metavar="ARM,...",
+                        help="train these arms again from scratch even if finished (the old folder is kept "
+                             "as <arm>.replaced-<time>)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default=None, help="folder for the arms' runs")
@@ -73,23 +78,29 @@ def main() -> None:
     unknown = sorted(set(arms) - set(all_arms))
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {all_arms}")
+    rerun = {a for a in args.rerun.split(",") if a}
+    if not rerun <= set(arms):
+        parser.error("--rerun takes arms that are trained now (--arms)")
     work = Path(args.work) if args.work else REPO / "runs" / "bench-distill" / f"{args.student}-{args.epochs}ep"
     spec = dataset_spec(args.dataset)
     teacher = load_teacher(args.teacher, spec.num_classes)
     options = dict(lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                    max_steps_per_epoch=args.max_steps_per_epoch)
 
-    for arm in arms:
+    def train(arm: str, out: Path) -> dict:
+        """One arm in its folder (resuming its checkpoints); the harness times and records it."""
         plugins = [] if arm == "alone" else [Distillation(teacher, arm)]
-        console.rule(f"[bold]{arm}")
-        started = time.perf_counter()
-        run_training(arch=args.student, dataset=args.dataset, epochs=args.epochs, out_dir=work / arm,
+        run_training(arch=args.student, dataset=args.dataset, epochs=args.epochs, out_dir=out,
                      data_root=args.data_root, ema=True, plugins=plugins, **options)
-        seconds = work / arm / "seconds.json"
-        if not seconds.exists():  # the first, uninterrupted run's wall time; a resume adds nothing
-            atomic_write_json(seconds, {"train_s": time.perf_counter() - started, "threads": args.threads})
+        return {"threads": args.threads}
 
-    missing = [a for a in all_arms if not (work / a / "model.pt").exists()]
+    # seconds.json is the arm's record, as before the harness, so earlier work folders still resume
+    trained = Arms(work, rerun, record_file="seconds.json", time_key="train_s", log=console.print)
+    for arm in arms:
+        console.rule(f"[bold]{arm}")
+        trained.run(arm, lambda out, arm=arm: train(arm, out))
+
+    missing = trained.missing(all_arms)
     if missing:
         console.print(f"arms still to train: {', '.join(missing)}; run again without --arms to compare")
         return
@@ -99,16 +110,16 @@ def main() -> None:
     results = {}
     RESULTS.mkdir(parents=True, exist_ok=True)
     for arm in all_arms:
-        model, info = load_model(work / arm / "model.pt")
+        model, info = load_model(trained.folder(arm) / "model.pt")
         onnx_path = export_onnx(model, RESULTS / f"{args.student}-{arm}{suffix}.onnx", spec, test.classes,
                                 {"arch": args.student, "bench": "distill", "arm": arm,
                                  "teacher": args.teacher if arm != "alone" else None, "epochs": args.epochs})
         check_onnx(model, onnx_path, test, 1000, 1e-4, args.threads)
-        seconds = json.loads((work / arm / "seconds.json").read_text()) if (work / arm / "seconds.json").exists() \
-            else {}
+        record = trained.record(arm)
         results[arm] = {"top1_onnxruntime": onnx_accuracy(onnx_path, test, args.threads),
                         "top1_torch": evaluate(model, test), "onnx": str(onnx_path.relative_to(REPO)),
-                        "train_s": seconds.get("train_s"), "train_threads": seconds.get("threads")}
+                        "train_s": record.get("train_s"), "train_threads": record.get("threads"),
+                        "train_provenance": record.get("provenance")}
     alone = results["alone"]["top1_onnxruntime"]
     for arm, r in results.items():
         r["gain_pp_over_alone"] = r["top1_onnxruntime"] - alone
@@ -121,7 +132,7 @@ def main() -> None:
         "distillation_helped": results[best]["gain_pp_over_alone"] > 0,
         "machine": machine_description(), "torch": torch.__version__,
     }
-    atomic_write_json(RESULTS / f"distill{suffix}.json", out)
+    atomic_write_json(RESULTS / f"distill{suffix}.json", with_provenance(out))
 
     table = Table(title=f"{args.student} student, teacher {args.teacher} ({teacher_top1:.2f}%), "
                         f"{args.epochs} epochs each, {out['machine']['cpu']}")

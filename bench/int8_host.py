@@ -29,6 +29,7 @@ from cifarpress.utils.io import atomic_write_json
 from cifarpress.data import load_split
 from cifarpress.runtime.host import describe_machine
 from cifarpress.runtime.ort_lowering import lowered_bytes
+from harness import command_line, with_provenance  # bench/harness.py: a script's own folder is on sys.path
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -85,11 +86,11 @@ def main() -> None:
                   + " | b64 x fp32: " + ", ".join(f"{k} {v['64']:.2f}" for k, v in row["latency_vs_fp32"].items()),
                   flush=True)
     machine = machine_description()
-    result = {"command": "python " + " ".join(sys.argv), "machine": machine, "threads": args.threads,
+    result = {"command": command_line(), "machine": machine, "threads": args.threads,
               "rounds": args.rounds, "seconds": args.seconds,
               "test_set": "CIFAR-10 test, images 0-999 official pixels, 1000-9999 JPEG (build_cifar10.py --test mixed)",
               "pairs": pairs}
-    atomic_write_json(args.out, result)
+    atomic_write_json(args.out, with_provenance(result))
     print(f"on {describe_machine(machine)}: wrote {args.out}")
 
 

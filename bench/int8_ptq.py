@@ -54,6 +54,7 @@ from cifarpress.data import balanced_subset, dataset_spec, load_split
 from cifarpress.runtime.onnx_file import INPUT_NAME
 from cifarpress.export.onnx import export_onnx
 from cifarpress.export.int8 import check_int8_rules, export_int8_qdq, plan_int8
+from harness import with_provenance  # bench/harness.py: a script's own folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -200,7 +201,7 @@ def main() -> None:
         "arms": arms, "machine": machine_description(), "torch": torch.__version__,
     }
     out = Path(args.out) if args.out else RESULTS / ("int8_ptq-quick.json" if quick else "int8_ptq.json")
-    atomic_write_json(out, result)
+    atomic_write_json(out, with_provenance(result))
 
     table = Table(title=f"INT8 PTQ, {arch} on {result['machine']['cpu']}, onnxruntime {base['onnxruntime']}, "
                         f"{args.threads} thread(s), {len(test)} test images")

@@ -98,6 +98,8 @@ def main() -> None:
     r.add_argument("--train-command", default=None, help="the training command both sides ran, to record")
     r.add_argument("--out", type=Path, default=RESULTS / "jpeg_sensitivity.json")
     a = p.parse_args()
+    # imported here, not at the top: tests load this file by path for its helpers, with bench/ not on sys.path
+    from harness import with_provenance  # bench/harness.py, beside this script
 
     source = resolve_data_root(a.source)
     if a.cmd == "build":
@@ -123,7 +125,7 @@ def main() -> None:
         result["trained"] = {side: {"runs": runs[side], "mean_top1": means[side]} for side in runs}
         result["trained"]["delta_pp"] = means["degraded"] - means["source"]
         result["trained"]["command"] = a.train_command
-    atomic_write_json(a.out, result)
+    atomic_write_json(a.out, with_provenance(result))
     print(json.dumps(result, indent=2))
 
 

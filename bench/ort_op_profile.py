@@ -27,6 +27,7 @@ from cifarpress.runtime.latency import machine_description
 from cifarpress.utils.io import atomic_write_json
 from cifarpress.runtime.onnx_file import INPUT_NAME
 from cifarpress.runtime.ort_lowering import lowered_bytes
+from harness import with_provenance  # bench/harness.py: a script's own folder is on sys.path
 
 
 def profile_ops(path: Path, batch: int, runs: int, threads: int, workdir: Path, lower: bool = True) -> dict:
@@ -77,10 +78,9 @@ def main() -> None:
         table.add_row(Path(name).name, f"{p['total_ms']:.2f}", f"{p['vs_first']:.2f}", ops)
     Console(width=160).print(table)
     if args.out:
-        atomic_write_json(args.out, {"batch": args.batch, "runs": args.runs, "threads": args.threads,
-                                     "onnxruntime": ort.__version__, "machine": machine_description(),
-                                     "lowered": not args.as_written,
-                                     "files": profiles})
+        atomic_write_json(args.out, with_provenance({"batch": args.batch, "runs": args.runs, "threads": args.threads,
+                                                     "onnxruntime": ort.__version__, "machine": machine_description(),
+                                                     "lowered": not args.as_written, "files": profiles}))
 
 
 if __name__ == "__main__":

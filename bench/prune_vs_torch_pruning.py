@@ -3,6 +3,7 @@
     pip install torch-pruning   # only this benchmark needs it
     python bench/prune_vs_torch_pruning.py --model builtin:resnet20-cifar10 --macs 0.5 --epochs 10 [--threads 2]
                                            [--arms hesso-fisher,tp-magnitude,tp-taylor] [--reuse ARM=DIR] [--keep ARM]
+                                           [--rerun ARM,...]
 
 Arms (each in its own resumable folder under --work, default
 runs/bench-prune/<arch>-macs<M>-<E>ep/<arm>/):
@@ -37,6 +38,9 @@ alone, widths unrounded; the ratio is searched so its MACs land at or under the
 target. Every arm trains with the same options as a `prune:` recipe stage
 (lr, cosine schedule, batch 128, weight decay 5e-4, seed 0). Arms may run in
 separate processes (--arms); a run that finds every arm finished compares them.
+An arm is finished once its seconds.json (wall time, threads, provenance: commit,
+command, machine) is written; --rerun trains an arm again from scratch, the old
+folder kept beside it as <arm>.replaced-<time> (bench/harness.py).
 
 Comparison, in one run: top-1 through onnxruntime on the full test set, params
 and MACs (cifarpress.profile), ONNX bytes, and onnxruntime latency p50 at batch 1
@@ -48,8 +52,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import time
 from pathlib import Path
 
 import torch
@@ -67,6 +69,7 @@ from cifarpress.export.onnx import check_onnx, export_onnx
 from cifarpress.profile import profile_model
 from cifarpress.pipeline.recipe import DistillOptions, PruneStage
 from cifarpress.pipeline.training import run_training
+from harness import Arms, with_provenance  # bench/harness.py: a script's own folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -181,12 +184,8 @@ def check_reused_run(arm: str, run: Path, budget: dict) -> Path:
     return model_path
 
 
-def train_arm(arm: str, args, stage: PruneStage, baseline_path: str, work: Path, console: Console) -> None:
-    out = work / arm
-    if (out / "model.pt").exists():
-        console.print(f"{arm}: finished earlier, kept")
-        return
-    started = time.perf_counter()
+def train_arm(arm: str, args, stage: PruneStage, baseline_path: str, out: Path, console: Console) -> dict:
+    """Train one arm in its folder `out` (resuming its checkpoints); the harness times and records it."""
     options = stage.training_options()
     if arm.startswith("hesso"):
         arm_stage = stage.model_copy(update=OUR_ARMS[arm])
@@ -208,8 +207,7 @@ def train_arm(arm: str, args, stage: PruneStage, baseline_path: str, work: Path,
             save_model(pruned_path, pruned, info["arch"], info["num_classes"], info["dataset"], {"torch_pruning": how})
         run_training(arch=None, dataset=args.dataset, out_dir=out, data_root=args.data_root,
                      init=str(pruned_path), **options)
-    if not (out / "seconds.json").exists():  # the first, uninterrupted run's wall time; a resume adds nothing
-        atomic_write_json(out / "seconds.json", {"train_s": time.perf_counter() - started, "threads": args.threads})
+    return {"threads": args.threads}
 
 
 def main() -> None:
@@ -224,6 +222,9 @@ def main() -> None:
                         help="arms to compare (and train, if unfinished)")
     parser.add_argument("--only", default=None, help="train only these arms now, compare later")
     parser.add_argument("--train-only", action="store_true", help="train the unfinished arms, do not compare yet")
+    parser.add_argument("--rerun", default="", metavar="ARM,...",
+                        help="train these arms again from scratch even if finished (the old folder is kept "
+                             "as <arm>.replaced-<time>)")
     parser.add_argument("--reuse", action="append", default=[], metavar="ARM=DIR",
                         help="finished prune stage folder (same budget) to use as one of our arms; repeatable")
     parser.add_argument("--keep", action="append", default=[], metavar="ARM",
@@ -263,6 +264,11 @@ def main() -> None:
     reused = dict(item.split("=", 1) for item in args.reuse if "=" in item)
     if len(reused) != len(args.reuse) or not set(reused) <= set(OUR_ARMS):
         parser.error(f"--reuse takes ARM=DIR with ARM one of {list(OUR_ARMS)}")
+    rerun = {a for a in args.rerun.split(",") if a}
+    if not rerun <= set(arms) - set(reused):
+        parser.error("--rerun takes arms that --arms lists and --reuse does not")
+    # seconds.json is the arm's record, as before the harness, so earlier work folders still resume
+    trained = Arms(work, rerun, record_file="seconds.json", time_key="train_s", log=console.print)
     model_files = {}
     for arm in arms:
         if arm in reused:
@@ -270,9 +276,9 @@ def main() -> None:
             continue
         if args.only is None or arm in args.only.split(","):
             console.rule(f"[bold]{arm}")
-            train_arm(arm, args, stage, args.model, work, console)
-        model_files[arm] = work / arm / "model.pt"
-    missing = [a for a, p in model_files.items() if not p.exists()]
+            trained.run(arm, lambda out, arm=arm: train_arm(arm, args, stage, args.model, out, console))
+        model_files[arm] = trained.folder(arm) / "model.pt"
+    missing = [a for a in arms if a not in reused and not trained.done(a)]
     if missing or args.train_only:
         console.print(f"arms still to train: {', '.join(missing) or 'none'}; run again (without --train-only) to compare")
         return
@@ -291,12 +297,13 @@ def main() -> None:
     results = {}
     for (name, model), row in zip(models.items(), compared["models"]):
         prof = profile_model(model)
-        seconds_file = model_files[name].parent / "seconds.json" if name in model_files else None
+        # a reused folder may be an earlier bench arm's, with its own record
+        record = (trained.record(name, model_files[name].parent) if name in model_files else None) or {}
         results[name] = {"top1_onnxruntime": row["top1"], "params": prof.params, "macs": prof.macs,
                          "onnx_bytes": row["onnx_bytes"], "latency_ms_p50": row["latency_ms_p50"],
                          "latency_vs_baseline": row["latency_vs_first"], "top1_delta_pp": row["top1_delta_pp"],
-                         "train_s": json.loads(seconds_file.read_text())["train_s"]
-                         if seconds_file and seconds_file.exists() else None}
+                         "train_s": record.get("train_s"), "train_threads": record.get("threads"),
+                         "train_provenance": record.get("provenance")}
     for r in results.values():
         r["macs_vs_baseline"] = r["macs"] / results["baseline"]["macs"]
     tp_arms = [a for a in arms if a.startswith("tp-")]
@@ -331,7 +338,7 @@ def main() -> None:
         "machine": compared["machine"], "torch": torch.__version__, "onnxruntime": compared["onnxruntime"],
     }
     out_path = Path(args.out) if args.out else RESULTS / f"prune_vs_torch_pruning-{arch}.json"
-    atomic_write_json(out_path, out)
+    atomic_write_json(out_path, with_provenance(out))
 
     table = Table(title=f"{arch} pruned to {args.macs:g} of MACs, {args.epochs} epochs each, {args.threads} threads, "
                         f"{out['machine']['cpu']}")

@@ -40,6 +40,7 @@ from cifarpress.runtime.onnx_file import read_onnx_metadata
 from cifarpress.techniques.quantize.ternary import layer_report, quantized_layers
 from cifarpress.export.packed import load_packed
 from cifarpress.pipeline.recipe import load_recipe
+from harness import with_provenance  # bench/harness.py: a script's own folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -147,7 +148,7 @@ def main() -> None:
     shutil.copyfile(packed, RESULTS / f"{arch}-ternary.packed")
     result["files"] = [f"bench/results/{arch}-ternary-qdq.onnx", f"bench/results/{arch}-ternary.packed"]
     out = RESULTS / "ternary.json"
-    atomic_write_json(out, result)
+    atomic_write_json(out, with_provenance(result))
 
     t = result["top1"]
     table = Table(title=f"Ternary {arch} vs fp32, {len(test)} test images, {result['machine']['cpu']}, "

@@ -40,6 +40,7 @@ from cifarpress.channels.groups import discover_groups
 from cifarpress.techniques.prune.pruner import GroupParams, group_taylor, saliency
 from cifarpress.channels.surgery import compact_model
 from cifarpress.channels.budget import SELECTIONS, PruneBudget, PruneTarget
+from harness import with_provenance  # bench/harness.py: a script's own folder is on sys.path
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -123,7 +124,7 @@ def main(argv=None) -> dict:
               "baseline_conv_widths": conv_widths(model), "threads": args.threads, "rounds": args.rounds,
               "onnxruntime": latency["onnxruntime"], "machine": machine_description()}
     out = Path(args.out) if args.out else RESULTS / f"width_rounding-{info['arch']}.json"
-    atomic_write_json(out, result)
+    atomic_write_json(out, with_provenance(result))
 
     table = Table(title=f"{info['arch']} at {args.macs:g} MACs: latency by width rounding ({args.threads} thread)")
     for col in ("channel_multiple", "branches removed", "MACs", "params", "b1 latency", "b64 latency"):
