@@ -62,12 +62,13 @@ from torch import nn
 from cifarpress.runtime.latency import compare_onnx
 from cifarpress.utils.io import atomic_write_json
 from cifarpress.model_file import load_model, read_checkpoint, save_model
-from cifarpress.pipeline.compress import distillation_plugins, prune_plugin
+from cifarpress.pipeline.compress import stage_plugins
 from cifarpress.data import Normalizer, balanced_subset, dataset_spec, load_split
 from cifarpress.errors import CifarpressError
 from cifarpress.export.onnx import check_onnx, export_onnx
 from cifarpress.profile import profile_model
-from cifarpress.pipeline.recipe import DistillOptions, PruneStage
+from cifarpress.pipeline.recipe import stage_body
+from cifarpress.techniques.distill.config import DistillConfig
 from cifarpress.pipeline.training import run_training
 from harness import Arms, with_provenance  # bench/harness.py: a script's own folder is on sys.path
 
@@ -89,7 +90,7 @@ OUR_ARMS["hesso-fisher-x16"] = {**OUR_ARMS["hesso-fisher"], "channel_multiple": 
 OUR_ARMS["hesso-fisher-rb"] = {**OUR_ARMS["hesso-fisher"], "remove_branches": True}
 OUR_ARMS["hesso-fisher-x16-rb"] = {**OUR_ARMS["hesso-fisher-x16"], "remove_branches": True}
 # ... and distilled from the baseline while it prunes: more compute per step than the equal-budget arms
-OUR_ARMS["hesso-fisher-x16-kd"] = {**OUR_ARMS["hesso-fisher-x16"], "distill": DistillOptions(method="kd")}
+OUR_ARMS["hesso-fisher-x16-kd"] = {**OUR_ARMS["hesso-fisher-x16"], "distill": DistillConfig(method="kd")}
 ARMS = (*OUR_ARMS, "tp-magnitude", "tp-taylor")
 BUDGET_KEYS = ("epochs", "lr", "schedule", "batch_size", "weight_decay", "warmup_fraction")
 
@@ -157,11 +158,11 @@ def distilled(arm: str) -> bool:
 
 def arm_options(arm: str) -> dict:
     """OUR_ARMS[arm] as JSON: the distill block written out with its fields."""
-    return {k: v.model_dump(exclude_unset=True) if isinstance(v, DistillOptions) else v
+    return {k: v.model_dump(exclude_unset=True) if isinstance(v, DistillConfig) else v
             for k, v in OUR_ARMS[arm].items()}
 
 
-def budget_of(stage: PruneStage) -> dict:
+def budget_of(stage) -> dict:
     options = stage.training_options()
     return {k: options[k] for k in BUDGET_KEYS if k in options}
 
@@ -184,13 +185,12 @@ def check_reused_run(arm: str, run: Path, budget: dict) -> Path:
     return model_path
 
 
-def train_arm(arm: str, args, stage: PruneStage, baseline_path: str, out: Path, console: Console) -> dict:
+def train_arm(arm: str, args, stage, baseline_path: str, out: Path, console: Console) -> dict:
     """Train one arm in its folder `out` (resuming its checkpoints); the harness times and records it."""
     options = stage.training_options()
     if arm.startswith("hesso"):
         arm_stage = stage.model_copy(update=OUR_ARMS[arm])
-        plugins = [prune_plugin(arm_stage)] + distillation_plugins(
-            arm_stage.distill, dataset_spec(args.dataset).num_classes, baseline_path)
+        plugins = stage_plugins("prune", arm_stage, dataset_spec(args.dataset).num_classes, baseline_path)
         run_training(arch=None, dataset=args.dataset, out_dir=out, data_root=args.data_root,
                      init=baseline_path, plugins=plugins, **options)
     else:
@@ -254,7 +254,7 @@ def main() -> None:
         parser.error("--headline takes one of our arms that --arms lists")
     if any(a.startswith("tp-") for a in arms):
         import_torch_pruning()
-    stage = PruneStage(method="hesso", macs=args.macs, epochs=args.epochs, lr=args.lr,
+    stage = stage_body("prune", method="hesso", macs=args.macs, epochs=args.epochs, lr=args.lr,
                        channel_multiple=args.channel_multiple, max_steps_per_epoch=args.max_steps_per_epoch)
     baseline, info = load_model(args.model)
     arch = info["arch"]

@@ -13,13 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cifarpress.errors import CifarpressError, RecipeError
-from cifarpress.pipeline.recipe import (
-    PruneStage,
-    QuantizeStage,
-    TrainingOptions,
-    load_recipe,
-    recipe_from_dict,
-)
+from cifarpress.pipeline.recipe import load_recipe, recipe_from_dict, stage_field
 from cifarpress.pipeline.run_folder import check_writable
 
 app = typer.Typer(
@@ -222,9 +216,9 @@ DATASET_HELP = "cifar10 or cifar100 (default: the one recorded in the model file
 DISTILL_HELP = "Add a distillation loss from the model entering the stage: kd, dkd or nkd (default: none)."
 
 
-def _default(stage: type, field: str) -> str:
+def _default(stage: str, field: str) -> str:
     """' (default X)' from the recipe stage's own field, so a help text cannot drift from the recipe."""
-    value = stage.model_fields[field].default
+    value = stage_field(stage, field).default
     return f" (default {value:g})" if isinstance(value, float) else f" (default {value})"
 
 
@@ -232,16 +226,16 @@ def _default(stage: type, field: str) -> str:
 Checkpoint = Annotated[str, typer.Option("--checkpoint", "-c", help=CHECKPOINT_HELP)]
 Arch = Annotated[Optional[str], typer.Option(help=ARCH_HELP)]
 Dataset = Annotated[Optional[str], typer.Option(help=DATASET_HELP)]
-Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate" + _default(TrainingOptions, "lr") + ".")]
-BatchSize = Annotated[Optional[int], typer.Option(help="Training batch size" + _default(TrainingOptions, "batch_size")
+Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate" + _default("train", "lr") + ".")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Training batch size" + _default("train", "batch_size")
                                                         + ".")]
-WeightDecay = Annotated[Optional[float], typer.Option(help="Weight decay" + _default(TrainingOptions, "weight_decay")
+WeightDecay = Annotated[Optional[float], typer.Option(help="Weight decay" + _default("train", "weight_decay")
                                                              + ".")]
 Schedule = Annotated[Optional[str], typer.Option(help="onecycle, cosine or constant"
-                                                       + _default(TrainingOptions, "schedule") + ".")]
+                                                       + _default("train", "schedule") + ".")]
 Distill = Annotated[Optional[str], typer.Option(help=DISTILL_HELP)]
 MaxSteps = Annotated[Optional[int], typer.Option(help="Cap steps per epoch (quick trials).")]
-Seed = Annotated[Optional[int], typer.Option(help="Training seed" + _default(TrainingOptions, "seed") + ".")]
+Seed = Annotated[Optional[int], typer.Option(help="Training seed" + _default("train", "seed") + ".")]
 DataRoot = Annotated[Optional[Path], typer.Option(help=DATA_ROOT_HELP)]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads for torch training (default: all cores).")]
 Force = Annotated[bool, typer.Option(help="Start over instead of resuming after the last finished stage.")]
@@ -314,40 +308,40 @@ def prune(
     checkpoint: Checkpoint = "builtin:resnet20-cifar10",
     arch: Arch = None,
     dataset: Dataset = None,
-    method: Annotated[Optional[str], typer.Option(help="hesso or dhspg" + _default(PruneStage, "method") + ".")] = None,
+    method: Annotated[Optional[str], typer.Option(help="hesso or dhspg" + _default("prune", "method") + ".")] = None,
     target: Annotated[float, typer.Option(help="Pruning target in (0, 1): with --target-kind sparsity the fraction "
                                                "of prunable channel groups removed, with --target-kind macs the "
                                                "fraction of MACs kept.")] = 0.5,
     target_kind: Annotated[str, typer.Option(help="What --target measures: sparsity or macs.")] = "sparsity",
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs while pruning"
-                                                       + _default(PruneStage, "epochs") + ".")] = None,
+                                                       + _default("prune", "epochs") + ".")] = None,
     lr: Lr = None,
     batch_size: BatchSize = None,
     weight_decay: WeightDecay = None,
     schedule: Schedule = None,
     channel_multiple: Annotated[Optional[int], typer.Option(help="Kept widths rounded to a multiple of this"
-                                                                 + _default(PruneStage, "channel_multiple")
+                                                                 + _default("prune", "channel_multiple")
                                                                  + "; 16 suits onnxruntime on AVX-512 CPUs.")] = None,
     remove_branches: Annotated[Optional[bool], typer.Option(
-        "--remove-branches/--keep-branches", help=PruneStage.model_fields["remove_branches"].description
-        + _default(PruneStage, "remove_branches") + ".")] = None,
+        "--remove-branches/--keep-branches", help=stage_field("prune", "remove_branches").description
+        + _default("prune", "remove_branches") + ".")] = None,
     selection: Annotated[Optional[str], typer.Option(help="With --target-kind macs: cut the lowest-scoring groups "
                                                           "(score), the lowest score per MAC saved (score-per-mac), "
                                                           "or every unit by the same fraction (uniform)"
-                                                          + _default(PruneStage, "selection") + ".")] = None,
-    start_fraction: Annotated[Optional[float], typer.Option(help=PruneStage.model_fields["start_fraction"].description
+                                                          + _default("prune", "selection") + ".")] = None,
+    start_fraction: Annotated[Optional[float], typer.Option(help=stage_field("prune", "start_fraction").description
                                                                  + ".")] = None,
-    end_fraction: Annotated[Optional[float], typer.Option(help=PruneStage.model_fields["end_fraction"].description
+    end_fraction: Annotated[Optional[float], typer.Option(help=stage_field("prune", "end_fraction").description
                                                                + ".")] = None,
     pruning_periods: Annotated[Optional[int], typer.Option(help="HESSO: periods over which the target is reached"
-                                                                + _default(PruneStage, "pruning_periods") + ".")] = None,
+                                                                + _default("prune", "pruning_periods") + ".")] = None,
     saliency: Annotated[Optional[str], typer.Option(help="HESSO group importance: magnitude-taylor (this step) or "
                                                          "fisher (squared Taylor terms averaged over each period)"
-                                                         + _default(PruneStage, "saliency") + ".")] = None,
+                                                         + _default("prune", "saliency") + ".")] = None,
     penalty: Annotated[Optional[float], typer.Option(help="DHSPG: group-lasso strength lambda"
-                                                          + _default(PruneStage, "penalty") + ".")] = None,
+                                                          + _default("prune", "penalty") + ".")] = None,
     epsilon: Annotated[Optional[float], typer.Option(help="DHSPG: half-space projection threshold"
-                                                          + _default(PruneStage, "epsilon") + ".")] = None,
+                                                          + _default("prune", "epsilon") + ".")] = None,
     distill: Distill = None,
     max_steps_per_epoch: MaxSteps = None,
     seed: Seed = None,
@@ -383,23 +377,23 @@ def quantize(
     arch: Arch = None,
     dataset: Dataset = None,
     method: Annotated[Optional[str], typer.Option(help="ternary: BitNet b1.58 weights {-1, 0, +1} x scale"
-                                                       + _default(QuantizeStage, "method") + ".")] = None,
+                                                       + _default("quantize", "method") + ".")] = None,
     scale: Annotated[Optional[str], typer.Option(help="Ternary scale: absmean or absmedian"
-                                                      + _default(QuantizeStage, "scale") + ".")] = None,
+                                                      + _default("quantize", "scale") + ".")] = None,
     granularity: Annotated[Optional[str], typer.Option(help="One scale per tensor or per output channel: tensor or "
-                                                            "channel" + _default(QuantizeStage, "granularity") + ".")] = None,
+                                                            "channel" + _default("quantize", "granularity") + ".")] = None,
     act_bits: Annotated[Optional[int], typer.Option(help="8 to quantize layer inputs to int8 "
                                                          "(default: float inputs).")] = None,
     act_granularity: Annotated[Optional[str], typer.Option(help="Activation scale per tensor or per sample"
-                                                                + _default(QuantizeStage, "act_granularity") + ".")] = None,
+                                                                + _default("quantize", "act_granularity") + ".")] = None,
     keep: Annotated[Optional[list[str]], typer.Option(help="Layer kept at 8 bits (repeat for several; default: first "
                                                            "conv and classifier).")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Steps blending from full precision to ternary"
-                                                             + _default(QuantizeStage, "warmup_steps") + ".")] = None,
+                                                             + _default("quantize", "warmup_steps") + ".")] = None,
     ema: Annotated[bool, typer.Option("--ema", help="Evaluate and keep an exponential moving average of the "
                                                     "weights.")] = False,
     epochs: Annotated[Optional[int], typer.Option(help="Quantization-aware training epochs"
-                                                       + _default(QuantizeStage, "epochs") + ".")] = None,
+                                                       + _default("quantize", "epochs") + ".")] = None,
     lr: Lr = None,
     batch_size: BatchSize = None,
     weight_decay: WeightDecay = None,

@@ -6,10 +6,12 @@ A model file is a dict that names how to rebuild the network (zoo name or
 the checkpoints shipped inside the package.
 
 Compression changes a network's shape, so the file also records the
-constructor arguments of every Conv/BatchNorm/Linear layer and, for a
-quantized model, the quantizer's config: loading builds the named
-architecture, resizes the layers that differ (a pruned model), re-applies the
-quantizer, and only then loads the weights. No pickled code is involved.
+constructor arguments of every Conv/BatchNorm/Linear layer and the list of
+techniques applied (with their configs, and the per-layer state of those that
+swap layers, such as a quantizer): loading builds the named architecture,
+resizes the layers that differ (a pruned model), replays the recorded
+techniques through the catalogue, and only then loads the weights. No pickled
+code is involved, and this module names no technique.
 """
 from __future__ import annotations
 
@@ -77,19 +79,51 @@ def resize_layers(model: nn.Module, specs: dict[str, dict]) -> int:
     return changed
 
 
-def save_model(path, model: nn.Module, arch: str, num_classes: int, dataset: str, meta: dict | None = None) -> Path:
+def save_model(path, model: nn.Module, arch: str, num_classes: int, dataset: str, meta: dict | None = None,
+               techniques: list[dict] | None = None) -> Path:
+    """Write a model file. `techniques`: what was applied to the model, oldest first, as {name, config}
+    entries; each catalogued technique that records per-layer state (a quantizer) adds it to its entry
+    (or an entry of its own), which is what loading replays before the weights go in."""
     model = unwrap(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "arch": arch, "num_classes": num_classes, "dataset": dataset,
-               "state_dict": state, "layers": describe_layers(model), "meta": meta or {}}
-    from cifarpress.techniques.quantize.ternary import (
-        quantized_layers,  # late: quantize imports this module
-    )
-    if quantized_layers(model):
-        from cifarpress.techniques.quantize.ternary import config_from_model
-
-        payload["quantization"] = {"method": "ternary", "config": config_from_model(model).to_dict()}
+               "state_dict": state, "layers": describe_layers(model), "meta": meta or {},
+               "techniques": _recorded_techniques(model, techniques or [])}
     return atomic_torch_save(payload, path)
+
+
+def _recorded_techniques(model: nn.Module, applied: list[dict]) -> list[dict]:
+    from cifarpress.techniques import CATALOGUE
+    from cifarpress.techniques.base import load_function
+
+    entries = [{k: v for k, v in entry.items() if k != "state"} for entry in applied]
+    for technique in CATALOGUE:
+        state = load_function(technique.record)(model) if technique.record else None
+        if state is None:
+            continue
+        mine = [e for e in entries if e.get("name") == technique.name]
+        (mine[-1] if mine else entries.append({"name": technique.name}) or entries[-1])["state"] = state
+    return entries
+
+
+def _replay(model: nn.Module, payload: dict, path) -> list[dict]:
+    """Rebuild the layers that recorded techniques put in (before the weights load); returns the record.
+    A file from before the catalogue holds a `quantization` entry instead of `techniques`."""
+    from cifarpress.techniques import TECHNIQUES
+    from cifarpress.techniques.base import load_function
+
+    entries = list(payload.get("techniques") or [])
+    if not entries and payload.get("quantization"):
+        entries = [{"name": "quantize", "state": payload["quantization"]}]
+    for entry in entries:
+        if "state" not in entry:
+            continue
+        technique = TECHNIQUES.get(entry.get("name"))
+        if technique is None or technique.restore is None:
+            raise CifarpressError(f"{path} was written with technique '{entry.get('name')}', which this "
+                                  f"cifarpress cannot rebuild; load it with the version that wrote it")
+        load_function(technique.restore)(model, entry["state"])
+    return entries
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -146,11 +180,10 @@ def load_model(path: str | os.PathLike, arch: str | None = None, num_classes: in
         model = build_model(info["arch"], info["num_classes"], recorded_in=str(path))
     if payload.get("layers"):
         info["resized_layers"] = resize_layers(model, payload["layers"])
-    if payload.get("quantization"):
-        from cifarpress.techniques.quantize.ternary import TernaryConfig, quantize_model
-
-        info["quantization"] = payload["quantization"]
-        quantize_model(model, TernaryConfig.from_dict(payload["quantization"]["config"]))
+    info["techniques"] = _replay(model, payload, path) if payload.get("format") == FORMAT else []
+    quantized = next((e["state"] for e in info["techniques"] if e.get("name") == "quantize" and "state" in e), None)
+    if quantized:
+        info["quantization"] = quantized  # the record's older name, kept for readers of `info`
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch: wrong architecture or class count

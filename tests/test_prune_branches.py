@@ -125,13 +125,13 @@ def test_levels_reach_zero_only_for_removable_units_when_asked():
 def test_prune_stage_passes_remove_branches_to_the_target():
     from pydantic import ValidationError
 
-    from cifarpress.pipeline.compress import prune_plugin
-    from cifarpress.pipeline.recipe import PruneStage
+    from cifarpress.techniques.prune.config import HessoConfig
+    from cifarpress.techniques.prune.plugin import build
 
-    assert prune_plugin(PruneStage(macs=0.5, remove_branches=True)).target.remove_branches
-    assert not prune_plugin(PruneStage(macs=0.5)).target.remove_branches
+    assert build(HessoConfig(macs=0.5, remove_branches=True)).target.remove_branches
+    assert not build(HessoConfig(macs=0.5)).target.remove_branches
     with pytest.raises(ValidationError, match="remove_branches"):
-        PruneStage(macs=0.5, remove_branches="sometimes")
+        HessoConfig(macs=0.5, remove_branches="sometimes")
 
 
 def test_cut_model_quantizes_to_int8_from_its_onnx(tmp_path, tiny_cifar_root):

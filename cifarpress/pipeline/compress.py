@@ -22,20 +22,11 @@ from cifarpress.errors import CifarpressError
 from cifarpress.export.onnx import check_onnx, export_onnx, publish_checked
 from cifarpress.model_file import load_model, save_model
 from cifarpress.models import build_model, trusting
-from cifarpress.pipeline.recipe import (
-    PRUNE_WINDOW,
-    DistillOptions,
-    DistillStage,
-    ExportStage,
-    PruneStage,
-    QuantizeStage,
-    Recipe,
-    TrainStage,
-    stage_dir_name,
-)
+from cifarpress.pipeline.recipe import STAGE_CLASSES, ExportStage, Recipe, stage_dir_name, technique_config
 from cifarpress.pipeline.report import write_report
 from cifarpress.pipeline.run_folder import RunFolder, check_can_clear
 from cifarpress.profile import profile_model
+from cifarpress.techniques import TECHNIQUES, StageContext, addon_techniques
 from cifarpress.runtime.latency import bench_onnx, machine_description
 from cifarpress.train.trainer import evaluate
 from cifarpress.utils.io import atomic_write_json
@@ -126,75 +117,39 @@ def measure_model(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, info
     return row
 
 
-def distillation_plugins(opts: DistillOptions | None, num_classes: int, default_teacher: str | Path) -> list:
-    """The distillation plug-in a stage's `distill:` block asks for (none without one).
-
-    default_teacher: the model taught from when the block names none (the model entering the stage)."""
-    if opts is None:
-        return []
-    from cifarpress.pipeline.teacher import load_teacher
-    from cifarpress.techniques.distill.plugin import Distillation
-
-    teacher = load_teacher(opts.teacher or str(default_teacher), num_classes)
-    return [Distillation(teacher, opts.method, weight=opts.weight, T=opts.temperature, alpha=opts.alpha,
-                         beta=opts.beta, gamma=opts.gamma, warmup_epochs=opts.warmup_epochs,
-                         label_weight=opts.label_weight)]
+def stage_plugins(kind: str, body, num_classes: int, entering_model: str | Path) -> list:
+    """The plug-ins a training stage asks for, built through the catalogue: its own technique (if the stage
+    is one) and every add-on it sets, in phase order (train.phases: reshape, quantize, loss, average, memory)."""
+    context = StageContext(num_classes, str(entering_model), load_model)
+    wanted = [(TECHNIQUES[kind], technique_config(body, TECHNIQUES[kind]))] if kind in STAGE_CLASSES else []
+    wanted += [(t, getattr(body, t.name, t.default)) for t in addon_techniques()]
+    ordered = sorted(wanted, key=lambda item: item[0].phase)  # stable: equal phases keep catalogue order
+    return [plugin for technique, config in ordered if (plugin := technique.build(config, context)) is not None]
 
 
-def _train_stage(ctx: RunContext, cfg, prev_model: Path, stage_dir: Path, plugins=(), ema: bool = False,
-                 student: tuple[str, str | None] | None = None) -> Path:
-    """Train with the given plug-ins plus the stage's distillation, resumable inside the stage folder.
+def applied_techniques(kind: str, body) -> list[dict]:
+    """What a training stage applies, for the model file's record: {name, config} per technique it uses."""
+    applied = [{"name": kind, "config": technique_config(body, TECHNIQUES[kind]).model_dump(mode="json")}] \
+        if kind in STAGE_CLASSES else []
+    for t in addon_techniques():
+        value = getattr(body, t.name, t.default)
+        if value not in (None, False):
+            applied.append({"name": t.name, "config": value.model_dump(mode="json") if hasattr(value, "model_dump")
+                            else value})
+    return applied
 
-    The model trained is the previous stage's, or `student` = (arch, checkpoint or None)."""
+
+def _run_training_stage(ctx: RunContext, kind: str, cfg, prev_model: Path, stage_dir: Path) -> Path:
+    """Train with the stage's plug-ins, resumable inside the stage folder. The model trained is the previous
+    stage's, or for a `distill` stage a new student (its arch, from its checkpoint or random weights)."""
     from cifarpress.pipeline.training import run_training
 
-    # Order matters: the technique changes the model first, distillation adds its loss, the EMA averages last.
-    plugins = list(plugins) + distillation_plugins(getattr(cfg, "distill", None), ctx.spec.num_classes, prev_model)
-    arch, init = student if student else (None, str(prev_model))
+    plugins = stage_plugins(kind, cfg, ctx.spec.num_classes, prev_model)
+    arch, init = (cfg.arch, cfg.checkpoint) if kind == "distill" else (None, str(prev_model))
     run_training(arch=arch, dataset=ctx.recipe.dataset, out_dir=stage_dir, data_root=ctx.data_root,
-                 init=init, ema=ema, plugins=plugins, own_folder=False, **cfg.training_options())
+                 init=init, plugins=plugins, own_folder=False, applied=applied_techniques(kind, cfg),
+                 **cfg.training_options())
     return stage_dir / "model.pt"
-
-
-def _run_train(ctx: RunContext, cfg: TrainStage, prev_model: Path, stage_dir: Path) -> Path:
-    return _train_stage(ctx, cfg, prev_model, stage_dir, ema=cfg.ema)
-
-
-def prune_plugin(cfg: PruneStage):
-    """The HESSO or DHSPG Trainer plug-in a `prune` stage asks for."""
-    from cifarpress.channels.budget import PruneTarget
-    from cifarpress.techniques.prune.dhspg import DhspgPruner
-    from cifarpress.techniques.prune.hesso import HessoPruner
-
-    target = PruneTarget(sparsity=cfg.sparsity, macs=cfg.macs, channel_multiple=cfg.channel_multiple,
-                         selection=cfg.selection, remove_branches=cfg.remove_branches)
-    default_start, default_end = PRUNE_WINDOW[cfg.method]
-    window = dict(start_fraction=default_start if cfg.start_fraction is None else cfg.start_fraction,
-                  end_fraction=cfg.end_fraction or default_end)
-    if cfg.method == "hesso":
-        return HessoPruner(target, pruning_periods=cfg.pruning_periods, saliency=cfg.saliency, **window)
-    return DhspgPruner(target, lambda_=cfg.penalty, epsilon=cfg.epsilon, **window)
-
-
-def _run_prune(ctx: RunContext, cfg: PruneStage, prev_model: Path, stage_dir: Path) -> Path:
-    return _train_stage(ctx, cfg, prev_model, stage_dir, [prune_plugin(cfg)])
-
-
-def _run_quantize(ctx: RunContext, cfg: QuantizeStage, prev_model: Path, stage_dir: Path) -> Path:
-    from cifarpress.techniques.quantize.qat import TernaryQAT
-    from cifarpress.techniques.quantize.ternary import TernaryConfig
-
-    qcfg = TernaryConfig(scale=cfg.scale, granularity=cfg.granularity, act_bits=cfg.act_bits,
-                         act_granularity=cfg.act_granularity, keep=cfg.keep, warmup_steps=cfg.warmup_steps)
-    # The quantizer goes before the EMA so the average is taken over the quantized layers.
-    return _train_stage(ctx, cfg, prev_model, stage_dir, [TernaryQAT(qcfg)], ema=cfg.ema)
-
-
-def _run_distill(ctx: RunContext, cfg: DistillStage, prev_model: Path, stage_dir: Path) -> Path:
-    return _train_stage(ctx, cfg, prev_model, stage_dir, ema=cfg.ema, student=(cfg.arch, cfg.checkpoint))
-
-
-MODEL_STAGES = {"train": _run_train, "prune": _run_prune, "quantize": _run_quantize, "distill": _run_distill}
 
 
 def _run_export(ctx: RunContext, cfg: ExportStage, prev_model: Path, stage_dir: Path,
@@ -299,7 +254,7 @@ def _baseline(ctx: RunContext, stage_dir: Path) -> Path:
         torch.manual_seed(0)
         model, arch = build_model(spec.arch, ctx.spec.num_classes), spec.arch
     return save_model(stage_dir / "model.pt", model, arch, ctx.spec.num_classes, ctx.recipe.dataset,
-                      {"source": spec.checkpoint or "random init"})
+                      {"source": spec.checkpoint or "random init"}, techniques=info.get("techniques") if spec.checkpoint else None)
 
 
 def _stage_metrics(done: dict) -> dict:
@@ -425,7 +380,7 @@ def _run_stages(ctx: RunContext, recipe: Recipe, run_dir: Path) -> Path:
             artifacts.append(done["artifact"])
         else:
             model_path = (_baseline(ctx, stage_dir) if kind == "baseline"
-                          else MODEL_STAGES[kind](ctx, cfg, prev_model, stage_dir))
+                          else _run_training_stage(ctx, kind, cfg, prev_model, stage_dir))
             model, info = load_model(model_path)
             row = {"stage": kind, "dir": str(stage_dir), **measure_model(ctx, model, stage_dir, info)}
             atomic_write_json(stage_dir / "metrics.json", row)

@@ -13,21 +13,27 @@ paths are read relative to the recipe file's folder.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from cifarpress.datasets import DATASETS
 from cifarpress.errors import CifarpressError, RecipeError
+from cifarpress.techniques import Technique, addon_techniques, stage_techniques
+from cifarpress.techniques.distill.config import DistillConfig
+from cifarpress.train.options import TrainingOptions
 
 
 class Strict(BaseModel):
@@ -39,122 +45,81 @@ class ModelSpec(Strict):
     checkpoint: Optional[str] = Field(None, description="Model file, builtin:NAME, or omitted for random init")
 
 
-class TrainingOptions(Strict):
-    """The training-loop settings every training stage shares."""
-
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.01, gt=0)
-    weight_decay: float = Field(5e-4, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
-    warmup_fraction: float = Field(0.0, ge=0, lt=1)
-    label_smoothing: float = Field(0.0, ge=0, le=0.5)
-    max_steps_per_epoch: Optional[int] = Field(None, ge=1)
-    seed: int = 0
-
-    def training_options(self) -> dict:
-        return {name: getattr(self, name) for name in TrainingOptions.model_fields}
+# -- training stages, built from the technique catalogue -------------------------------------------
+# A training stage's body is flat in YAML (`- prune: {method: hesso, macs: 0.5, epochs: 10, distill: {...}}`):
+# the training options, the stage technique's own config (one class per method) and the add-ons any
+# training stage may carry. Each (technique, method) gets one schema class made of exactly those three
+# parts, so the technique's validators run when the recipe loads, and `technique_config` hands its plug-in
+# the technique's own config object.
 
 
-class DistillOptions(Strict):
-    """Distillation from a teacher, as a loss added to a training stage."""
-
-    teacher: Optional[str] = Field(None, description="Model file or builtin:NAME; omitted = the model entering the stage")
-    method: Literal["kd", "dkd", "nkd"] = "kd"
-    weight: Optional[float] = Field(None, ge=0, description="Distillation term weight (kd 0.9, dkd/nkd 1)")
-    label_weight: Optional[float] = Field(None, ge=0, description="Cross-entropy weight (kd 0.1, dkd/nkd 1)")
-    temperature: Optional[float] = Field(None, gt=0, description="kd/dkd 4, nkd 1")
-    alpha: float = Field(1.0, ge=0, description="DKD: target-class term weight")
-    beta: float = Field(8.0, ge=0, description="DKD: non-target term weight")
-    gamma: float = Field(1.5, ge=0, description="NKD: non-target term weight")
-    warmup_epochs: Optional[float] = Field(None, ge=0, description="Linear ramp of the term (default: dkd epochs/12)")
-
-    @model_validator(mode="after")
-    def method_specific(self):
-        for name, method in (("alpha", "dkd"), ("beta", "dkd"), ("gamma", "nkd")):
-            if name in self.model_fields_set and self.method != method:
-                raise ValueError(f"{name} applies only to method {method}, not {self.method}")
-        return self
+def _addon_fields() -> dict:
+    return {t.name: (t.config, t.default) for t in addon_techniques()}
 
 
-class TrainStage(TrainingOptions):
-    """Train or fine-tune the current model (optionally with an EMA of weights)."""
-
-    ema: bool = False
-    distill: Optional[DistillOptions] = None
+TrainStage = create_model("TrainStage", __base__=TrainingOptions, __config__=None, __doc__=(
+    "Train or fine-tune the current model, with any add-ons (distill, ema)."), **_addon_fields())
 
 
-# (start_fraction, end_fraction) of the pruning window when a prune stage leaves them out. HESSO's
-# was measured: ResNet-20 at 50% MACs, 10 epochs, fisher saliency, 0.05-0.3 gave 85.89% against
-# 84.56% for magnitude-taylor over 0.1-0.5 (bench/results/prune_vs_torch_pruning-resnet20.json).
-PRUNE_WINDOW = {"hesso": (0.05, 0.3), "dhspg": (0.1, 0.8)}
+def _with_training_defaults(technique: Technique) -> dict:
+    """The stage's own defaults (prune trains 10 epochs) on the shared fields, constraints kept."""
+    fields = {}
+    for name, value in technique.training_defaults.items():
+        info = copy.copy(TrainingOptions.model_fields[name])
+        info.default = value
+        fields[name] = (info.annotation, info)
+    return fields
 
 
-def _window_defaults(end: int) -> str:
-    return ", ".join(f"{window[end]:g} for {method}" for method, window in PRUNE_WINDOW.items())
+def _stage_classes(technique: Technique) -> dict[str, type]:
+    """{method: schema class} of a stage technique (one entry when its config has no method union)."""
+    classes = {}
+    for config in technique.methods():
+        method = config.model_fields["method"].default if "method" in config.model_fields else technique.name
+        classes[method] = create_model(f"{technique.name.title()}{config.__name__}Stage", __base__=(TrainStage, config),
+                                       __doc__=config.__doc__, **_with_training_defaults(technique))
+    return classes
 
 
-class PruneStage(TrainingOptions):
-    """OTO-style structured pruning: drive whole channel groups to zero while training, then cut them out."""
-
-    epochs: int = Field(10, ge=1)
-    method: Literal["hesso", "dhspg"] = "hesso"
-    sparsity: Optional[float] = Field(None, gt=0, lt=1, description="Fraction of prunable groups to remove")
-    macs: Optional[float] = Field(None, gt=0, lt=1, description="Fraction of MACs to keep")
-    channel_multiple: int = Field(8, ge=1, description="Kept widths rounded to a multiple of this; match the "
-                                  "target's kernel block (16 for onnxruntime on AVX-512 CPUs, see "
-                                  "bench/width_rounding.py)")
-    remove_branches: bool = Field(False, description="Let a residual branch's inner width go to zero, so the "
-                                  "block becomes its shortcut plus a constant: whole convs removed, faster per MAC "
-                                  "saved than narrow widths on CPUs")
-    selection: Literal["score", "score-per-mac", "uniform"] = Field(
-        "score-per-mac", description="macs target: cut the lowest score per MAC saved, the lowest-scoring groups "
-        "(score), or every unit by a common fraction topped up per MAC (uniform)")
-    start_fraction: Optional[float] = Field(None, ge=0, lt=1, description="Share of steps trained before pruning "
-                                            "starts (default " + _window_defaults(0) + ")")
-    end_fraction: Optional[float] = Field(None, gt=0, le=1, description="Share of steps by which groups are zero "
-                                          "(default " + _window_defaults(1) + ")")
-    pruning_periods: int = Field(5, ge=1, description="HESSO: periods over which the target is reached")
-    saliency: Literal["magnitude-taylor", "fisher"] = Field(
-        "fisher", description="HESSO: group importance from the current step's magnitude and Taylor "
-        "terms, or from squared Taylor terms averaged over each period (fisher)")
-    penalty: float = Field(0.1, ge=0, description="DHSPG: group-lasso strength (lambda)")
-    epsilon: float = Field(0.0, ge=0, description="DHSPG: half-space projection threshold")
-    distill: Optional[DistillOptions] = None
-
-    @model_validator(mode="after")
-    def one_target(self):
-        if (self.sparsity is None) == (self.macs is None):
-            raise ValueError("give exactly one target: sparsity (fraction of groups removed) "
-                             "or macs (fraction of MACs kept), each in (0, 1)")
-        return self
+STAGE_CLASSES: dict[str, dict[str, type]] = {t.name: _stage_classes(t) for t in stage_techniques()}
+METHOD_TAGS = {method for classes in STAGE_CLASSES.values() for method in classes}
 
 
-class QuantizeStage(TrainingOptions):
-    """Quantization-aware training: BitNet b1.58 ternary weights ({-1, 0, +1} x scale)."""
-
-    epochs: int = Field(5, ge=1)
-    method: Literal["ternary"] = "ternary"
-    scale: Literal["absmean", "absmedian"] = "absmean"
-    granularity: Literal["tensor", "channel"] = "tensor"
-    act_bits: Optional[Literal[8]] = Field(None, description="8 to quantize layer inputs to int8; omit for float")
-    act_granularity: Literal["tensor", "sample"] = "tensor"
-    keep: Optional[list[str]] = Field(None, description="Layers kept at 8 bits (default: first conv and classifier)")
-    warmup_steps: int = Field(0, ge=0, description="Steps blending from full precision to ternary")
-    ema: bool = False
-    distill: Optional[DistillOptions] = None
+def _stage_body_type(classes: dict[str, type]):
+    members = tuple(classes.values())
+    return members[0] if len(members) == 1 else Annotated[Union[members], Field(discriminator="method")]
 
 
-class DistillStage(TrainingOptions):
+def stage_body(kind: str, **values):
+    """A validated body of stage `kind` (e.g. stage_body("prune", macs=0.5)): its method's schema class."""
+    classes = STAGE_CLASSES[kind]
+    values.setdefault("method", next(iter(classes))) if len(classes) > 1 else None
+    return TypeAdapter(_stage_body_type(classes)).validate_python(values)
+
+
+def stage_field(kind: str, name: str):
+    """The FieldInfo of `name` in stage `kind`, whichever method declares it (CLI help, defaults)."""
+    classes = {"train": TrainStage, "distill": DistillStage, "export": ExportStage}
+    for cls in ([classes[kind]] if kind in classes else STAGE_CLASSES[kind].values()):
+        if name in cls.model_fields:
+            return cls.model_fields[name]
+    raise KeyError(f"{kind} has no field {name}")
+
+
+def technique_config(body: BaseModel, technique: Technique):
+    """The stage technique's own config object, taken out of a stage body whose class includes it."""
+    config = next(c for c in technique.methods() if isinstance(body, c))
+    return config.model_validate({name: getattr(body, name) for name in config.model_fields})
+
+
+class DistillStage(TrainStage):
     """Train a new student architecture from a teacher (by default the model entering the stage)."""
 
     epochs: int = Field(30, ge=1)
     lr: float = Field(0.1, gt=0)
     arch: str = Field(description="Student: zoo name or package.module:factory")
     checkpoint: Optional[str] = Field(None, description="Student's starting weights; omitted = random init")
-    distill: DistillOptions = Field(default_factory=DistillOptions)
-    ema: bool = False
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
 class ExportStage(Strict):
@@ -185,28 +150,26 @@ class ExportStage(Strict):
         return self
 
 
-STAGE_TYPES: dict[str, type[Strict]] = {"train": TrainStage, "prune": PruneStage, "quantize": QuantizeStage,
-                                         "distill": DistillStage, "export": ExportStage}
+STAGE_TYPES: dict[str, object] = {"train": TrainStage, **{kind: _stage_body_type(classes)
+                                                        for kind, classes in STAGE_CLASSES.items()},
+                                   "distill": DistillStage, "export": ExportStage}
 
 
-class Stage(Strict):
-    train: Optional[TrainStage] = None
-    prune: Optional[PruneStage] = None
-    quantize: Optional[QuantizeStage] = None
-    distill: Optional[DistillStage] = None
-    export: Optional[ExportStage] = None
-
+class _StageBase(Strict):
     @model_validator(mode="before")
     @classmethod
     def one_key(cls, value):
         if isinstance(value, str) and value in STAGE_TYPES:
-            return {value: {}}  # "- export" is shorthand for "- export: {}"
+            value = {value: {}}  # "- export" is shorthand for "- export: {}"
         if not isinstance(value, dict) or len(value) != 1:
             raise ValueError(f"each stage is a mapping with one key, one of: {', '.join(STAGE_TYPES)}")
         key, body = next(iter(value.items()))
         if key not in STAGE_TYPES:
             raise ValueError(f"unknown stage '{key}'; choose one of: {', '.join(STAGE_TYPES)}")
-        return {key: {} if body is None else body}
+        body = {} if body is None else body
+        if isinstance(body, dict) and len(STAGE_CLASSES.get(key, ())) > 1 and "method" not in body:
+            body = {**body, "method": next(iter(STAGE_CLASSES[key]))}  # the catalogue's first method
+        return {key: body}
 
     @property
     def kind(self) -> str:
@@ -215,6 +178,9 @@ class Stage(Strict):
     @property
     def config(self) -> Strict:
         return getattr(self, self.kind)
+
+
+Stage = create_model("Stage", __base__=_StageBase, **{kind: (Optional[body], None) for kind, body in STAGE_TYPES.items()})
 
 
 class BenchSpec(Strict):
@@ -263,8 +229,12 @@ def _labelled(path: str, labels: dict[str, str] | None) -> str:
 def format_validation_error(exc: ValidationError, source: str, labels: dict[str, str] | None = None) -> str:
     lines = []
     for e in exc.errors():
-        loc = tuple(p for p in e["loc"] if p not in ("function-before[one_key()]",))
+        # a discriminated union adds its tag ("hesso") to the path: the YAML has no such level
+        loc = tuple(p for p in e["loc"] if p not in ("function-before[one_key()]",) and p not in METHOD_TAGS)
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "union_tag_invalid":  # an unknown `method`: name the key and the choices
+            loc += (e["ctx"]["discriminator"].strip("'"),)
+            msg = f"unknown method {e['ctx']['tag']!r}; choose one of: {e['ctx']['expected_tags']}"
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `cifarpress compress --help`)"
         lines.append(f"{source}: {_labelled(_field_path(loc), labels)}: {msg}")

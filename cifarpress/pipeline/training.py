@@ -19,11 +19,13 @@ from cifarpress.utils.io import atomic_write_json
 
 def run_training(arch: str, dataset: str, epochs: int, out_dir: Path, data_root=None, init: str | None = None,
                  ema: bool = False, plugins: list[Plugin] | None = None, force: bool = False,
-                 own_folder: bool = True, **config) -> dict | None:
+                 own_folder: bool = True, applied: list[dict] | None = None, **config) -> dict | None:
     """Returns {'top1', 'model_path', 'history'} on rank 0 (None on other ranks).
 
     own_folder: out_dir is this run's own run folder (`cifarpress train`), locked while it trains and
-    emptied first with `force`; a recipe stage passes False, as the recipe's run folder is locked already."""
+    emptied first with `force`; a recipe stage passes False, as the recipe's run folder is locked already.
+    applied: the techniques this training applies ({name, config}), recorded in the model file after those
+    the starting model (init) recorded."""
     out_dir = Path(out_dir)
     rank, world = distributed_context()
     folder = RunFolder(out_dir, force) if own_folder and rank == 0 else contextlib.nullcontext(out_dir)
@@ -34,14 +36,15 @@ def run_training(arch: str, dataset: str, epochs: int, out_dir: Path, data_root=
     with folder:
         if world > 1:
             torch.distributed.barrier()  # no rank may look for last.pt before rank 0 has cleared it
-        return _train(*prepared, dataset, epochs, out_dir, ema, plugins, config)
+        return _train(*prepared, dataset, epochs, out_dir, ema, plugins, config, applied or [])
 
 
 def _prepare(arch, dataset, data_root, init, seed):
     spec = dataset_spec(dataset)
+    recorded = []
     if init:
         model, info = load_model(init)
-        arch = info["arch"]
+        arch, recorded = info["arch"], info.get("techniques", [])
         if info["num_classes"] != spec.num_classes:
             raise CifarpressError(
                 f"{init} has {info['num_classes']} outputs but {dataset} has {spec.num_classes} classes")
@@ -50,10 +53,11 @@ def _prepare(arch, dataset, data_root, init, seed):
         model = build_model(arch, spec.num_classes)
     train_split = load_split(dataset, "train", data_root)
     test_split = load_split(dataset, "test", data_root)
-    return model, arch, spec, train_split, test_split
+    return model, arch, spec, train_split, test_split, recorded
 
 
-def _train(model, arch, spec, train_split, test_split, dataset, epochs, out_dir, ema, plugins, config):
+def _train(model, arch, spec, train_split, test_split, recorded, dataset, epochs, out_dir, ema, plugins, config,
+           applied):
     cfg = TrainConfig(epochs=epochs, **config)
     plugins = list(plugins or []) + ([WeightEMA()] if ema else [])
     trainer = Trainer(model, cfg, plugins, run_dir=out_dir)
@@ -63,7 +67,10 @@ def _train(model, arch, spec, train_split, test_split, dataset, epochs, out_dir,
     command = " ".join(["cifarpress"] + sys.argv[1:]) if Path(sys.argv[0]).name == "cifarpress" else None
     meta = {"top1": result.top1, "epochs": epochs, "train_config": vars(cfg), "command": command,
             "history": result.history}
-    model_path = save_model(out_dir / "model.pt", result.model, arch, spec.num_classes, dataset, meta)
+    if ema:
+        applied = applied + [{"name": "ema", "config": True}]
+    model_path = save_model(out_dir / "model.pt", result.model, arch, spec.num_classes, dataset, meta,
+                            techniques=recorded + applied)
     atomic_write_json(out_dir / "metrics.json", {"top1": result.top1, "arch": arch, "dataset": dataset,
                                                   "history": result.history, "command": command})
     return {"top1": result.top1, "model_path": str(model_path), "history": result.history}

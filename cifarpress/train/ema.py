@@ -12,12 +12,14 @@ import copy
 import torch
 from torch import nn
 
+from cifarpress.train.phases import Phase
 from cifarpress.train.trainer import Plugin, Trainer
 from cifarpress.utils.modules import unwrap
 
 
 class WeightEMA(Plugin):
     name = "ema"
+    phase = Phase.AVERAGE
 
     def __init__(self, decay: float = 0.999, every: int = 1):
         if not 0.0 < decay < 1.0:
@@ -66,3 +68,8 @@ class WeightEMA(Plugin):
                 self._pending = state["shadow"]
             else:
                 self.shadow.load_state_dict(state["shadow"])
+
+
+def build(enabled: bool, context) -> WeightEMA | None:
+    """The catalogue's `ema: true` add-on."""
+    return WeightEMA() if enabled else None

@@ -72,6 +72,9 @@ class Plugin:
     """Base class: every hook is a no-op. Override what a technique needs."""
 
     name = "plugin"
+    # Where it acts in the pass (train.phases.Phase); the Trainer refuses plug-ins listed against this order.
+    # None: no place in the order (a test's or a user's helper plug-in).
+    phase: int | None = None
     # Weight of the cross-entropy on the labels; the Trainer multiplies those of all
     # plug-ins (vanilla KD, for one, trains on 0.1 x CE + 0.9 x KD).
     label_weight: float = 1.0
@@ -244,6 +247,20 @@ def non_finite_tensors(model: nn.Module) -> list[str]:
     return bad
 
 
+def check_plugin_order(plugins: list[Plugin]) -> None:
+    """One line when plug-ins are listed against their phases (a quantizer after the EMA would average
+    a float copy; a loss term before the quantizer would see float logits)."""
+    placed = [p for p in plugins if p.phase is not None]
+    for earlier, later in zip(placed, placed[1:]):
+        if later.phase < earlier.phase:
+            from cifarpress.train.phases import Phase
+
+            raise CifarpressError(
+                f"plug-in '{later.name}' ({Phase(later.phase).name}) is listed after '{earlier.name}' "
+                f"({Phase(earlier.phase).name}); list plug-ins in phase order: "
+                f"{' < '.join(ph.name for ph in Phase)}")
+
+
 @dataclass
 class TrainResult:
     model: nn.Module
@@ -264,6 +281,7 @@ class Trainer:
                  quiet: bool = False):
         self.config = config
         self.plugins = list(plugins or [])
+        check_plugin_order(self.plugins)
         self.run_dir = Path(run_dir) if run_dir else None
         self.rank, self.world = distributed_context()
         self.device = device or default_device()

@@ -13,6 +13,7 @@ from torch import nn
 
 from cifarpress.errors import CifarpressError
 from cifarpress.techniques.distill.losses import dkd_loss, kd_loss, nkd_loss
+from cifarpress.train.phases import Phase
 from cifarpress.train.trainer import Plugin, Trainer
 
 # Per method: temperature, weight of the distillation term, share of the run spent
@@ -84,6 +85,7 @@ class Distillation(Plugin):
     """
 
     name = "distill"
+    phase = Phase.LOSS
 
     def __init__(self, teacher: nn.Module, method: str = "kd", weight: float | None = None, T: float | None = None,
                  alpha: float = 1.0, beta: float = 8.0, gamma: float = 1.5, warmup_epochs: float | None = None,
@@ -140,3 +142,15 @@ class Distillation(Plugin):
         metrics["teacher_time_fraction"] = fraction
         # What the student alone would train at: the teacher's share of the epoch removed.
         metrics["images_per_s_without_teacher"] = metrics["images_per_s"] / max(1e-9, 1.0 - fraction)
+
+
+def build(config, context) -> Distillation | None:
+    """The catalogue's `distill:` add-on: the teacher named by the config, else the model entering the stage."""
+    if config is None:
+        return None
+    spec = config.teacher or str(context.entering_model)
+    teacher, info = context.load_model(spec)  # a missing file or unknown builtin is already a CifarpressError
+    check_class_counts(info["num_classes"], context.num_classes, spec)
+    return Distillation(teacher.eval(), config.method, weight=config.weight, T=config.temperature,
+                        alpha=config.alpha, beta=config.beta, gamma=config.gamma,
+                        warmup_epochs=config.warmup_epochs, label_weight=config.label_weight)

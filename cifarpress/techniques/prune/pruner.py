@@ -15,6 +15,7 @@ from cifarpress.channels.budget import PruneBudget, PruneTarget
 from cifarpress.channels.groups import GroupSet, discover_groups, eval_mode
 from cifarpress.channels.surgery import compact_model
 from cifarpress.errors import CifarpressError
+from cifarpress.train.phases import Phase
 from cifarpress.train.trainer import Plugin, Trainer
 from cifarpress.utils.modules import unwrap
 
@@ -136,6 +137,7 @@ class GroupPruner(Plugin):
     """
 
     name = "group-pruner"
+    phase = Phase.RESHAPE
 
     def __init__(self, target: PruneTarget, *, start_fraction: float = 0.1, end_fraction: float = 0.5):
         if not isinstance(target, PruneTarget):

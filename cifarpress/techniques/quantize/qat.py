@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from cifarpress.errors import CifarpressError
 from cifarpress.techniques.quantize.ternary import (
     TernaryConfig,
     quantize_model,
     quantized_layers,
     set_warmup_blend,
 )
+from cifarpress.train.phases import Phase
 from cifarpress.train.trainer import Plugin, Trainer
 from cifarpress.utils.modules import unwrap
 
@@ -18,12 +18,13 @@ from cifarpress.utils.modules import unwrap
 class TernaryQAT(Plugin):
     """Quantization-aware training: swaps the layers in setup, before the Trainer builds its optimizer.
 
-    Put it before WeightEMA in the plug-in list, so that the EMA copies the
+    Its phase (QUANTIZE) puts it before WeightEMA, so that the EMA copies the
     quantized model. finalize() hands on the fake-quant model unchanged: save it
     with save_packed and export it with export_qdq.
     """
 
     name = "ternary-qat"
+    phase = Phase.QUANTIZE
 
     def __init__(self, config: TernaryConfig | None = None):
         self.config = config or TernaryConfig()
@@ -37,12 +38,6 @@ class TernaryQAT(Plugin):
         return min(1.0, self.steps / self.config.warmup_steps)
 
     def setup(self, trainer: Trainer) -> None:
-        from cifarpress.train.ema import WeightEMA
-
-        mine = next((i for i, p in enumerate(trainer.plugins) if p is self), 0)
-        if any(isinstance(p, WeightEMA) for p in trainer.plugins[:mine]):
-            raise CifarpressError("the EMA plug-in is listed before ternary QAT, so it would average a float "
-                                  "copy; list TernaryQAT first")
         self._model = unwrap(trainer.model)
         existing = quantized_layers(self._model)
         if existing:  # fine-tuning an already quantized model: keep its layers
@@ -71,3 +66,8 @@ class TernaryQAT(Plugin):
         self.steps = int(state.get("steps", 0))
         if self._model is not None:
             set_warmup_blend(self._model, self.blend())
+
+
+def build(config, context=None) -> TernaryQAT:
+    """The catalogue's `quantize: {method: ternary}` stage."""
+    return TernaryQAT(TernaryConfig.from_dict(config.model_dump(exclude={"method"})))
