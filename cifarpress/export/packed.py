@@ -1,4 +1,4 @@
-"""The packed ternary artifact: one file, 2 bits per ternary weight, that rebuilds the exact model.
+"""The packed artifact: one file, 2 bits per ternary weight and b bits per b-bit weight, that rebuilds the exact model.
 
 Layout (all little-endian):
 
@@ -16,23 +16,38 @@ Encodings:
                  tensor sits in byte i // 4, bits 2*(i % 4) and 2*(i % 4) + 1, so
                  the first weight is in the lowest bits. The last byte is padded
                  with zero codes. Size: ceil(n / 4) bytes.
-    "int8"       weights of kept layers, 1 byte each
+    "int8"       weights of 8-bit layers (the kept layers of a ternary policy), 1 byte each
+    "nbit<b>"    weights of a b-bit layer, b != 8 (2 <= b <= 16): each code c in
+                 [-qmax, qmax], qmax = 2^(b-1) - 1, stored as the unsigned b-bit
+                 number c + qmax (all ones is invalid), weights back to back in one
+                 bit stream: bit j of weight i is stream bit i*b + j, and stream bit
+                 k sits in byte k // 8 at bit k % 8 (so, as in ternary2, the first
+                 weight is in the lowest bits). Zero-padded to whole bytes.
+                 Size: ceil(n * b / 8) bytes.
     "float32", "int64", ...   every other state-dict entry as stored: BN
                  parameters and running statistics, biases, activation ranges
 
-A quantized layer NAME stores "NAME.weight" (ternary2 or int8) and
+A quantized layer NAME stores "NAME.weight" (ternary2, int8 or nbit<b>) and
 "NAME.weight_scale" (float32, either 0-d or one value per output channel). The
 scale is stored because it cannot be recovered: mean|Wq| is not the s that made
 Wq. The loaded layers are therefore in deployed form (scale pinned, latent
 weight = codes * scale). Re-quantizing them reproduces the same codes, and the
 quantized weights and the outputs equal the original model's bit for bit.
 
+Each layer's width is its precision in the header's layers map ("ternary",
+"int8", "int4", ...), so the layers' `weight_bits` buffers are not stored again.
+Versions: a model with only ternary and int8 layers is written exactly as before
+per-layer widths existed (format cifarpress-ternary-packed/1), so older readers
+still read it. A model with any other width is written as
+cifarpress-ternary-packed/2, which older readers turn down by its format instead of
+misreading the new encoding. This reader reads both.
+
 Byte count of a file: 12 + H + sum(ceil(n/4) per ternary tensor) + sum(n per int8
-tensor) + 4 per scale value + the raw bytes of every float/int tensor. For
-resnet20 (default policy), the 269,824 ternary weights take 67,456 B. The
-float part (BN with its running statistics, and the fc bias) takes 12,752 B,
-the two kept int8 layers 1,072 B, the scales 184 B and the header about 7.5 KB.
-That is 88,958 B in all, against 1,188,175 B for the fp32 ONNX.
+tensor) + sum(ceil(n*b/8) per b-bit tensor) + 4 per scale value + the raw bytes of
+every float/int tensor. For resnet20 (default policy), the 269,824 ternary weights
+take 67,456 B. The float part (BN with its running statistics, and the fc bias)
+takes 12,752 B, the two kept int8 layers 1,072 B, the scales 184 B and the header
+about 7.5 KB. That is 88,958 B in all, against 1,188,175 B for the fp32 ONNX.
 """
 from __future__ import annotations
 
@@ -48,6 +63,7 @@ from torch import nn
 
 from cifarpress.errors import CifarpressError
 from cifarpress.models import build_model
+from cifarpress.techniques.quantize.fake_quant import check_bits, qmax_for
 from cifarpress.techniques.quantize.ternary import (
     TernaryConfig,
     config_from_model,
@@ -59,8 +75,12 @@ from cifarpress.utils.modules import unwrap
 
 MAGIC = b"CPTERN1\n"
 FORMAT = "cifarpress-ternary-packed/1"
+FORMAT_NBIT = "cifarpress-ternary-packed/2"  # holds nbit<b> tensors; see "Versions" above
+FORMATS = (FORMAT, FORMAT_NBIT)
 TERNARY = "ternary2"
+NBIT_PREFIX = "nbit"
 PLAIN_ENCODINGS = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
+STORED_BY_LAYER = ("weight", "frozen_scale", "weight_bits")  # a layer's entries the header and codes carry
 _TO_CODE = np.array([2, 0, 1], dtype=np.uint8)  # indexed by value + 1: -1 -> 0b10, 0 -> 0b00, +1 -> 0b01
 _FROM_CODE = np.array([0, 1, -1, 0], dtype=np.int8)  # 0b11 never written; rejected before lookup
 
@@ -84,9 +104,59 @@ def unpack_ternary(packed: np.ndarray, count: int) -> np.ndarray:
     return _FROM_CODE[two_bit]
 
 
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Integer codes in [-qmax, qmax] of a b-bit grid (any shape) -> uint8 array of ceil(n*b/8) bytes."""
+    qmax = qmax_for(bits)
+    flat = np.asarray(codes).reshape(-1).astype(np.int64)
+    if flat.size and (np.abs(flat) > qmax).any():
+        raise ValueError(f"{bits}-bit codes must lie in [-{qmax}, {qmax}]")
+    offset = (flat + qmax).astype(np.uint32)
+    stream = ((offset[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8).reshape(-1)
+    return np.packbits(stream, bitorder="little")  # packbits pads the last byte with zero bits
+
+
+def unpack_codes(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
+    """Inverse of pack_codes: the first `count` codes as int16 (int8 would not hold 16-bit codes)."""
+    qmax = qmax_for(bits)
+    stream = np.unpackbits(np.asarray(packed, np.uint8), bitorder="little")[:count * bits]
+    offset = stream.reshape(count, bits).astype(np.int32) @ (1 << np.arange(bits, dtype=np.int32))
+    if (offset > 2 * qmax).any():
+        raise ValueError(f"invalid {bits}-bit code")
+    return (offset - qmax).astype(np.int16)
+
+
+def _nbit_width(encoding: str) -> int | None:
+    """b for "nbit<b>", else None."""
+    digits = encoding.removeprefix(NBIT_PREFIX)
+    if encoding.startswith(NBIT_PREFIX) and digits.isdigit():
+        try:
+            return check_bits(int(digits))
+        except CifarpressError:
+            return None
+    return None
+
+
 def _encoded_size(encoding: str, shape: list[int]) -> int:
     count = math.prod(shape)
-    return math.ceil(count / 4) if encoding == TERNARY else count * np.dtype(encoding).itemsize
+    if encoding == TERNARY:
+        return math.ceil(count / 4)
+    bits = _nbit_width(encoding)
+    if bits is not None:
+        return math.ceil(count * bits / 8)
+    if encoding not in PLAIN_ENCODINGS:
+        raise CifarpressError(f"unknown encoding {encoding!r}; re-pack the file with this version of cifarpress")
+    return count * np.dtype(encoding).itemsize
+
+
+def _weight_entry(layer) -> tuple[str, np.ndarray]:
+    """(encoding, bytes as uint8/int8 array) of a layer's codes: ternary2, int8 (8 bits, as ever) or nbit<b>."""
+    codes = layer.weight_codes().cpu().numpy()
+    if layer.ternary:
+        return TERNARY, pack_ternary(codes.astype(np.int8))
+    bits = int(layer.bits)
+    if bits == 8:
+        return "int8", codes.astype(np.int8)
+    return f"{NBIT_PREFIX}{bits}", pack_codes(codes.astype(np.int64), bits)
 
 
 def _plain_encoding(name: str, tensor: torch.Tensor) -> str:
@@ -106,15 +176,13 @@ def save_packed(model: nn.Module, path: str | os.PathLike, arch: str, num_classe
     entries: list[tuple[str, str, list[int], bytes]] = []
     accounting = {"ternary": 0, "int8": 0, "scales": 0, "other": 0}
     for name, layer in layers.items():
-        codes = layer.weight_codes().cpu().numpy().astype(np.int8)
+        encoding, data = _weight_entry(layer)
         scale = layer.weight_scale().detach().cpu().float().numpy()
-        data = pack_ternary(codes) if layer.precision == "ternary" else codes
-        entries.append((f"{name}.weight", TERNARY if layer.precision == "ternary" else "int8",
-                        list(codes.shape), data.tobytes()))
+        entries.append((f"{name}.weight", encoding, list(layer.weight.shape), data.tobytes()))
         entries.append((f"{name}.weight_scale", "float32", list(scale.shape), scale.astype("<f4").tobytes()))
-        accounting[layer.precision] += data.nbytes
+        accounting[layer.precision] = accounting.get(layer.precision, 0) + data.nbytes
         accounting["scales"] += scale.nbytes
-    stored_elsewhere = {f"{n}.{part}" for n in layers for part in ("weight", "frozen_scale")}
+    stored_elsewhere = {f"{n}.{part}" for n in layers for part in STORED_BY_LAYER}
     for key, tensor in model.state_dict().items():
         if key in stored_elsewhere:
             continue
@@ -123,8 +191,9 @@ def save_packed(model: nn.Module, path: str | os.PathLike, arch: str, num_classe
         data = array.astype(np.dtype(encoding).newbyteorder("<")).tobytes()
         entries.append((key, encoding, list(array.shape), data))
         accounting["other"] += len(data)
+    nbit = any(_nbit_width(encoding) is not None for _, encoding, _, _ in entries)
     header = {
-        "format": FORMAT, "arch": arch, "num_classes": int(num_classes), "dataset": dataset,
+        "format": FORMAT_NBIT if nbit else FORMAT, "arch": arch, "num_classes": int(num_classes), "dataset": dataset,
         "config": config.to_dict(), "layers": {n: m.precision for n, m in layers.items()},
         "tensors": [[name, encoding, shape] for name, encoding, shape, _ in entries],
         "payload_bytes": accounting, "meta": meta or {},
@@ -153,11 +222,14 @@ def _read(path: str | os.PathLike) -> tuple[dict, bytes]:
         header = json.loads(blob[start:start + length].decode())
     except (UnicodeDecodeError, ValueError):
         raise CifarpressError(f"{path} has a corrupt header; write the file again with save_packed") from None
-    if header.get("format") != FORMAT:
-        raise CifarpressError(f"{path} is in format {header.get('format')!r}, not {FORMAT}; "
+    if header.get("format") not in FORMATS:
+        raise CifarpressError(f"{path} is in format {header.get('format')!r}, not {' or '.join(FORMATS)}; "
                               f"re-pack it with this version of cifarpress")
     payload = blob[start + length:]
-    expected = sum(_encoded_size(enc, shape) for _, enc, shape in header["tensors"])
+    try:
+        expected = sum(_encoded_size(enc, shape) for _, enc, shape in header["tensors"])
+    except CifarpressError as exc:
+        raise CifarpressError(f"{path}: {exc}") from None
     if len(payload) != expected:
         raise CifarpressError(f"{path} holds {len(payload)} payload bytes but its header lists {expected}; "
                               f"the file is truncated or corrupt, so write it again")
@@ -175,17 +247,21 @@ def _decode(header: dict, payload: bytes, path) -> dict[str, torch.Tensor]:
         size = _encoded_size(encoding, shape)
         raw = np.frombuffer(payload, np.uint8, size, offset)
         offset += size
+        bits = _nbit_width(encoding)
         if encoding == TERNARY:
             try:
                 array = unpack_ternary(raw, math.prod(shape)).reshape(shape)
             except ValueError:
                 raise CifarpressError(f"{path}: tensor {name!r} holds an invalid ternary code; "
                                       f"the file is corrupt, so write it again") from None
-        elif encoding in PLAIN_ENCODINGS:
+        elif bits is not None:
+            try:
+                array = unpack_codes(raw, math.prod(shape), bits).reshape(shape)
+            except ValueError:
+                raise CifarpressError(f"{path}: tensor {name!r} holds an invalid {bits}-bit code; "
+                                      f"the file is corrupt, so write it again") from None
+        else:  # a plain encoding (_read has turned down unknown ones)
             array = raw.view(np.dtype(encoding).newbyteorder("<")).reshape(shape).astype(encoding)
-        else:
-            raise CifarpressError(f"{path}: tensor {name!r} has unknown encoding {encoding!r}; "
-                                  f"re-pack it with this version of cifarpress")
         tensors[name] = torch.from_numpy(array.copy())
     return tensors
 
@@ -196,13 +272,21 @@ def load_packed(path: str | os.PathLike) -> nn.Module:
     tensors = _decode(header, payload, path)
     model = build_model(header["arch"], header["num_classes"], recorded_in=str(path))
     precisions = quantize_model(model, TernaryConfig.from_dict(header["config"]))
-    if precisions != header["layers"]:
+    written = header["layers"]
+    # The config's keep list makes the same layers ternary; the header then gives the non-ternary ones their widths.
+    if precisions.keys() != written.keys() or any((p == "ternary") != (written[n] == "ternary")
+                                                 for n, p in precisions.items()):
         raise CifarpressError(f"{path} was written for different layers than '{header['arch']}' has now; "
                               f"re-pack it from the trained model")
     for name, layer in quantized_layers(model).items():
+        try:
+            layer.set_weight_bits(written[name])
+        except CifarpressError:
+            raise CifarpressError(f"{path}: layer {name!r} has precision {written[name]!r}, which this cifarpress "
+                                  f"does not know; re-pack it with this version") from None
         layer.load_quantized(tensors.pop(f"{name}.weight"), tensors.pop(f"{name}.weight_scale"))
     result = model.load_state_dict(tensors, strict=False)
-    set_by_layers = {f"{n}.{part}" for n in precisions for part in ("weight", "frozen_scale")}
+    set_by_layers = {f"{n}.{part}" for n in precisions for part in STORED_BY_LAYER}
     missing = [k for k in result.missing_keys if k not in set_by_layers]
     if missing or result.unexpected_keys:
         raise CifarpressError(f"{path} does not fit '{header['arch']}': missing {missing[:3]}, "

@@ -1,10 +1,13 @@
-"""ONNX export of a ternary fake-quant model with explicit QuantizeLinear/DequantizeLinear.
+"""ONNX export of a fake-quant model (ternary or n-bit weights) with explicit QuantizeLinear/DequantizeLinear.
 
 Every quantized layer's weight is stored as an int8 initializer with a float32
 scale per output channel (axis 0) and an int8 zero point of 0, and it reaches its
 Conv/Gemm through DequantizeLinear. TensorRT's explicit quantization accepts this
-form. Ternary layers hold only the integers -1, 0 and 1. Kept layers hold int8 in
-[-127, 127]. A per-tensor scale is repeated once per channel.
+form. Ternary layers hold only the integers -1, 0 and 1; a b-bit layer holds
+integers in [-qmax, qmax], qmax = 2^(b-1) - 1, so int8 storage fits every width up
+to 8 bits (kept int8 layers use all of [-127, 127]). Wider codes do not fit an
+int8 graph, so export_qdq refuses layers above 8 bits. A per-tensor scale is
+repeated once per channel.
 
 With act_bits=8, the input of each quantized layer also passes through
 QuantizeLinear -> DequantizeLinear, using the layer's static per-tensor scale
@@ -14,12 +17,14 @@ training exports per tensor too, and PyTorch evaluation uses the same scale.
 How it is built: export_onnx traces a float copy of the model whose layers hold
 the dequantized weights, so no quantizer ops are traced. The graph is then
 rewritten. torch.onnx's optimizer folds each eval-mode BatchNorm into the conv
-before it, giving W * gamma / sigma per output channel. A ternary tensor times a
-per-channel factor is still ternary, with scale s * |gamma / sigma| per channel,
-so the codes are read back from the folded weights: the sign flips where
-gamma < 0, and the scale is exact. Int8 layers re-derive absmax codes from the
-folded weights. Layers with no BN after them, such as the classifier, keep
-PyTorch's codes and scales unchanged.
+before it, giving W * gamma / sigma per output channel. Codes on a symmetric grid
+times a per-channel factor are still codes on that grid, with scale
+s * |gamma / sigma| per channel, so the codes are read back from the folded
+weights. Ternary layers take the sign (it flips where gamma < 0), and the scale
+is exact. n-bit layers re-derive absmax codes at their own qmax: the largest
+|code| of an absmax grid is qmax, so magnitude / qmax is the folded scale. Layers
+with no BN after them, such as the classifier, keep PyTorch's codes and scales
+unchanged.
 """
 from __future__ import annotations
 
@@ -48,7 +53,6 @@ from cifarpress.export.onnx import (
 from cifarpress.runtime.onnx_file import read_onnx_metadata
 from cifarpress.runtime.ort import make_session
 from cifarpress.techniques.quantize.ternary import (
-    INT8_MAX,
     FakeQuantLayer,
     _replace_module,
     config_from_model,
@@ -58,6 +62,7 @@ from cifarpress.utils.io import atomic_write
 from cifarpress.utils.modules import unwrap
 
 WRAPPER_PREFIX = "model."  # export_onnx wraps the net as NormalizedClassifier(model=...)
+QDQ_MAX_BITS = 8  # the widest code an int8 initializer holds
 WEIGHT_ONLY_TOLERANCE = 1e-4  # max |logit difference| when activations stay float
 ACT_RELATIVE_TOLERANCE = 0.02  # with int8 activations: share of the largest |logit| (see check_qdq)
 
@@ -74,23 +79,31 @@ def _per_channel(scale: torch.Tensor, channels: int) -> np.ndarray:
     return scale.detach().float().cpu().reshape(-1).expand(channels).numpy().copy()
 
 
+def _check_width(layer: FakeQuantLayer) -> None:
+    if layer.qmax > np.iinfo(np.int8).max:
+        raise CifarpressError(f"layer {layer.layer_name!r} has {layer.precision} weights, wider than the "
+                              f"{QDQ_MAX_BITS} bits an int8 QDQ graph holds; set it to {QDQ_MAX_BITS} bits or "
+                              f"fewer before export_qdq")
+
+
 def _weight_codes(layer: FakeQuantLayer, exported: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 codes, per-channel float32 scale) reproducing the exported weight `exported`."""
-    channels = exported.shape[0]
+    """(int8 codes in [-qmax, qmax], per-channel float32 scale) reproducing the exported weight `exported`."""
+    _check_width(layer)
+    channels, qmax = exported.shape[0], layer.qmax
     torch_scale = _per_channel(layer.weight_scale(), channels)
     if np.array_equal(exported, layer.quantized_weight().cpu().numpy()):  # no BN folded in
         return layer.weight_codes().cpu().numpy().astype(np.int8), torch_scale
     rows = exported.reshape(channels, -1)
     magnitude = np.abs(rows).max(axis=1)
-    if layer.precision == "ternary":
+    if layer.ternary:
         codes = np.sign(rows)
         if not np.array_equal(codes * magnitude[:, None], rows):
             raise CifarpressError(f"the exporter changed layer {layer.layer_name!r} into non-ternary weights; "
                                   f"export with the dynamo exporter (torch>=2.5) and report this as a bug")
         scale = magnitude
     else:
-        scale = (magnitude / np.float32(INT8_MAX)).astype(np.float32)
-        codes = np.clip(np.rint(rows / np.where(magnitude > 0, scale, 1)[:, None]), -INT8_MAX, INT8_MAX)
+        scale = (magnitude / np.float32(qmax)).astype(np.float32)
+        codes = np.clip(np.rint(rows / np.where(magnitude > 0, scale, 1)[:, None]), -qmax, qmax)
     # An all-zero channel (gamma = 0) still needs a positive scale; the codes make it irrelevant.
     scale = np.where(magnitude > 0, scale, torch_scale).astype(np.float32)
     return codes.reshape(exported.shape).astype(np.int8), scale
@@ -165,12 +178,16 @@ def export_qdq(model: nn.Module, path: str | Path, spec: DatasetSpec, classes: l
     if not layers:
         raise CifarpressError("the model has no ternary or int8 layers; quantize it (quantize_model or TernaryQAT) "
                               "before export_qdq, or use export_onnx for a float model")
-    for layer in layers.values():
+    for layer in layers.values():  # fail early, naming the layer, before any tracing
+        _check_width(layer)
         if layer.act_bits:
-            layer.static_input_scale()  # fails early, naming the layer, when a range is missing
+            layer.static_input_scale()  # a missing activation range
     config = config_from_model(model)
+    precisions = {n: m.precision for n, m in layers.items()}
+    scheme = ("BitNet b1.58 ternary weights, int8 QDQ" if set(precisions.values()) <= {"ternary", "int8"}
+              else "ternary and n-bit weights in int8 storage, int8 QDQ")
     metadata = {"quantization": {
-        "scheme": "BitNet b1.58 ternary weights, int8 QDQ", "layers": {n: m.precision for n, m in layers.items()},
+        "scheme": scheme, "layers": precisions,
         "config": config.to_dict(), "activations": "int8 per tensor, static" if config.act_bits else "float"},
         **(extra_metadata or {})}
     with tempfile.TemporaryDirectory() as tmp:

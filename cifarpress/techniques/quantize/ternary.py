@@ -26,6 +26,14 @@ and a classifier's answer for one image must not depend on the rest of its batch
 So act_granularity="sample" only changes training. Models that never trained
 with act_bits=8 get their ranges from `calibrate_activations`.
 
+Per-layer widths: this module is the ternary policy over the generic layers of
+fake_quant.py, where the weight precision is each layer's `weight_bits` buffer.
+quantize_model only sets the starting widths (ternary, or int8 for kept layers);
+`layer.set_weight_bits(b)` moves a layer to b-bit absmax codes (2 <= b <= 16) or
+back to ternary at any time, and the width is saved and restored with the state
+dict. TernaryConfig and config_from_model therefore describe the scale rules and
+which layers start non-ternary, not the widths themselves.
+
 Warm-up: over `warmup_steps` optimizer steps the training forward moves from the
 float weights (blend 0) to the quantized ones (blend 1). Evaluation always sees
 the fully quantized weights, so every reported accuracy is the deployable one.
@@ -37,82 +45,32 @@ from dataclasses import asdict, dataclass, fields
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cifarpress.errors import CifarpressError
+from cifarpress.techniques.quantize.fake_quant import (  # noqa: F401  (re-exported: the names importers use)
+    ACT_MOMENTUM,
+    EPS,
+    INT8_MAX,
+    TERNARY,
+    TERNARY_BITS,
+    FakeQuantConv2d,
+    FakeQuantLayer,
+    FakeQuantLinear,
+    absmax_scale,
+    activation_scale,
+    fake_quantize_activation,
+    int8_weight_scale,
+    round_clip,
+    straight_through,
+    ternary_scale,
+)
 from cifarpress.utils.modules import unwrap
-
-EPS = 1e-5  # lower bound of every scale (BitNet's clamp), guards all-zero tensors
-ACT_MOMENTUM = 0.1  # running-absmax update rate, the BN convention
-INT8_MAX = 127
-TERNARY_BITS = math.log2(3)  # information content of one ternary weight, the "1.58"
 
 SCALES = ("absmean", "absmedian")
 GRANULARITIES = ("tensor", "channel")
 ACT_BITS = (None, 8)
 ACT_GRANULARITIES = ("tensor", "sample")
-
-
-# -- the numerics, as plain functions ------------------------------------------------
-
-def round_clip(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """RoundClip of the BitNet papers: round to nearest (ties to even), then clamp."""
-    return x.round().clamp(low, high)
-
-
-def _per_channel_view(values: torch.Tensor, ndim: int) -> torch.Tensor:
-    return values.view(-1, *([1] * (ndim - 1)))
-
-
-def ternary_scale(weight: torch.Tensor, method: str = "absmean", per_channel: bool = False,
-                  eps: float = EPS) -> torch.Tensor:
-    """mean|W| or median|W|: a 0-d tensor, or one value per output channel shaped to broadcast."""
-    magnitude = weight.detach().abs()
-    if per_channel:
-        rows = magnitude.flatten(1)
-        stat = rows.mean(1) if method == "absmean" else rows.median(1).values
-        stat = _per_channel_view(stat, weight.dim())
-    else:
-        stat = magnitude.mean() if method == "absmean" else magnitude.median()
-    return stat.clamp_min(eps)
-
-
-def int8_weight_scale(weight: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """Symmetric per-output-channel scale absmax / 127."""
-    absmax = weight.detach().abs().flatten(1).amax(1)
-    return _per_channel_view(absmax / INT8_MAX, weight.dim()).clamp_min(eps)
-
-
-def activation_scale(x: torch.Tensor, per_sample: bool, eps: float = EPS) -> torch.Tensor:
-    """Dynamic absmax / 127 of the whole batch, or of each image (shaped to broadcast)."""
-    magnitude = x.detach().abs()
-    if per_sample:
-        absmax = magnitude.amax(dim=tuple(range(1, x.dim())), keepdim=True)
-    else:
-        absmax = magnitude.amax()
-    return (absmax / INT8_MAX).clamp_min(eps)
-
-
-def straight_through(latent: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Return `value` in the forward pass; in the backward pass, pass the gradient unchanged to `latent`.
-
-    This computes the same gradient as the usual latent + (value - latent).detach(),
-    but in the rearranged form value + (latent - latent.detach()) the added term is
-    exactly zero. The forward pass therefore returns `value` bit for bit, so
-    training, evaluation, the packed file and the exported graph all see the same
-    numbers.
-    """
-    if not (torch.is_grad_enabled() and latent.requires_grad):
-        return value
-    return value.detach() + (latent - latent.detach())
-
-
-def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 quantize-dequantize with an STE, saturating like ONNX QuantizeLinear."""
-    with torch.no_grad():
-        quantized = round_clip(x / scale, -128, 127) * scale
-    return straight_through(x, quantized)
 
 
 # -- the policy ---------------------------------------------------------------------
@@ -162,191 +120,31 @@ class TernaryConfig:
 
 
 # -- the layers ---------------------------------------------------------------------
+# The precision is each layer's `weight_bits` state (fake_quant.py); these classes only name the width a
+# layer starts at under this policy, and a later set_weight_bits is free to change it.
 
-class FakeQuantLayer:
-    """Mix-in for a Conv2d/Linear whose forward sees fake-quantized weights (and, optionally, inputs).
+class TernaryConv2d(FakeQuantConv2d):
+    """Conv2d that starts with BitNet b1.58 ternary weights {-s, 0, s}."""
 
-    `weight` stays the fp32 latent weight that the optimizer updates. After
-    `freeze()` or `load_quantized()` the layer is in deployed form: the latent
-    weight equals the dequantized one and the scale is pinned. The scale has to be
-    pinned because mean|Wq| is not the s that produced Wq, so recomputing it would
-    change the codes.
-    """
-
-    precision: str  # "ternary" | "int8"
-    qmax: int  # codes lie in [-qmax, qmax]
-    _float_type: type
-
-    def _init_fake_quant(self, config: TernaryConfig, name: str = "") -> None:
-        self.layer_name = name
-        self.scale_method = config.scale
-        self.per_channel = config.granularity == "channel"
-        self.act_bits = config.act_bits
-        self.act_per_sample = config.act_granularity == "sample"
-        self.blend = 1.0  # warm-up: 0 = float weights, 1 = quantized (training forward only)
-        self._calibrating = False
-        self.register_buffer("frozen_scale", None)
-        absmax = torch.zeros((), device=self.weight.device) if self.act_bits else None
-        self.register_buffer("act_absmax", absmax)  # running input range; in checkpoints for resume
-
-    @classmethod
-    def from_float(cls, layer: nn.Module, config: TernaryConfig | None = None, name: str = ""):
-        """A quantized copy of a float `layer`: same hyper-parameters, copied weights, device and memory format."""
-        new = cls(**cls._hyperparameters(layer), config=config or TernaryConfig(), name=name)
-        new.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
-        if layer.bias is not None:
-            new.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
-        return new.train(layer.training)
-
-    def to_float(self) -> nn.Module:
-        """A plain layer that holds the dequantized weights. The export traces this, without any quantizer ops."""
-        plain = self._float_type(**self._hyperparameters(self))
-        plain.weight = nn.Parameter(self.quantized_weight().clone())
-        if self.bias is not None:
-            plain.bias = nn.Parameter(self.bias.detach().clone())
-        return plain.train(self.training)
-
-    # weights
-    def _scale_from(self, weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def weight_scale(self) -> torch.Tensor:
-        """The pinned scale in deployed form; otherwise the scale the latent weights give."""
-        if self.frozen_scale is not None:
-            return self.frozen_scale
-        return self._scale_from(self.weight.detach())
-
-    @torch.no_grad()
-    def weight_codes(self) -> torch.Tensor:
-        """Integer-valued float tensor in [-qmax, qmax]: {-1, 0, 1} for ternary layers."""
-        return round_clip(self.weight / self.weight_scale(), -self.qmax, self.qmax)
-
-    @torch.no_grad()
-    def quantized_weight(self) -> torch.Tensor:
-        return self.weight_codes() * self.weight_scale()
-
-    def effective_weight(self) -> torch.Tensor:
-        """The weight the forward pass uses. Its gradient reaches the latent weight unchanged (STE)."""
-        target = self.quantized_weight()
-        if self.training and self.blend < 1.0:
-            # lerp is exact at both ends, so blend 0 is the float layer and blend 1 the quantized one
-            target = torch.lerp(self.weight.detach(), target, self.blend)
-        return straight_through(self.weight, target)
-
-    @torch.no_grad()
-    def load_quantized(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
-        """Put the layer in deployed form: latent weight = codes * scale, scale pinned."""
-        if codes.shape != self.weight.shape:
-            raise CifarpressError(f"layer {self.layer_name!r} expects weights of shape {tuple(self.weight.shape)}, "
-                                  f"got {tuple(codes.shape)}; the file does not fit this architecture")
-        scale = scale.to(self.weight.device, torch.float32)
-        self.weight.copy_(codes.to(self.weight.device, torch.float32) * scale)
-        self.frozen_scale = scale.clone()
-
-    def freeze(self) -> None:
-        """Switch to deployed form, keeping the current codes and scale."""
-        scale = self.weight_scale().clone()
-        self.load_quantized(self.weight_codes(), scale)
-
-    # inputs
-    def static_input_scale(self) -> torch.Tensor:
-        """The per-tensor activation scale that evaluation and the exported graph use."""
-        if float(self.act_absmax) <= 0.0:
-            raise CifarpressError(
-                f"layer {self.layer_name!r} has no activation range yet; train with act_bits=8 or run "
-                f"calibrate_activations(model, images) before evaluating or exporting")
-        return (self.act_absmax / INT8_MAX).clamp_min(EPS)
-
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_bits is None:
-            return x
-        if not (self.training or self._calibrating):
-            return fake_quantize_activation(x, self.static_input_scale())
-        with torch.no_grad():
-            seen = x.detach().abs().amax().float()
-            if self._calibrating:
-                self.act_absmax.copy_(torch.maximum(self.act_absmax, seen))
-            else:
-                # the first batch sets the range, and later batches move it by ACT_MOMENTUM
-                self.act_absmax.copy_(torch.where(self.act_absmax > 0,
-                                                  torch.lerp(self.act_absmax, seen, ACT_MOMENTUM), seen))
-        return fake_quantize_activation(x, activation_scale(x, self.act_per_sample))
-
-    def extra_repr(self) -> str:
-        base = super().extra_repr()
-        if self.precision == "ternary":
-            base += f", scale={self.scale_method}/{'channel' if self.per_channel else 'tensor'}"
-        if self.act_bits:
-            base += f", act_bits={self.act_bits}/{'sample' if self.act_per_sample else 'tensor'}"
-        return base + (", deployed" if self.frozen_scale is not None else "")
+    initial_bits = "ternary"
 
 
-class _TernaryWeights(FakeQuantLayer):
-    precision = "ternary"
-    qmax = 1
+class TernaryLinear(FakeQuantLinear):
+    """Linear that starts with BitNet b1.58 ternary weights {-s, 0, s}."""
 
-    def _scale_from(self, weight: torch.Tensor) -> torch.Tensor:
-        return ternary_scale(weight, self.scale_method, self.per_channel)
+    initial_bits = "ternary"
 
 
-class _Int8Weights(FakeQuantLayer):
-    precision = "int8"
-    qmax = INT8_MAX
+class Int8Conv2d(FakeQuantConv2d):
+    """Conv2d that starts with symmetric per-output-channel int8 weights (kept layers)."""
 
-    def _scale_from(self, weight: torch.Tensor) -> torch.Tensor:
-        return int8_weight_scale(weight)
+    initial_bits = 8
 
 
-def _conv_hyperparameters(conv: nn.Conv2d) -> dict:
-    return dict(in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
-                stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                bias=conv.bias is not None, padding_mode=conv.padding_mode,
-                device=conv.weight.device, dtype=conv.weight.dtype)
+class Int8Linear(FakeQuantLinear):
+    """Linear that starts with symmetric per-output-channel int8 weights (kept layers)."""
 
-
-def _linear_hyperparameters(linear: nn.Linear) -> dict:
-    return dict(in_features=linear.in_features, out_features=linear.out_features, bias=linear.bias is not None,
-                device=linear.weight.device, dtype=linear.weight.dtype)
-
-
-class _FakeQuantConv2d(FakeQuantLayer, nn.Conv2d):
-    _float_type = nn.Conv2d
-    _hyperparameters = staticmethod(_conv_hyperparameters)
-
-    def __init__(self, *args, config: TernaryConfig | None = None, name: str = "", **kwargs):
-        nn.Conv2d.__init__(self, *args, **kwargs)
-        self._init_fake_quant(config or TernaryConfig(), name)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantize_input(x), self.effective_weight(), self.bias)
-
-
-class _FakeQuantLinear(FakeQuantLayer, nn.Linear):
-    _float_type = nn.Linear
-    _hyperparameters = staticmethod(_linear_hyperparameters)
-
-    def __init__(self, *args, config: TernaryConfig | None = None, name: str = "", **kwargs):
-        nn.Linear.__init__(self, *args, **kwargs)
-        self._init_fake_quant(config or TernaryConfig(), name)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(x), self.effective_weight(), self.bias)
-
-
-class TernaryConv2d(_TernaryWeights, _FakeQuantConv2d):
-    """Conv2d with BitNet b1.58 ternary weights {-s, 0, s}."""
-
-
-class TernaryLinear(_TernaryWeights, _FakeQuantLinear):
-    """Linear with BitNet b1.58 ternary weights {-s, 0, s}."""
-
-
-class Int8Conv2d(_Int8Weights, _FakeQuantConv2d):
-    """Conv2d with symmetric per-output-channel int8 weights (kept layers)."""
-
-
-class Int8Linear(_Int8Weights, _FakeQuantLinear):
-    """Linear with symmetric per-output-channel int8 weights (kept layers)."""
+    initial_bits = 8
 
 
 QUANTIZED_TYPES = {
@@ -380,7 +178,10 @@ def _replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, config: TernaryConfig | None = None) -> dict[str, str]:
-    """Swap every Conv2d/Linear of `model` in place; returns {layer name: "ternary" | "int8"}."""
+    """Swap every Conv2d/Linear of `model` in place; returns {layer name: "ternary" | "int8"}.
+
+    These are the policy's starting widths; set_weight_bits changes any layer's later.
+    """
     config = config or TernaryConfig()
     model = unwrap(model)
     if quantized_layers(model):
@@ -404,16 +205,20 @@ def quantize_model(model: nn.Module, config: TernaryConfig | None = None) -> dic
 
 
 def config_from_model(model: nn.Module) -> TernaryConfig:
-    """The TernaryConfig that rebuilds this quantized model's layers (warm-up left out: it only matters in training)."""
+    """The TernaryConfig that rebuilds this quantized model's layers (warm-up left out: it only matters in training).
+
+    keep lists every layer that is not ternary now, whatever its width: those get the
+    absmax rule, and loading the state dict then restores each one's `weight_bits`.
+    """
     layers = quantized_layers(model)
     if not layers:
         raise CifarpressError("the model has no ternary or int8 layers; quantize it with quantize_model first")
-    ternary = [m for m in layers.values() if m.precision == "ternary"]
+    ternary = [m for m in layers.values() if m.ternary]
     ref = ternary[0] if ternary else next(iter(layers.values()))
     return TernaryConfig(
         scale=ref.scale_method, granularity="channel" if ref.per_channel else "tensor",
         act_bits=ref.act_bits, act_granularity="sample" if ref.act_per_sample else "tensor",
-        keep=[n for n, m in layers.items() if m.precision == "int8"])
+        keep=[n for n, m in layers.items() if not m.ternary])
 
 
 def set_warmup_blend(model: nn.Module, blend: float) -> None:
@@ -441,18 +246,25 @@ def calibrate_activations(model: nn.Module, images: torch.Tensor | Iterable[torc
         model.train(was_training)
 
 
+def weight_bytes(layer: FakeQuantLayer) -> int:
+    """The bytes the packed format spends on this layer's codes (scales not included)."""
+    count = layer.weight.numel()
+    if layer.ternary:
+        return math.ceil(count / 4)  # 2-bit codes, four per byte
+    return math.ceil(count * layer.bits / 8)  # int8 one byte each; other widths bit-packed
+
+
 @torch.no_grad()
 def layer_report(model: nn.Module) -> list[dict]:
     """Per quantized layer: name, precision, bits, params, zero_fraction (free sparsity), scale, weight_bytes."""
     rows = []
     for name, layer in quantized_layers(model).items():
         codes, scale = layer.weight_codes(), layer.weight_scale().float().flatten()
-        ternary = layer.precision == "ternary"
         rows.append({
-            "name": name, "precision": layer.precision, "bits": round(TERNARY_BITS, 2) if ternary else 8,
+            "name": name, "precision": layer.precision, "bits": round(layer.bits, 2),
             "params": codes.numel(), "zero_fraction": float((codes == 0).float().mean()),
             "scale": float(scale[0]) if scale.numel() == 1 else scale.tolist(),
-            "weight_bytes": math.ceil(codes.numel() / 4) if ternary else codes.numel(),  # as packed
+            "weight_bytes": weight_bytes(layer),  # as packed
             "act_bits": layer.act_bits,
         })
     return rows
