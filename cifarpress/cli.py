@@ -234,6 +234,10 @@ WeightDecay = Annotated[Optional[float], typer.Option(help="Weight decay" + _def
 Schedule = Annotated[Optional[str], typer.Option(help="onecycle, cosine or constant"
                                                        + _default("train", "schedule") + ".")]
 Distill = Annotated[Optional[str], typer.Option(help=DISTILL_HELP)]
+Settings = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="KEY=VALUE", help="Any other field of the stage, as in a recipe (repeat for several): "
+    "e.g. --set saliency=magnitude-taylor, --set keep=[conv1,fc], --set distill.method=dkd. `cifarpress stages "
+    "STAGE` lists them with their defaults.")]
 MaxSteps = Annotated[Optional[int], typer.Option(help="Cap steps per epoch (quick trials).")]
 Seed = Annotated[Optional[int], typer.Option(help="Training seed" + _default("train", "seed") + ".")]
 DataRoot = Annotated[Optional[Path], typer.Option(help=DATA_ROOT_HELP)]
@@ -261,7 +265,31 @@ def _recorded_model(checkpoint: str) -> dict:
     return {k: payload.get(k) for k in ("arch", "dataset")}
 
 
-def _run_single_stage(kind: str, values: dict[str, object], option_names: dict[str, str], *, checkpoint: str,
+def parse_settings(settings: list[str] | None, command: str) -> dict:
+    """`--set a.b=VALUE` pairs as a nested mapping; VALUE is read as YAML (numbers, true, [x, y])."""
+    import yaml
+
+    body: dict = {}
+    for item in settings or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or not all(key.split(".")):
+            raise RecipeError(f"cifarpress {command}: --set {item!r}: give KEY=VALUE, e.g. --set channel_multiple=16")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text  # not YAML: the string as typed
+        *parents, leaf = key.strip().split(".")
+        node = body
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"cifarpress {command}: --set {item!r}: {part} is set to a value already")
+        node[leaf] = value
+    return body
+
+
+def _run_single_stage(kind: str, values: dict[str, object], option_names: dict[str, str],
+                      settings: list[str] | None, *, checkpoint: str,
                       arch: Optional[str], dataset: Optional[str], out_dir: Optional[Path], data_root: Optional[Path],
                       threads: Optional[int], force: bool, bench_batch: Optional[list[int]],
                       bench_seconds: Optional[float], bench_threads: Optional[int]) -> None:
@@ -281,6 +309,9 @@ def _run_single_stage(kind: str, values: dict[str, object], option_names: dict[s
     body = {field: value for field, (_, value) in stage.items() if value is not None}
     if "distill" in body:
         body["distill"] = {"method": body["distill"]}
+    extra = parse_settings(settings, kind)
+    for key, value in extra.items():  # --set distill.x=... joins --distill's block
+        body[key] = {**body[key], **value} if isinstance(body.get(key), dict) and isinstance(value, dict) else value
     bench = {"batch_sizes": bench_batch or None, "seconds": bench_seconds, "threads": bench_threads}
     raw = {
         "name": f"{kind}-{re.sub(r'[^A-Za-z0-9_.-]', '_', arch)}",
@@ -295,6 +326,7 @@ def _run_single_stage(kind: str, values: dict[str, object], option_names: dict[s
     labels |= {f"stages[0].{kind}.{field}": f"{option} ({kind}.{field})" for field, (option, _) in stage.items()}
     if "distill" in stage:
         labels[f"stages[0].{kind}.distill.method"] = f"--distill ({kind}.distill.method)"
+    labels |= {f"stages[0].{kind}.{key}": f"--set {key} ({kind}.{key})" for key in extra}
     spec = recipe_from_dict(raw, Path.cwd(), f"cifarpress {kind}", labels, relative_to="the current folder")
     set_threads(threads)
     run_dir = run_recipe(spec, out_dir, str(data_root) if data_root else None, force)
@@ -319,30 +351,8 @@ def prune(
     batch_size: BatchSize = None,
     weight_decay: WeightDecay = None,
     schedule: Schedule = None,
-    channel_multiple: Annotated[Optional[int], typer.Option(help="Kept widths rounded to a multiple of this"
-                                                                 + _default("prune", "channel_multiple")
-                                                                 + "; 16 suits onnxruntime on AVX-512 CPUs.")] = None,
-    remove_branches: Annotated[Optional[bool], typer.Option(
-        "--remove-branches/--keep-branches", help=stage_field("prune", "remove_branches").description
-        + _default("prune", "remove_branches") + ".")] = None,
-    selection: Annotated[Optional[str], typer.Option(help="With --target-kind macs: cut the lowest-scoring groups "
-                                                          "(score), the lowest score per MAC saved (score-per-mac), "
-                                                          "or every unit by the same fraction (uniform)"
-                                                          + _default("prune", "selection") + ".")] = None,
-    start_fraction: Annotated[Optional[float], typer.Option(help=stage_field("prune", "start_fraction").description
-                                                                 + ".")] = None,
-    end_fraction: Annotated[Optional[float], typer.Option(help=stage_field("prune", "end_fraction").description
-                                                               + ".")] = None,
-    pruning_periods: Annotated[Optional[int], typer.Option(help="HESSO: periods over which the target is reached"
-                                                                + _default("prune", "pruning_periods") + ".")] = None,
-    saliency: Annotated[Optional[str], typer.Option(help="HESSO group importance: magnitude-taylor (this step) or "
-                                                         "fisher (squared Taylor terms averaged over each period)"
-                                                         + _default("prune", "saliency") + ".")] = None,
-    penalty: Annotated[Optional[float], typer.Option(help="DHSPG: group-lasso strength lambda"
-                                                          + _default("prune", "penalty") + ".")] = None,
-    epsilon: Annotated[Optional[float], typer.Option(help="DHSPG: half-space projection threshold"
-                                                          + _default("prune", "epsilon") + ".")] = None,
     distill: Distill = None,
+    settings: Settings = None,
     max_steps_per_epoch: MaxSteps = None,
     seed: Seed = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default runs/prune-<arch>).")] = None,
@@ -360,12 +370,8 @@ def prune(
         raise RecipeError(f"cifarpress prune: --target-kind: '{target_kind}' is not sparsity or macs")
     _run_single_stage("prune", dict(
         method=method, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, schedule=schedule,
-        channel_multiple=channel_multiple, remove_branches=remove_branches, selection=selection,
-        start_fraction=start_fraction,
-        end_fraction=end_fraction,
-        pruning_periods=pruning_periods, saliency=saliency, penalty=penalty, epsilon=epsilon, distill=distill,
-        max_steps_per_epoch=max_steps_per_epoch, seed=seed, **{target_kind: target},
-    ), {target_kind: "--target"}, checkpoint=checkpoint, arch=arch, dataset=dataset, out_dir=out_dir,
+        distill=distill, max_steps_per_epoch=max_steps_per_epoch, seed=seed, **{target_kind: target},
+    ), {target_kind: "--target"}, settings, checkpoint=checkpoint, arch=arch, dataset=dataset, out_dir=out_dir,
         data_root=data_root, threads=threads, force=force, bench_batch=bench_batch, bench_seconds=bench_seconds,
         bench_threads=bench_threads)
 
@@ -378,18 +384,6 @@ def quantize(
     dataset: Dataset = None,
     method: Annotated[Optional[str], typer.Option(help="ternary: BitNet b1.58 weights {-1, 0, +1} x scale"
                                                        + _default("quantize", "method") + ".")] = None,
-    scale: Annotated[Optional[str], typer.Option(help="Ternary scale: absmean or absmedian"
-                                                      + _default("quantize", "scale") + ".")] = None,
-    granularity: Annotated[Optional[str], typer.Option(help="One scale per tensor or per output channel: tensor or "
-                                                            "channel" + _default("quantize", "granularity") + ".")] = None,
-    act_bits: Annotated[Optional[int], typer.Option(help="8 to quantize layer inputs to int8 "
-                                                         "(default: float inputs).")] = None,
-    act_granularity: Annotated[Optional[str], typer.Option(help="Activation scale per tensor or per sample"
-                                                                + _default("quantize", "act_granularity") + ".")] = None,
-    keep: Annotated[Optional[list[str]], typer.Option(help="Layer kept at 8 bits (repeat for several; default: first "
-                                                           "conv and classifier).")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Steps blending from full precision to ternary"
-                                                             + _default("quantize", "warmup_steps") + ".")] = None,
     ema: Annotated[bool, typer.Option("--ema", help="Evaluate and keep an exponential moving average of the "
                                                     "weights.")] = False,
     epochs: Annotated[Optional[int], typer.Option(help="Quantization-aware training epochs"
@@ -399,6 +393,7 @@ def quantize(
     weight_decay: WeightDecay = None,
     schedule: Schedule = None,
     distill: Distill = None,
+    settings: Settings = None,
     max_steps_per_epoch: MaxSteps = None,
     seed: Seed = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default runs/quantize-<arch>).")] = None,
@@ -414,13 +409,32 @@ def quantize(
 
     Stages go to <out>/00-baseline, 01-quantize, 02-export; re-running the same command resumes."""
     _run_single_stage("quantize", dict(
-        method=method, scale=scale, granularity=granularity, act_bits=act_bits, act_granularity=act_granularity,
-        keep=keep or None, warmup_steps=warmup_steps, ema=ema or None, epochs=epochs, lr=lr, batch_size=batch_size,
-        weight_decay=weight_decay, schedule=schedule, distill=distill, max_steps_per_epoch=max_steps_per_epoch,
-        seed=seed,
-    ), {}, checkpoint=checkpoint, arch=arch, dataset=dataset, out_dir=out_dir, data_root=data_root,
+        method=method, ema=ema or None, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+        schedule=schedule, distill=distill, max_steps_per_epoch=max_steps_per_epoch, seed=seed,
+    ), {}, settings, checkpoint=checkpoint, arch=arch, dataset=dataset, out_dir=out_dir, data_root=data_root,
         threads=threads, force=force, bench_batch=bench_batch, bench_seconds=bench_seconds,
         bench_threads=bench_threads)
+
+
+@app.command()
+@user_errors
+def stages(name: Optional[str] = typer.Argument(None, help="One stage (train, prune, quantize, distill, export); "
+                                                          "default: all.")):
+    """The fields each recipe stage takes (what `--set KEY=VALUE` sets), with defaults, from the technique catalogue."""
+    from cifarpress.pipeline.recipe import stage_schemas
+
+    schemas = stage_schemas()
+    if name is not None and name not in schemas:
+        raise CifarpressError(f"unknown stage '{name}'; choose one of: {', '.join(schemas)}")
+    for kind, classes in schemas.items():
+        if name not in (None, kind):
+            continue
+        for method, cls in classes.items():
+            out.print(f"[bold]{kind}[/]" + (f" (method: {method})" if method else ""))
+            for field, info in cls.model_fields.items():
+                default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+                out.print(f"  {field} = {escape(default)}" + (f"  [dim]{escape(info.description)}[/]"
+                                                               if info.description else ""), soft_wrap=True)
 
 
 @app.command()

@@ -32,7 +32,7 @@ def assert_one_line_error(result, *needles: str) -> str:
 
 def test_quantize_writes_report_and_packed_file(tiny_cifar_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default --out is runs/quantize-<arch>, under the current folder
-    result = invoke(["quantize", "--scale", "absmedian", "--data-root", str(tiny_cifar_root)] + quick())
+    result = invoke(["quantize", "--set", "scale=absmedian", "--data-root", str(tiny_cifar_root)] + quick())
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "quantize-resnet20"  # arch read from the default builtin checkpoint
     assert f"report: {run_dir.relative_to(tmp_path) / 'report.json'}" in result.stdout
@@ -48,7 +48,7 @@ def test_quantize_writes_report_and_packed_file(tiny_cifar_root, tmp_path, monke
 
 def test_prune_cuts_macs(tiny_cifar_root, tmp_path):
     out = tmp_path / "run"
-    result = invoke(["prune", "--target", "0.5", "--pruning-periods", "1", "--lr", "0.05",
+    result = invoke(["prune", "--target", "0.5", "--set", "pruning_periods=1", "--lr", "0.05",
                      "--out", str(out), "--data-root", str(tiny_cifar_root)] + quick(epochs=2))
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -62,7 +62,10 @@ def test_prune_cuts_macs(tiny_cifar_root, tmp_path):
     (["prune", "--target", "1.5"], ["cifarpress prune:", "--target", "prune.sparsity", "less than 1"]),
     (["prune", "--target-kind", "macs", "--target", "0"], ["--target", "prune.macs", "greater than 0"]),
     (["prune", "--method", "l1"], ["--method", "prune.method", "hesso"]),
-    (["quantize", "--scale", "mean"], ["cifarpress quantize:", "--scale", "quantize.scale", "absmean"]),
+    (["quantize", "--set", "scale=mean"], ["cifarpress quantize:", "--set scale", "quantize.scale", "absmean"]),
+    (["prune", "--set", "penalty=0.5"], ["--set penalty", "prune.penalty", "unknown key for method hesso"]),  # dhspg's, not hesso's
+    (["prune", "--method", "dhspg", "--set", "penalty=0"], ["--set penalty", "greater than 0"]),
+    (["prune", "--set", "channel_multiple"], ["--set 'channel_multiple'", "KEY=VALUE"]),
     (["quantize", "--checkpoint", "builtin:nope"], ["--checkpoint", "no built-in checkpoint 'nope'"]),
 ])
 def test_bad_options_are_one_line_naming_the_field(tmp_path, args, needles):
@@ -81,8 +84,24 @@ def test_missing_checkpoint_file_is_one_line(tmp_path, monkeypatch):
 
 def test_help_lists_the_stage_options():
     for command, options in (("prune", ["--target", "--target-kind", "--method", "--out"]),
-                             ("quantize", ["--scale", "--granularity", "--keep", "--out"])):
+                             ("quantize", ["--method", "--ema", "--set", "--out"])):
         result = invoke([command, "--help"])
         assert result.exit_code == 0, result.output
         for option in options:
             assert option in result.output, (command, option)
+
+
+def test_set_reaches_nested_blocks_and_lists():
+    from cifarpress.cli import parse_settings
+
+    assert parse_settings(["keep=[conv1, fc]", "distill.method=dkd", "distill.beta=4", "act_bits=8"], "quantize") == {
+        "keep": ["conv1", "fc"], "distill": {"method": "dkd", "beta": 4}, "act_bits": 8}
+
+
+def test_stages_lists_every_catalogued_field():
+    result = invoke(["stages", "prune"])
+    assert result.exit_code == 0, result.output
+    for needle in ("method: hesso", "method: dhspg", "pruning_periods = 5", "penalty = 0.1", "distill = None",
+                   "ema = False", "epochs = 10"):
+        assert needle in result.output, needle
+    assert invoke(["stages", "nope"]).exit_code != 0

@@ -106,6 +106,11 @@ def stage_field(kind: str, name: str):
     raise KeyError(f"{kind} has no field {name}")
 
 
+def stage_schemas() -> dict[str, dict[str | None, type]]:
+    """{stage: {method or None: schema class}} for every stage a recipe may hold."""
+    return {"train": {None: TrainStage}, **STAGE_CLASSES, "distill": {None: DistillStage}, "export": {None: ExportStage}}
+
+
 def technique_config(body: BaseModel, technique: Technique):
     """The stage technique's own config object, taken out of a stage body whose class includes it."""
     config = next(c for c in technique.methods() if isinstance(body, c))
@@ -236,7 +241,9 @@ def format_validation_error(exc: ValidationError, source: str, labels: dict[str,
             loc += (e["ctx"]["discriminator"].strip("'"),)
             msg = f"unknown method {e['ctx']['tag']!r}; choose one of: {e['ctx']['expected_tags']}"
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see `cifarpress compress --help`)"
+            tag = next((part for part in e["loc"] if part in METHOD_TAGS), None)
+            msg = (f"unknown key{f' for method {tag}' if tag else ''} (check the spelling; `cifarpress stages` "
+                   f"lists every stage's keys)")
         lines.append(f"{source}: {_labelled(_field_path(loc), labels)}: {msg}")
     return "\n".join(lines)
 
