@@ -142,45 +142,10 @@ def eval_cmd(
     threads: Optional[int] = typer.Option(None),
 ):
     """Test-set top-1 accuracy of a model file or an ONNX export."""
-    from cifarpress.data import load_split
+    from cifarpress.pipeline.evaluate import evaluate_file
 
     set_threads(threads)
-    if checkpoint.endswith(".onnx"):
-        from cifarpress.runtime.latency import read_onnx_metadata
-        from cifarpress.runtime.ort import is_quantized_graph, onnx_predictions
-
-        meta = read_onnx_metadata(checkpoint)
-        test = load_split(dataset or meta.get("dataset", "cifar10"), "test", data_root)
-        correct = onnx_predictions(checkpoint, test.images, threads) == test.labels.numpy()
-        graph = (onnx_predictions(checkpoint, test.images, threads, exact=True) == test.labels.numpy()
-                 if is_quantized_graph(checkpoint) else None)
-    else:
-        from cifarpress.model_file import load_model
-        from cifarpress.train.trainer import predict
-
-        model, info = load_model(checkpoint, arch, num_classes)
-        test = load_split(dataset or info["dataset"] or "cifar10", "test", data_root)
-        _check_classes(info["num_classes"], test)
-        correct, graph = (predict(model, test) == test.labels).numpy(), None
-    print(json.dumps(accuracy_summary(checkpoint, test, correct, graph)))  # one line: not re-wrapped
-
-
-def accuracy_summary(model: str, test, correct, graph_correct=None) -> dict:
-    """Top-1 on the whole test split, and on its official images alone where the build mixes sources (with
-    the binomial standard error, about 1 pp on 1000 images): the honest absolute figure."""
-    import numpy as np
-
-    from cifarpress.data import describe_split
-
-    result = {"model": model, "top1": round(100 * float(np.mean(correct)), 3), "test_set": describe_split(test)}
-    if graph_correct is not None:
-        result["top1_graph"] = round(100 * float(np.mean(graph_correct)), 3)
-    official = test.official_prefix
-    if 0 < official < len(test):
-        p = float(np.mean(correct[:official]))
-        result[f"top1_images_0_{official - 1}_official"] = round(100 * p, 2)
-        result["standard_error_pp"] = round(100 * (p * (1 - p) / official) ** 0.5, 2)
-    return result
+    print(json.dumps(evaluate_file(checkpoint, dataset, data_root, arch, num_classes, threads)))  # one line
 
 
 @app.command()
@@ -469,63 +434,10 @@ def export(
 ):
     """Export to ONNX (inputs float32 NCHW RGB in [0, 1], normalization inside), checked in onnxruntime;
     optionally build a TensorRT engine from it with a JSON sidecar."""
-    import torch
+    from cifarpress.export.api import export_file
 
-    from cifarpress.data import dataset_spec, load_split
-    from cifarpress.export.onnx import check_onnx, export_onnx, publish_checked
-    from cifarpress.export.qdq import check_qdq, export_qdq
-    from cifarpress.model_file import load_model
-    from cifarpress.techniques.quantize.ternary import quantized_layers
-
-    if fmt not in ("onnx", "tensorrt"):
-        raise CifarpressError(f"unknown --format '{fmt}'; use onnx or tensorrt")
-    precision = precision or ("fp32" if fmt == "onnx" else "fp16")
-    allowed = ("fp32", "int8") if fmt == "onnx" else ("fp32", "fp16", "int8")
-    if precision not in allowed:
-        raise CifarpressError(f"--precision {precision} is not available for --format {fmt}; use one of "
-                              f"{', '.join(allowed)}")
-    int8 = {"exclude": list(exclude), "max_drop": max_drop, "sensitivity": sensitivity}
-    if precision != "int8" and (exclude or max_drop is not None or sensitivity):
-        raise CifarpressError("--max-drop, --exclude and --sensitivity apply to --precision int8 only")
-    if fmt == "tensorrt":
-        from cifarpress.runtime.tensorrt import require_tensorrt
-
-        require_tensorrt()  # fail in one sentence before any work on a machine without it
-    if checkpoint.endswith(".onnx"):
-        if fmt == "onnx" and precision != "int8":
-            raise CifarpressError(f"{checkpoint} is already ONNX; pass --format tensorrt to build an engine from it, "
-                                  f"or --precision int8 to quantize it")
-        _from_onnx(Path(checkpoint), output, fmt, precision, max_batch, calib_images, calibrator, check_images,
-                   data_root, int8)
-        return
-    model, info = load_model(checkpoint, arch)
-    spec = dataset_spec(info["dataset"] or "cifar10")
-    test = load_split(spec.name, "test", data_root)
-    _check_classes(info["num_classes"], test)
-    source = Path(checkpoint)
-    stem = source.with_suffix("") if source.suffix == ".pt" else Path(info["arch"])
-    quantized = bool(quantized_layers(model))
-    if precision == "int8" and quantized and fmt == "onnx":
-        raise CifarpressError(f"{checkpoint} is already quantized (ternary); export it without --precision int8")
-    if precision == "int8" and not quantized:
-        # Both formats get int8 from our own calibration into a QDQ graph checked against the float model:
-        # TensorRT then builds it as explicit int8 (its implicit calibrators are deprecated in 10, gone in 11).
-        path = output if (output and fmt == "onnx") else Path(f"{stem}.int8.onnx")
-        _export_int8(model, info, path, spec, test, data_root, calib_images, calibrator, check_images, int8)
-    else:
-        path = output if (output and fmt == "onnx") else stem.with_suffix(".onnx")
-        meta = {"arch": info["arch"]}
-        if quantized:  # --tolerance applies here too; without it, check_qdq's default for the graph's inputs
-            subset = test.subset(torch.arange(min(check_images, len(test))))
-            check = publish_checked(path, lambda tmp: export_qdq(model, tmp, spec, test.classes, meta),
-                                    lambda tmp: check_qdq(model, tmp, subset, tolerance))
-        else:
-            check = publish_checked(path, lambda tmp: export_onnx(model, tmp, spec, test.classes, meta),
-                                    lambda tmp: check_onnx(model, tmp, test, check_images, tolerance or 1e-4))
-        out.print(f"{path}: {path.stat().st_size / 1e6:.2f} MB; onnxruntime vs PyTorch on {check.images} test "
-                  f"images: max |diff| {check.max_abs_diff:.2e}, top-1 agreement {check.top1_agreement:.2f}%")
-    if fmt == "tensorrt":
-        _build_engine(path, output or stem.with_suffix(f".{precision}.engine"), precision, max_batch)
+    export_file(checkpoint, output, fmt, precision, max_batch, calib_images, calibrator, data_root, check_images,
+                tolerance, arch, max_drop, list(exclude), sensitivity, say=lambda x: out.print(x, soft_wrap=True))
 
 
 @app.command()
@@ -542,50 +454,12 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result here (default: MODEL.bench.json)."),
 ):
     """Latency p50/p90/p99, throughput, peak memory, size and top-1 of an exported model on the target."""
-    from cifarpress.data import load_split
+    from cifarpress.pipeline.measure import bench_file
     from cifarpress.utils.io import atomic_write_json
 
-    if any(b < 1 for b in batch):
-        raise CifarpressError("batch sizes must be >= 1")
-    if device not in ("cpu", "gpu", "jetson"):
-        raise CifarpressError(f"unknown --device '{device}'; use cpu, gpu or jetson")
     target = check_writable(json_out or model.with_suffix(".bench.json"))  # before measuring, not after
-    is_engine = model.suffix in (".engine", ".plan")
-    if device == "cpu" and is_engine:
-        raise CifarpressError(f"{model} is a TensorRT engine; bench it with --device gpu or --device jetson")
-    if device != "cpu" and not is_engine:
-        raise CifarpressError(f"--device {device} benches a TensorRT engine; build one with "
-                              f"`cifarpress export MODEL.pt --format tensorrt` and pass the .engine file")
-    if is_engine:
-        from cifarpress.runtime.tensorrt import (
-            bench_engine,
-            read_sidecar,
-            require_tensorrt,
-        )
-
-        require_tensorrt()
-        if not model.is_file():
-            raise CifarpressError(f"engine {model} not found; build one with `cifarpress export --format tensorrt`")
-        dataset = read_sidecar(model).get("dataset") or "cifar10"
-        test = load_split(dataset, "test", data_root) if accuracy else None
-        if device == "jetson":
-            from cifarpress.runtime.tegrastats import TegraStatsSampler
-
-            with TegraStatsSampler() as sampler:
-                result = bench_engine(model, tuple(batch), iters, test)
-            result["tegrastats"] = sampler.summary()
-        else:
-            result = bench_engine(model, tuple(batch), iters, test)
-        out.print_json(json.dumps(result))
-    else:
-        from cifarpress.runtime.latency import bench_onnx
-        from cifarpress.runtime.onnx_file import read_onnx_metadata
-        from cifarpress.runtime.tables import bench_table
-
-        meta = read_onnx_metadata(model)
-        test = load_split(meta.get("dataset", "cifar10"), "test", data_root) if accuracy else None
-        result = bench_onnx(model, tuple(batch), threads, test, seconds)
-        out.print(bench_table(result))
+    result, table = bench_file(model, device, tuple(batch), threads, seconds, iters, accuracy, data_root)
+    out.print(table) if table is not None else out.print_json(json.dumps(result))
     atomic_write_json(target, result)
     out.print(f"wrote {target}")
 
@@ -691,116 +565,6 @@ def inspect(
         out.print_json(json.dumps(prof.to_dict()))
     else:
         out.print(render_profile(prof, title=model))
-
-
-def _from_onnx(path: Path, output: Optional[Path], fmt: str, precision: str, max_batch: int, calib_images: int,
-               calibrator: str, check_images: int, data_root, int8: dict) -> None:
-    """int8 and TensorRT engines from a cifarpress ONNX file alone. A float file is quantized by our own
-    calibration into a QDQ file first (checked against the float file), so TensorRT int8 is explicit."""
-    from cifarpress.data import load_split
-    from cifarpress.export.int8 import quantize_onnx_int8_checked
-    from cifarpress.runtime.onnx_file import read_onnx_metadata
-    from cifarpress.runtime.tensorrt import onnx_has_qdq
-
-    dataset = read_onnx_metadata(path).get("dataset") or "cifar10"  # also: a missing or unreadable file, in words
-    # m.onnx -> m.int8.engine, and m.int8.onnx -> m.int8.engine too
-    name = path.stem if path.stem.endswith(f".{precision}") else f"{path.stem}.{precision}"
-    engine_path = output or path.with_name(f"{name}.engine")
-    if precision == "int8" and not onnx_has_qdq(path):
-        _require_calibrator(calibrator)
-        target = output if (output and fmt == "onnx") else path.with_suffix(".int8.onnx")
-        train, test = load_split(dataset, "train", data_root), load_split(dataset, "test", data_root)
-        exported = quantize_onnx_int8_checked(path, target, train, test, calibrator, calib_images, check_images,
-                                              exclude=int8["exclude"], max_drop=int8["max_drop"])
-        _print_int8(exported, calibrator, "the float ONNX")
-        if int8["sensitivity"]:
-            _sensitivity(path, exported, train, test, calibrator, check_images)
-        path = exported.path
-    elif fmt == "onnx":
-        raise CifarpressError(f"{path} is already quantized (Q/DQ); pass --format tensorrt to build an engine from it")
-    if fmt == "tensorrt":
-        _build_engine(path, engine_path, precision, max_batch)
-
-
-def _build_engine(onnx_path: Path, engine_path: Path, precision: str, max_batch: int) -> None:
-    from cifarpress.runtime.tensorrt import build_engine
-
-    engine = build_engine(onnx_path, engine_path, precision, opt_batch=min(64, max_batch), max_batch=max_batch)
-    out.print(f"{engine}: {engine.stat().st_size / 1e6:.2f} MB TensorRT {precision} engine (+ {engine.name}.json)")
-
-
-def _require_calibrator(calibrator: str) -> None:
-    from cifarpress.export.calibrate import CALIBRATORS
-
-    if calibrator not in CALIBRATORS:  # before loading the training split
-        raise CifarpressError(f"unknown --calibrator '{calibrator}'; choose one of {', '.join(CALIBRATORS)}")
-
-
-def _print_int8(exported, calibrator: str, reference: str) -> None:
-    rules = "follows TensorRT's explicit-quantization rules" if not exported.violations else "breaks TensorRT rules"
-    from cifarpress.runtime.host import int8_kernels_exact
-
-    graph = exported.graph_check
-    out.print(f"{exported.path}: {exported.path.stat().st_size / 1e6:.2f} MB int8 QDQ ({calibrator} calibration on "
-              f"{exported.manifest['count']} training images; {rules}); top-1 agreement with {reference} on "
-              f"{exported.check.images} test images: the graph's own math (what TensorRT builds) "
-              f"{graph.top1_agreement:.2f}%, onnxruntime on this CPU's int8 kernels "
-              f"{exported.check.top1_agreement:.2f}%"
-              + ("" if int8_kernels_exact() else " (no VNNI here: weights run in 7-bit range)")
-              + (f"; top-1 lost against it: {exported.top1_drop_pp:.2f} pp" if exported.top1_drop_pp is not None
-                 else ""), soft_wrap=True)
-
-
-def _export_int8(model, info: dict, onnx_path: Path, spec, test, data_root, calib_images: int, calibrator: str,
-                 check_images: int, int8: dict) -> None:
-    """Post-training int8 QDQ export; reports its top-1 agreement with the float model through onnxruntime."""
-    import tempfile
-
-    from cifarpress.data import load_split
-    from cifarpress.export.int8 import export_int8_checked
-    from cifarpress.export.onnx import export_onnx
-
-    _require_calibrator(calibrator)
-    train = load_split(spec.name, "train", data_root)
-    exported = export_int8_checked(model, onnx_path, train, test, calibrator, calib_images, check_images,
-                                   extra_metadata={"arch": info["arch"]}, exclude=int8["exclude"],
-                                   max_drop=int8["max_drop"])
-    _print_int8(exported, calibrator, "PyTorch fp32")
-    if int8["sensitivity"]:
-        with tempfile.TemporaryDirectory() as tmp:
-            float_path = export_onnx(model, Path(tmp) / "float.onnx", spec, test.classes, {"arch": info["arch"]})
-            _sensitivity(float_path, exported, train, test, calibrator, check_images)
-
-
-def _sensitivity(float_path: Path, exported, train, test, calibrator: str, check_images: int) -> None:
-    """Rank the layers by the top-1 lost when each alone is int8 (graph math, the check images)."""
-    from rich.table import Table
-
-    from cifarpress.export.calibrate import manifest_images
-    from cifarpress.export.int8 import int8_sensitivity
-    from cifarpress.export.onnx import check_indices
-    from cifarpress.utils.io import atomic_write_json
-
-    indices = check_indices(test, check_images)
-    ranking = int8_sensitivity(float_path, manifest_images(exported.manifest, train),
-                               test.images[indices].float() / 255.0, test.labels[indices].numpy(), calibrator)
-    table = Table(title=f"int8 sensitivity: top-1 lost on {len(indices)} test images when one layer alone is int8")
-    for col in ("layer", "op", "Δ top-1 pp"):
-        table.add_column(col, justify="right" if col.startswith("Δ") else "left")
-    for row in ranking:
-        table.add_row(row["layer"], row["op"], f"{0.0 - row['top1_drop_pp']:+.2f}")
-    out.print(table)
-    target = exported.path.with_name(exported.path.name.removesuffix(".onnx") + ".sensitivity.json")
-    atomic_write_json(target, {"model": str(exported.path), "images": len(indices), "calibrator": calibrator,
-                               "layers": ranking})
-    out.print(f"wrote {target}; keep the worst in float with --exclude LAYER")
-
-
-def _check_classes(num_classes: int, split) -> None:
-    if num_classes != split.spec.num_classes:
-        raise CifarpressError(
-            f"the model has {num_classes} outputs but {split.spec.name} has {split.spec.num_classes} classes; "
-            f"pass the matching --dataset")
 
 
 def main() -> None:

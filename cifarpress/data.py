@@ -298,3 +298,10 @@ class BatchLoader:
             if self.train:
                 images = random_crop_flip(images, gen)
             yield self.normalize(images), self.split.labels[idx].to(self.device, non_blocking=True)
+
+
+def check_classes(num_classes: int, split: CifarSplit) -> None:
+    if num_classes != split.spec.num_classes:
+        raise CifarpressError(
+            f"the model has {num_classes} outputs but {split.spec.name} has {split.spec.num_classes} classes; "
+            f"pass the matching --dataset")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cifarpress.cli import accuracy_summary
+from cifarpress.pipeline.evaluate import accuracy_summary
 from cifarpress.data import describe_split, load_split
 from cifarpress.model_file import BUILTIN_DIR, load_model, read_checkpoint
 from cifarpress.train.trainer import predict

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from cifarpress.data import CifarSplit, dataset_spec, load_split
 from cifarpress.errors import CifarpressError
-from cifarpress.export.onnx import check_onnx, export_onnx, publish_checked
+from cifarpress.export.api import export_model_checked, side_files
 from cifarpress.model_file import load_model, save_model
 from cifarpress.models import build_model, trusting
 from cifarpress.pipeline.recipe import STAGE_CLASSES, ExportStage, Recipe, stage_dir_name, technique_config
@@ -60,28 +60,13 @@ def _stage_key(recipe: Recipe, upto: int) -> str:
 
 def export_checked(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, info: dict,
                    images: int = 1000, tolerance: float | None = None) -> tuple[Path, dict]:
-    """Export a stage's model to ONNX and check it in onnxruntime against PyTorch.
-
-    A quantized model becomes a QDQ graph (int8 weights, codes {-1, 0, 1} for
-    ternary layers) plus a packed 2-bit file; a float model a plain graph.
-    """
-    from cifarpress.export.packed import save_packed
-    from cifarpress.export.qdq import check_qdq, export_qdq
-    from cifarpress.techniques.quantize.ternary import quantized_layers
-
+    """Export a stage's model (export.api decides float ONNX or QDQ plus packed file) and check it."""
     test = ctx.split("test")
-    meta = {"arch": info["arch"], "stage": stage_dir.name}
-    extra: dict = {}
-    onnx_path, threads = stage_dir / "model.onnx", ctx.recipe.bench.threads
-    if quantized_layers(model):
-        subset = test.subset(torch.arange(min(images, len(test))))
-        check = publish_checked(onnx_path, lambda tmp: export_qdq(model, tmp, ctx.spec, test.classes, meta),
-                                lambda tmp: check_qdq(model, tmp, subset, tolerance, threads))
-        packed = save_packed(model, stage_dir / "model.packed", info["arch"], ctx.spec.num_classes, ctx.recipe.dataset)
-        extra = {"packed": str(packed), "packed_bytes": packed.stat().st_size}
-    else:
-        check = publish_checked(onnx_path, lambda tmp: export_onnx(model, tmp, ctx.spec, test.classes, meta),
-                                lambda tmp: check_onnx(model, tmp, test, images, tolerance or 1e-4, threads))
+    onnx_path = stage_dir / "model.onnx"
+    check = export_model_checked(model, onnx_path, ctx.spec, test, images=images, tolerance=tolerance,
+                                 threads=ctx.recipe.bench.threads,
+                                 metadata={"arch": info["arch"], "stage": stage_dir.name})
+    extra = side_files(model, stage_dir, info["arch"], ctx.spec.num_classes, ctx.recipe.dataset)
     return onnx_path, {"onnx_check": check.to_dict(), **extra}
 
 
