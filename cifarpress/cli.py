@@ -15,6 +15,7 @@ from rich.markup import escape
 from cifarpress.errors import CifarpressError, RecipeError
 from cifarpress.pipeline.recipe import load_recipe, recipe_from_dict, stage_field
 from cifarpress.pipeline.run_folder import check_writable
+from cifarpress.train.options import from_scratch
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -85,11 +86,11 @@ def set_threads(threads: Optional[int]) -> None:
 def train(
     model: str = typer.Option("resnet20", "--model", "-m", help="Zoo name (see `cifarpress inspect --list`) or package.module:factory."),
     dataset: str = typer.Option("cifar10", help="cifar10 or cifar100."),
-    epochs: int = typer.Option(30, min=1),
-    batch_size: int = typer.Option(128, min=1),
-    lr: float = typer.Option(0.2, help="Peak learning rate."),
-    weight_decay: float = typer.Option(5e-4),
-    schedule: str = typer.Option("onecycle", help="onecycle, cosine or constant."),
+    epochs: int = typer.Option(from_scratch("epochs"), min=1),
+    batch_size: int = typer.Option(from_scratch("batch_size"), min=1),
+    lr: float = typer.Option(from_scratch("lr"), help="Peak learning rate."),
+    weight_decay: float = typer.Option(from_scratch("weight_decay")),
+    schedule: str = typer.Option(from_scratch("schedule"), help="onecycle, cosine or constant."),
     label_smoothing: float = typer.Option(0.0, min=0.0, max=0.5),
     ema: bool = typer.Option(False, help="Evaluate and keep an exponential moving average of the weights."),
     init: Optional[str] = typer.Option(None, help="Start from this model file (fine-tuning) instead of random weights."),
@@ -299,86 +300,73 @@ def _run_single_stage(kind: str, values: dict[str, object], option_names: dict[s
     print(f"report: {run_dir / 'report.json'}")
 
 
-@app.command()
-@user_errors
+def stage_command(kind: str):
+    """Register `cifarpress KIND`: one recipe stage plus an export, without a recipe file. The decorated
+    function declares only the stage's headline options and returns (stage fields, option names for
+    messages); every command shares the options below, and `--set` reaches all other fields."""
+    import inspect
+
+    shared = {  # name: (annotation, default)
+        "checkpoint": (Checkpoint, "builtin:resnet20-cifar10"), "arch": (Arch, None), "dataset": (Dataset, None),
+        "epochs": (Annotated[Optional[int], typer.Option(help="Training epochs" + _default(kind, "epochs") + ".")],
+                   None),
+        "lr": (Lr, None), "batch_size": (BatchSize, None), "weight_decay": (WeightDecay, None),
+        "schedule": (Schedule, None), "distill": (Distill, None), "settings": (Settings, None),
+        "max_steps_per_epoch": (MaxSteps, None), "seed": (Seed, None),
+        "out_dir": (Annotated[Optional[Path], typer.Option("--out", "-o", help=f"Run folder (default "
+                                                           f"runs/{kind}-<arch>).")], None),
+        "data_root": (DataRoot, None), "threads": (Threads, None), "force": (Force, False),
+        "bench_batch": (BenchBatch, None), "bench_seconds": (BenchSeconds, None), "bench_threads": (BenchThreads, None),
+    }
+    training = ("epochs", "lr", "batch_size", "weight_decay", "schedule", "distill", "max_steps_per_epoch", "seed")
+
+    def decorate(headline):
+        own = list(inspect.signature(headline, eval_str=True).parameters.values())
+
+        def command(**options):
+            values, option_names = headline(**{p.name: options.pop(p.name) for p in own})
+            values |= {name: options.pop(name) for name in training}
+            _run_single_stage(kind, values, option_names, options.pop("settings"), **options)
+
+        command.__doc__ = headline.__doc__
+        command.__signature__ = inspect.Signature(
+            own + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=default)
+                   for name, (ann, default) in shared.items()])
+        wrapped = user_errors(command)
+        wrapped.__signature__ = command.__signature__
+        return app.command(kind)(wrapped)
+
+    return decorate
+
+
+@stage_command("prune")
 def prune(
-    checkpoint: Checkpoint = "builtin:resnet20-cifar10",
-    arch: Arch = None,
-    dataset: Dataset = None,
     method: Annotated[Optional[str], typer.Option(help="hesso or dhspg" + _default("prune", "method") + ".")] = None,
     target: Annotated[float, typer.Option(help="Pruning target in (0, 1): with --target-kind sparsity the fraction "
                                                "of prunable channel groups removed, with --target-kind macs the "
                                                "fraction of MACs kept.")] = 0.5,
     target_kind: Annotated[str, typer.Option(help="What --target measures: sparsity or macs.")] = "sparsity",
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs while pruning"
-                                                       + _default("prune", "epochs") + ".")] = None,
-    lr: Lr = None,
-    batch_size: BatchSize = None,
-    weight_decay: WeightDecay = None,
-    schedule: Schedule = None,
-    distill: Distill = None,
-    settings: Settings = None,
-    max_steps_per_epoch: MaxSteps = None,
-    seed: Seed = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default runs/prune-<arch>).")] = None,
-    data_root: DataRoot = None,
-    threads: Threads = None,
-    force: Force = False,
-    bench_batch: BenchBatch = None,
-    bench_seconds: BenchSeconds = None,
-    bench_threads: BenchThreads = None,
 ):
     """Structured pruning of one model (the `prune` recipe stage), then export; writes report.json / report.md.
 
     Stages go to <out>/00-baseline, 01-prune, 02-export; re-running the same command resumes."""
     if target_kind not in ("sparsity", "macs"):
         raise RecipeError(f"cifarpress prune: --target-kind: '{target_kind}' is not sparsity or macs")
-    _run_single_stage("prune", dict(
-        method=method, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, schedule=schedule,
-        distill=distill, max_steps_per_epoch=max_steps_per_epoch, seed=seed, **{target_kind: target},
-    ), {target_kind: "--target"}, settings, checkpoint=checkpoint, arch=arch, dataset=dataset, out_dir=out_dir,
-        data_root=data_root, threads=threads, force=force, bench_batch=bench_batch, bench_seconds=bench_seconds,
-        bench_threads=bench_threads)
+    return {"method": method, target_kind: target}, {target_kind: "--target"}
 
 
-@app.command()
-@user_errors
+@stage_command("quantize")
 def quantize(
-    checkpoint: Checkpoint = "builtin:resnet20-cifar10",
-    arch: Arch = None,
-    dataset: Dataset = None,
     method: Annotated[Optional[str], typer.Option(help="ternary: BitNet b1.58 weights {-1, 0, +1} x scale"
                                                        + _default("quantize", "method") + ".")] = None,
     ema: Annotated[bool, typer.Option("--ema", help="Evaluate and keep an exponential moving average of the "
                                                     "weights.")] = False,
-    epochs: Annotated[Optional[int], typer.Option(help="Quantization-aware training epochs"
-                                                       + _default("quantize", "epochs") + ".")] = None,
-    lr: Lr = None,
-    batch_size: BatchSize = None,
-    weight_decay: WeightDecay = None,
-    schedule: Schedule = None,
-    distill: Distill = None,
-    settings: Settings = None,
-    max_steps_per_epoch: MaxSteps = None,
-    seed: Seed = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default runs/quantize-<arch>).")] = None,
-    data_root: DataRoot = None,
-    threads: Threads = None,
-    force: Force = False,
-    bench_batch: BenchBatch = None,
-    bench_seconds: BenchSeconds = None,
-    bench_threads: BenchThreads = None,
 ):
     """Quantization-aware training of one model (the `quantize` recipe stage), then export (QDQ ONNX and a
-    packed 2-bit file); writes report.json / report.md.
+    packed low-bit file); writes report.json / report.md.
 
     Stages go to <out>/00-baseline, 01-quantize, 02-export; re-running the same command resumes."""
-    _run_single_stage("quantize", dict(
-        method=method, ema=ema or None, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-        schedule=schedule, distill=distill, max_steps_per_epoch=max_steps_per_epoch, seed=seed,
-    ), {}, settings, checkpoint=checkpoint, arch=arch, dataset=dataset, out_dir=out_dir, data_root=data_root,
-        threads=threads, force=force, bench_batch=bench_batch, bench_seconds=bench_seconds,
-        bench_threads=bench_threads)
+    return {"method": method, "ema": ema or None}, {}
 
 
 @app.command()

@@ -45,6 +45,8 @@ from cifarpress.techniques.quantize.ternary import (
     quantized_layers,
 )
 
+from test_ternary import normalized, randomize_batchnorm, small_net  # shared tiny models
+
 SPEC = dataset_spec("cifar10")
 CLASSES = [str(i) for i in range(10)]
 BENCH_PACKED = Path(__file__).resolve().parents[1] / "bench" / "results" / "resnet20-ternary.packed"
@@ -53,32 +55,6 @@ BENCH_PACKED = Path(__file__).resolve().parents[1] / "bench" / "results" / "resn
 @pytest.fixture(scope="module")
 def test_images(tiny_cifar_root):
     return load_split("cifar10", "test", tiny_cifar_root, download_if_missing=False)
-
-
-def normalized(images: torch.Tensor) -> torch.Tensor:
-    mean, std = torch.tensor(SPEC.mean).view(1, 3, 1, 1), torch.tensor(SPEC.std).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
-
-
-def small_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-    )
-
-
-def randomize_batchnorm(model: nn.Module) -> nn.Module:
-    """Non-trivial BN (some gamma < 0), so that BN folding at export really changes the conv weights."""
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data = torch.rand(m.num_features, generator=gen) * 2.0 - 0.5
-            m.bias.data = torch.randn(m.num_features, generator=gen) * 0.1
-            m.running_mean = torch.randn(m.num_features, generator=gen) * 0.1
-            m.running_var = torch.rand(m.num_features, generator=gen) + 0.5
-    return model
 
 
 def mixed_widths(model: nn.Module, bits: dict[str, int]) -> nn.Module:

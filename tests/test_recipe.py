@@ -201,3 +201,20 @@ def test_cli_error_text_is_printed_literally(tmp_path):
     write(folder, "name: r\nmodel: {arch: resnet20}\nstages: [export]\n", "bad.yaml")
     proc = cli(["compress", str(folder / "bad.yaml")], tmp_path)
     assert_one_error_line(proc, 2, str(folder / "bad.yaml"), "stages[0]")
+
+
+def test_catalogued_conflicts_fail_when_the_recipe_loads(tmp_path, monkeypatch):
+    """A conflict a technique declares (Technique.excludes) is refused at validation, naming both."""
+    import dataclasses
+
+    from cifarpress import techniques
+    from cifarpress.errors import RecipeError
+    from cifarpress.pipeline.recipe import recipe_from_dict
+
+    raw = {"name": "r", "model": {"arch": "resnet20"},
+           "stages": [{"train": {"ema": True}}, {"quantize": {"ema": True, "distill": {"method": "kd"}}}]}
+    recipe_from_dict(raw, tmp_path, "r.yaml")  # no conflict declared: fine
+    monkeypatch.setitem(techniques.TECHNIQUES, "quantize",
+                        dataclasses.replace(techniques.TECHNIQUES["quantize"], excludes=frozenset({"ema"})))
+    with pytest.raises(RecipeError, match=r"stages\[1\].quantize: quantize cannot be combined with ema"):
+        recipe_from_dict(raw, tmp_path, "r.yaml")

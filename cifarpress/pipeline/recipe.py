@@ -248,6 +248,28 @@ def format_validation_error(exc: ValidationError, source: str, labels: dict[str,
     return "\n".join(lines)
 
 
+def active_techniques(stage) -> list[str]:
+    """The catalogued techniques a stage applies: its own (prune, quantize) and every add-on it switches on."""
+    from cifarpress import techniques
+
+    body = stage.config
+    names = [stage.kind] if stage.kind in STAGE_CLASSES else []
+    return names + [t.name for t in techniques.TECHNIQUES.values()
+                    if t.kind == "addon" and getattr(body, t.name, None) not in (None, False)]
+
+
+def _check_conflicts(stage, where: str) -> None:
+    """The catalogue's declared conflicts, checked when the recipe loads rather than after earlier stages ran."""
+    from cifarpress import techniques
+
+    active = active_techniques(stage)
+    for name in active:
+        clash = sorted(techniques.TECHNIQUES[name].excludes & set(active))
+        if clash:
+            raise RecipeError(f"{where}: {name} cannot be combined with {clash[0]} in one stage; "
+                              f"put them in stages of their own")
+
+
 def _resolve(path: str, base: Path) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else base / p
@@ -312,6 +334,8 @@ def recipe_from_dict(raw: dict, base: Path, source: str | Path, labels: dict[str
             value = getattr(owner, field, None) if owner is not None else None
             if value:
                 setattr(owner, field, checked(value, f"stages[{i}].{stage.kind}.{label}"))
+    for i, stage in enumerate(recipe.stages):
+        _check_conflicts(stage, f"{source}: {_labelled(f'stages[{i}].{stage.kind}', labels)}")
     if recipe.data_root:
         recipe.data_root = str(_resolve(recipe.data_root, base))
     if not ckpt and recipe.stages[0].kind != "train":

@@ -33,3 +33,8 @@ class TrainingOptions(BaseModel):
 
 # `cifarpress train` from random weights: what differs from the fine-tuning defaults above.
 FROM_SCRATCH = {"epochs": 30, "lr": 0.2, "schedule": "onecycle", "warmup_fraction": 0.15}
+
+
+def from_scratch(name: str):
+    """The default of one training setting when training from scratch (TrainConfig's, `cifarpress train`'s)."""
+    return FROM_SCRATCH.get(name, TrainingOptions.model_fields[name].default)

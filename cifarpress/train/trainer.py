@@ -43,6 +43,7 @@ from torch import nn
 
 from cifarpress.data import BatchLoader, CifarSplit
 from cifarpress.errors import CifarpressError
+from cifarpress.train.options import from_scratch
 from cifarpress.utils.io import atomic_torch_save
 from cifarpress.utils.modules import unwrap
 
@@ -52,16 +53,19 @@ LOG_EVERY_S = float(os.environ.get("CIFARPRESS_PROGRESS_EVERY", "30"))
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
+    """The loop's settings. Defaults are those of training from scratch (`cifarpress train`), taken from
+    train.options, the one definition; a recipe's training stages pass their own (fine-tuning) values."""
+
+    epochs: int = from_scratch("epochs")
+    batch_size: int = from_scratch("batch_size")
+    lr: float = from_scratch("lr")
+    momentum: float = from_scratch("momentum")
     nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"  # "onecycle" | "cosine" | "constant"
-    warmup_fraction: float = 0.15  # share of steps spent warming up (one-cycle and cosine)
-    label_smoothing: float = 0.0
-    seed: int = 0
+    weight_decay: float = from_scratch("weight_decay")
+    schedule: str = from_scratch("schedule")  # "onecycle" | "cosine" | "constant"
+    warmup_fraction: float = from_scratch("warmup_fraction")  # share of steps spent warming up (one-cycle, cosine)
+    label_smoothing: float = from_scratch("label_smoothing")
+    seed: int = from_scratch("seed")
     channels_last: bool = True
     amp: bool = True  # only takes effect on CUDA
     max_steps_per_epoch: int | None = None  # cap for quick runs and tests
