@@ -144,3 +144,17 @@ def test_shipped_prune_distill_recipe_runs_end_to_end(tmp_path, tiny_cifar_root)
     assert pruned["stage"] == "prune" and pruned["macs"] <= 0.55 * baseline["macs"]
     history = torch.load(run_dir / "01-prune" / "model.pt", weights_only=True)["meta"]["history"]
     assert all("teacher_time_fraction" in epoch for epoch in history)  # the ResNet-56 teacher took part
+
+
+def test_stage_keys_are_those_of_run_folders_made_before_the_catalogue():
+    """A run folder resumes only if its done.json keys match: these were computed by the code before the
+    technique catalogue (commit 16d2211) for the same recipe, so upgrading does not retrain finished stages."""
+    from cifarpress.pipeline.compress import _stage_key
+    from cifarpress.pipeline.recipe import recipe_from_dict
+
+    raw = {"name": "k", "model": {"arch": "resnet20"},
+           "stages": [{"train": {"epochs": 2}}, {"prune": {"macs": 0.5, "method": "dhspg", "penalty": 0.2}},
+                      {"quantize": {"scale": "absmedian"}}, "export"]}
+    recipe = recipe_from_dict(raw, Path("."), "k.yaml")
+    assert [_stage_key(recipe, i) for i in range(5)] == [
+        "cd4681fdf8c1b79e", "fcdf27be0df1c24a", "ddb3040f07bcad31", "cfad545d02b96104", "09c3e2001178be86"]

@@ -51,10 +51,25 @@ class RunContext:
         return dataset_spec(self.recipe.dataset)
 
 
+def _keyed_as_before(kind: str, body: dict) -> dict:
+    """A stage body as the stage key saw it before the catalogue, so run folders made then still resume.
+
+    A prune stage was one flat schema holding both methods' fields and no `ema`; it is now one class per
+    method, and every training stage may carry every add-on."""
+    if kind != "prune":
+        return body
+    body = {k: v for k, v in body.items() if not (k == "ema" and v is False)}
+    flat_defaults = {"pruning_periods": 5, "saliency": "fisher", "penalty": 0.1, "epsilon": 0.0}
+    return {**flat_defaults, **body}
+
+
 def _stage_key(recipe: Recipe, upto: int) -> str:
     """Hash of everything that determines stage `upto`'s output (the model and stages before it)."""
-    payload = {"dataset": recipe.dataset, "model": recipe.model.model_dump(),
-               "stages": [s.model_dump(exclude_none=True) for s in recipe.stages[:upto]]}
+    stages = []
+    for stage in recipe.stages[:upto]:
+        dumped = stage.model_dump(exclude_none=True)
+        stages.append({stage.kind: _keyed_as_before(stage.kind, dumped[stage.kind])})
+    payload = {"dataset": recipe.dataset, "model": recipe.model.model_dump(), "stages": stages}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
