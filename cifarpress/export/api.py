@@ -23,12 +23,18 @@ from cifarpress.export.onnx import (
 )
 from cifarpress.export.packed import save_packed
 from cifarpress.export.qdq import check_qdq, export_qdq
-from cifarpress.techniques.quantize.ternary import quantized_layers
+from cifarpress.techniques.quantize.ternary import layer_report, quantized_layers
 from cifarpress.utils.io import atomic_write_json
 
 
 def is_fake_quantized(model: nn.Module) -> bool:
     return bool(quantized_layers(model))
+
+
+def quantized_layer_rows(model: nn.Module) -> list[dict] | None:
+    """The report's per-layer rows of a quantized model (precision, bits, zeros, scale, packed bytes); None
+    for a float one."""
+    return layer_report(model) if is_fake_quantized(model) else None
 
 
 def export_model_checked(model: nn.Module, path: str | Path, spec: DatasetSpec, test: CifarSplit, *,

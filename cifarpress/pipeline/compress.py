@@ -19,7 +19,7 @@ from rich.console import Console
 
 from cifarpress.data import CifarSplit, dataset_spec, load_split
 from cifarpress.errors import CifarpressError
-from cifarpress.export.api import export_model_checked, side_files
+from cifarpress.export.api import export_model_checked, is_fake_quantized, quantized_layer_rows, side_files
 from cifarpress.model_file import load_model, save_model
 from cifarpress.models import build_model, trusting
 from cifarpress.pipeline.recipe import STAGE_CLASSES, ExportStage, Recipe, stage_dir_name, technique_config
@@ -101,8 +101,6 @@ def _bench_fields(bench: dict) -> dict:
 
 def measure_model(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, info: dict) -> dict:
     """Export, check and bench one stage's model; returns its report row."""
-    from cifarpress.techniques.quantize.ternary import layer_report, quantized_layers
-
     test = ctx.split("test")
     onnx_path, checked = export_checked(ctx, model, stage_dir, info)
     prof = profile_model(model)
@@ -112,8 +110,9 @@ def measure_model(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, info
         "params": prof.params, "macs": prof.macs, **_bench_fields(bench), "top1_torch": evaluate(model, test),
         **checked, "model": str(stage_dir / "model.pt"), "onnx": str(onnx_path),
     }
-    if quantized_layers(model):
-        row["layers"] = layer_report(model)
+    layers = quantized_layer_rows(model)
+    if layers is not None:
+        row["layers"] = layers
     return row
 
 
@@ -157,13 +156,11 @@ def _run_export(ctx: RunContext, cfg: ExportStage, prev_model: Path, stage_dir: 
     """The deployable artifact, plus a report row when the export itself changes the model (int8).
 
     prev_row: the report row of the model entering the stage; first_row: that of the recipe's starting model."""
-    from cifarpress.techniques.quantize.ternary import quantized_layers
-
     model, info = load_model(prev_model)
     row = None
-    if cfg.precision == "int8" and not (cfg.format == "tensorrt" and quantized_layers(model)):
+    if cfg.precision == "int8" and not (cfg.format == "tensorrt" and is_fake_quantized(model)):
         artifact, row = _export_int8(ctx, cfg, model, info, prev_model, stage_dir, prev_row)
-    else:  # a ternary model's QDQ graph is already explicit int8 for TensorRT
+    else:  # a quantized model's QDQ graph is already explicit int8 for TensorRT
         onnx_path, checked = export_checked(ctx, model, stage_dir, info, cfg.check_images, cfg.tolerance)
         artifact = {"artifact": str(onnx_path), "format": "onnx", "bytes": onnx_path.stat().st_size,
                     "source_model": str(prev_model), **checked}
@@ -217,11 +214,10 @@ def _export_int8(ctx: RunContext, cfg: ExportStage, model: torch.nn.Module, info
                  stage_dir: Path, prev_row: dict) -> tuple[dict, dict]:
     """Post-training int8 QDQ export, measured like a stage (its accuracy is onnxruntime's on the int8 graph)."""
     from cifarpress.export.int8 import export_int8_checked
-    from cifarpress.techniques.quantize.ternary import quantized_layers
 
-    if quantized_layers(model):
+    if is_fake_quantized(model):
         raise CifarpressError("export: precision int8 with format onnx takes a float model, but the model entering "
-                              "it is already quantized (ternary); drop precision: int8 or the quantize stage")
+                              "it is already quantized (a quantize stage); drop precision: int8 or the quantize stage")
     test, threads = ctx.split("test"), ctx.recipe.bench.threads
     exported = export_int8_checked(model, stage_dir / "model.onnx", ctx.split("train"), test, cfg.calibrator,
                                    cfg.calib_images, cfg.check_images,

@@ -12,7 +12,7 @@ from cifarpress.errors import CifarpressError
 from cifarpress.model_file import load_model, save_model
 from cifarpress.models import build_model
 from cifarpress.pipeline.run_folder import RunFolder, check_can_clear
-from cifarpress.train.ema import WeightEMA
+from cifarpress.techniques import TECHNIQUES
 from cifarpress.train.trainer import Plugin, TrainConfig, Trainer, distributed_context
 from cifarpress.utils.io import atomic_write_json
 
@@ -59,7 +59,8 @@ def _prepare(arch, dataset, data_root, init, seed):
 def _train(model, arch, spec, train_split, test_split, recorded, dataset, epochs, out_dir, ema, plugins, config,
            applied):
     cfg = TrainConfig(epochs=epochs, **config)
-    plugins = list(plugins or []) + ([WeightEMA()] if ema else [])
+    # `cifarpress train --ema`: the catalogue's add-on, last in the pass (phase AVERAGE)
+    plugins = list(plugins or []) + ([TECHNIQUES["ema"].build(True, None)] if ema else [])
     trainer = Trainer(model, cfg, plugins, run_dir=out_dir)
     result = trainer.fit(train_split, test_split)
     if not trainer.is_main:
