@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from cifarpress.data import CifarSplit, DatasetSpec
@@ -42,8 +41,8 @@ def export_model_checked(model: nn.Module, path: str | Path, spec: DatasetSpec, 
                          metadata: dict | None = None) -> ExportCheck:
     """The model's deployable ONNX at `path`, checked in onnxruntime on `images` test images. tolerance None:
     1e-4 for a float model; for a quantized one check_qdq's own (2% of the largest logit with int8 inputs)."""
-    if is_fake_quantized(model):
-        subset = test.subset(torch.arange(min(images, len(test))))
+    if is_fake_quantized(model):  # the same class-balanced draw as a float model's check
+        subset = test.subset(check_indices(test, images))
         return publish_checked(path, lambda tmp: export_qdq(model, tmp, spec, test.classes, metadata),
                                lambda tmp: check_qdq(model, tmp, subset, tolerance, threads))
     return publish_checked(path, lambda tmp: export_onnx(model, tmp, spec, test.classes, metadata),

@@ -349,6 +349,23 @@ def default_reduce_range() -> bool:
 
 
 def lower_file(path: str | Path, reduce_range: bool | None = None) -> tuple[bytes | None, dict]:
+    """lower_file_uncached, remembered per file state: one bench of a file opens it several times (accuracy,
+    its graph math, latency, the lowering record), and parsing and rewriting a graph is not free."""
+    reduce_range = default_reduce_range() if reduce_range is None else reduce_range
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, reduce_range)
+    if key not in _LOWERED:
+        while len(_LOWERED) >= 8:  # a few files' worth: a compare run's files, not every file ever opened
+            _LOWERED.pop(next(iter(_LOWERED)))
+        _LOWERED[key] = lower_file_uncached(path, reduce_range)
+    data, counts = _LOWERED[key]
+    return data, dict(counts)
+
+
+_LOWERED: dict[tuple, tuple[bytes | None, dict]] = {}
+
+
+def lower_file_uncached(path: str | Path, reduce_range: bool | None = None) -> tuple[bytes | None, dict]:
     """The serialized lowered model (None when nothing in it needs lowering: float graphs) and what was
     rewritten: {"relu_chains": int8 ReLU chains folded into uint8, "clip_chains": ReLU6 Clips folded into a uint8
     quantization, "merged_quantize": duplicate QuantizeLinears merged, "weights": DequantizeLinears folded into
