@@ -93,7 +93,8 @@ def _stage_body_type(classes: dict[str, type]):
 def stage_body(kind: str, **values):
     """A validated body of stage `kind` (e.g. stage_body("prune", macs=0.5)): its method's schema class."""
     classes = STAGE_CLASSES[kind]
-    values.setdefault("method", next(iter(classes))) if len(classes) > 1 else None
+    if len(classes) > 1:
+        values.setdefault("method", next(iter(classes)))  # the catalogue's first method, as in a recipe
     return TypeAdapter(_stage_body_type(classes)).validate_python(values)
 
 

@@ -10,6 +10,7 @@ validating a recipe or printing `--help` never imports torch.
 from __future__ import annotations
 
 import importlib
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -50,6 +51,6 @@ class Technique:
 
     def methods(self) -> tuple:
         """The config classes a `method` key chooses between (one for a plain config)."""
-        args = getattr(self.config, "__metadata__", None) and self.config.__origin__
-        union = args if args is not None else self.config
-        return tuple(getattr(union, "__args__", (union,)))
+        config = typing.get_origin(self.config) is typing.Annotated and typing.get_args(self.config)[0] \
+            or self.config  # Annotated[Union[...], Field(discriminator=...)] -> the Union
+        return typing.get_args(config) if typing.get_origin(config) is typing.Union else (config,)
