@@ -102,7 +102,10 @@ def _recorded_techniques(model: nn.Module, applied: list[dict]) -> list[dict]:
         if state is None:
             continue
         mine = [e for e in entries if e.get("name") == technique.name]
-        (mine[-1] if mine else entries.append({"name": technique.name}) or entries[-1])["state"] = state
+        if not mine:  # applied outside a recorded stage (a model quantized through the API): an entry of its own
+            entries.append({"name": technique.name})
+            mine = entries[-1:]
+        mine[-1]["state"] = state
     return entries
 
 

@@ -22,11 +22,11 @@ from cifarpress.errors import CifarpressError
 from cifarpress.export.api import export_model_checked, is_fake_quantized, quantized_layer_rows, side_files
 from cifarpress.model_file import load_model, save_model
 from cifarpress.models import build_model, trusting
-from cifarpress.pipeline.recipe import STAGE_CLASSES, ExportStage, Recipe, stage_dir_name, technique_config
+from cifarpress.pipeline.recipe import ExportStage, Recipe, applied_in, stage_dir_name
 from cifarpress.pipeline.report import write_report
 from cifarpress.pipeline.run_folder import RunFolder, check_can_clear
 from cifarpress.profile import profile_model
-from cifarpress.techniques import TECHNIQUES, StageContext, addon_techniques
+from cifarpress.techniques import StageContext
 from cifarpress.runtime.latency import bench_onnx, machine_description
 from cifarpress.train.trainer import evaluate
 from cifarpress.utils.io import atomic_write_json
@@ -120,22 +120,14 @@ def stage_plugins(kind: str, body, num_classes: int, entering_model: str | Path)
     """The plug-ins a training stage asks for, built through the catalogue: its own technique (if the stage
     is one) and every add-on it sets, in phase order (train.phases: reshape, quantize, loss, average, memory)."""
     context = StageContext(num_classes, str(entering_model), load_model)
-    wanted = [(TECHNIQUES[kind], technique_config(body, TECHNIQUES[kind]))] if kind in STAGE_CLASSES else []
-    wanted += [(t, getattr(body, t.name, t.default)) for t in addon_techniques()]
-    ordered = sorted(wanted, key=lambda item: item[0].phase)  # stable: equal phases keep catalogue order
+    ordered = sorted(applied_in(kind, body), key=lambda item: item[0].phase)  # stable: ties keep catalogue order
     return [plugin for technique, config in ordered if (plugin := technique.build(config, context)) is not None]
 
 
 def applied_techniques(kind: str, body) -> list[dict]:
     """What a training stage applies, for the model file's record: {name, config} per technique it uses."""
-    applied = [{"name": kind, "config": technique_config(body, TECHNIQUES[kind]).model_dump(mode="json")}] \
-        if kind in STAGE_CLASSES else []
-    for t in addon_techniques():
-        value = getattr(body, t.name, t.default)
-        if value not in (None, False):
-            applied.append({"name": t.name, "config": value.model_dump(mode="json") if hasattr(value, "model_dump")
-                            else value})
-    return applied
+    return [{"name": technique.name, "config": config.model_dump(mode="json") if hasattr(config, "model_dump")
+             else config} for technique, config in applied_in(kind, body)]
 
 
 def _run_training_stage(ctx: RunContext, kind: str, cfg, prev_model: Path, stage_dir: Path) -> Path:

@@ -249,14 +249,20 @@ def format_validation_error(exc: ValidationError, source: str, labels: dict[str,
     return "\n".join(lines)
 
 
-def active_techniques(stage) -> list[str]:
-    """The catalogued techniques a stage applies: its own (prune, quantize) and every add-on it switches on."""
+def applied_in(kind: str, body) -> list[tuple[Technique, object]]:
+    """(technique, its config) for every catalogued technique a stage body applies: the stage's own (prune,
+    quantize) and each add-on it switches on, in catalogue order."""
     from cifarpress import techniques
 
-    body = stage.config
-    names = [stage.kind] if stage.kind in STAGE_CLASSES else []
-    return names + [t.name for t in techniques.TECHNIQUES.values()
-                    if t.kind == "addon" and getattr(body, t.name, None) not in (None, False)]
+    applied = [(techniques.TECHNIQUES[kind], technique_config(body, techniques.TECHNIQUES[kind]))] \
+        if kind in STAGE_CLASSES else []
+    return applied + [(t, value) for t in techniques.TECHNIQUES.values()
+                      if t.kind == "addon" and (value := getattr(body, t.name, None)) not in (None, False)]
+
+
+def active_techniques(stage) -> list[str]:
+    """The names of the catalogued techniques a recipe stage applies."""
+    return [technique.name for technique, _ in applied_in(stage.kind, stage.config)]
 
 
 def _check_conflicts(stage, where: str) -> None:

@@ -144,13 +144,19 @@ class Distillation(Plugin):
         metrics["images_per_s_without_teacher"] = metrics["images_per_s"] / max(1e-9, 1.0 - fraction)
 
 
+def teacher_from(spec: str, num_classes: int, load_model) -> nn.Module:
+    """The teacher a model file path or `builtin:NAME` holds, checked against the student's class count, in eval
+    mode. `load_model` is model_file.load_model, passed in because techniques sit below the model-file layer."""
+    model, info = load_model(spec)  # a missing file or unknown builtin is already a CifarpressError
+    check_class_counts(info["num_classes"], num_classes, spec)
+    return model.eval()
+
+
 def build(config, context) -> Distillation | None:
     """The catalogue's `distill:` add-on: the teacher named by the config, else the model entering the stage."""
     if config is None:
         return None
-    spec = config.teacher or str(context.entering_model)
-    teacher, info = context.load_model(spec)  # a missing file or unknown builtin is already a CifarpressError
-    check_class_counts(info["num_classes"], context.num_classes, spec)
-    return Distillation(teacher.eval(), config.method, weight=config.weight, T=config.temperature,
+    teacher = teacher_from(config.teacher or str(context.entering_model), context.num_classes, context.load_model)
+    return Distillation(teacher, config.method, weight=config.weight, T=config.temperature,
                         alpha=config.alpha, beta=config.beta, gamma=config.gamma,
                         warmup_epochs=config.warmup_epochs, label_weight=config.label_weight)
