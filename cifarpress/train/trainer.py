@@ -82,6 +82,8 @@ class Plugin:
     # Weight of the cross-entropy on the labels; the Trainer multiplies those of all
     # plug-ins (vanilla KD, for one, trains on 0.1 x CE + 0.9 x KD).
     label_weight: float = 1.0
+    # Keys this plug-in adds to the epoch's metrics in on_epoch_end that the epoch line should show.
+    shown_metrics: tuple[str, ...] = ()
 
     def setup(self, trainer: "Trainer") -> None: ...
 
@@ -484,7 +486,8 @@ class Trainer:
                         f"train {metrics['train_acc']:.2f}%  test {metrics.get('top1', float('nan')):.2f}%  "
                         f"{metrics['images_per_s']:.0f} img/s  {train_time:.0f}s  "
                         f"peak {metrics['peak_memory_bytes'] / 2**20:.0f} MiB"
-                        + "".join(f"  {k} {metrics[k]:.3f}" for k in ("group_sparsity", "teacher_time_fraction") if k in metrics))
+                        + "".join(f"  {k} {metrics[k]:.3f}" for p in self.plugins for k in p.shown_metrics
+                                  if isinstance(metrics.get(k), (int, float))))
         model = unwrap(self.model)
         for p in self.plugins:
             model = p.finalize(self, model)

@@ -86,6 +86,7 @@ class Distillation(Plugin):
 
     name = "distill"
     phase = Phase.LOSS
+    shown_metrics = ("teacher_time_fraction",)
 
     def __init__(self, teacher: nn.Module, method: str = "kd", weight: float | None = None, T: float | None = None,
                  alpha: float = 1.0, beta: float = 8.0, gamma: float = 1.5, warmup_epochs: float | None = None,

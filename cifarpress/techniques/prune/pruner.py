@@ -138,6 +138,7 @@ class GroupPruner(Plugin):
 
     name = "group-pruner"
     phase = Phase.RESHAPE
+    shown_metrics = ("group_sparsity",)
 
     def __init__(self, target: PruneTarget, *, start_fraction: float = 0.1, end_fraction: float = 0.5):
         if not isinstance(target, PruneTarget):
