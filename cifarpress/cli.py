@@ -93,6 +93,8 @@ def train(
     schedule: str = typer.Option(from_scratch("schedule"), help="onecycle, cosine or constant."),
     label_smoothing: float = typer.Option(0.0, min=0.0, max=0.5),
     ema: bool = typer.Option(False, help="Evaluate and keep an exponential moving average of the weights."),
+    mesa: bool = typer.Option(False, help="Mesa: keep 8-bit copies of the activations saved for backward "
+                                          "(ReLU: 1-bit masks) to cut training memory."),
     init: Optional[str] = typer.Option(None, help="Start from this model file (fine-tuning) instead of random weights."),
     out_dir: Path = typer.Option(None, "--out", "-o", help="Run folder (default runs/train-<model>). Holds last.pt, model.pt, metrics.json."),
     data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
@@ -112,7 +114,7 @@ def train(
     with trusting(model):  # --model names the factory: an --init file may record it
         result = run_training(
             arch=model, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            schedule=schedule, label_smoothing=label_smoothing, ema=ema, init=init,
+            schedule=schedule, label_smoothing=label_smoothing, ema=ema, mesa=mesa, init=init,
             out_dir=out_dir or Path("runs") / f"train-{model.replace(':', '_')}", data_root=data_root, seed=seed,
             max_steps_per_epoch=max_steps_per_epoch, force=force,
         )

@@ -146,6 +146,24 @@ def test_shipped_prune_distill_recipe_runs_end_to_end(tmp_path, tiny_cifar_root)
     assert all("teacher_time_fraction" in epoch for epoch in history)  # the ResNet-56 teacher took part
 
 
+def test_shipped_mesa_recipe_runs_end_to_end(tmp_path, tiny_cifar_root):
+    """recipes/resnet56-hesso-mesa.yaml as shipped, on tiny data with a tiny budget: HESSO and Mesa in one pass."""
+    import yaml
+
+    from cifarpress.pipeline.recipe import recipe_from_dict
+
+    path = REPO / "recipes" / "resnet56-hesso-mesa.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["stages"][0]["prune"].update(epochs=2, max_steps_per_epoch=2, batch_size=16, pruning_periods=1)
+    raw["bench"] = {"batch_sizes": [1], "seconds": 0.05}
+    recipe = recipe_from_dict(raw, path.parent, path)
+    run_dir = run_recipe(recipe, tmp_path / "run", str(tiny_cifar_root))
+    baseline, pruned = json.loads((run_dir / "report.json").read_text())["stages"]
+    assert pruned["stage"] == "prune" and pruned["macs"] <= 0.55 * baseline["macs"]
+    saved = torch.load(run_dir / "01-prune" / "model.pt", weights_only=True)["meta"]
+    assert all(epoch["saved_bytes"] > 0 for epoch in saved["history"])  # Mesa held the saved activations
+
+
 def test_stage_keys_are_those_of_run_folders_made_before_the_catalogue():
     """A run folder resumes only if its done.json keys match: these were computed by the code before the
     technique catalogue (commit 16d2211) for the same recipe, so upgrading does not retrain finished stages."""

@@ -31,7 +31,8 @@ CASES = {
     "quantize/ternary": ("quantize", {"method": "ternary"}),
     "train": ("train", {}),  # the add-ons alone
 }
-ADDONS = {"distill": {"method": "kd"}, "ema": True}
+# In phase order, as their plug-ins run.
+ADDONS = {"distill": {"method": "kd"}, "ema": True, "mesa": {"bits": 8, "group_size": 256}}
 BUDGET = {"epochs": 2, "max_steps_per_epoch": 3, "batch_size": 20, "lr": 0.05}
 
 
@@ -90,7 +91,7 @@ def test_technique_contract(case, data, entering, tmp_path):
     # composes with KD and EMA in one pass, in phase order
     plugins, result = train(kind, body, entering, tmp_path / "straight", data)
     names = [p.name for p in plugins]
-    assert names[-2:] == ["distill", "ema"] and len(names) == (2 if kind == "train" else 3)
+    assert names[-len(ADDONS):] == list(ADDONS) and len(names) == len(ADDONS) + (kind != "train")
     assert [p.phase for p in plugins] == sorted(p.phase for p in plugins)
 
     # interrupted after epoch 1, resumed: the same weights bit for bit
@@ -106,7 +107,7 @@ def test_technique_contract(case, data, entering, tmp_path):
     path = save_model(tmp_path / "model.pt", result.model, "resnet20", 10, "cifar10",
                       techniques=applied_techniques(kind, body))
     loaded, info = load_model(path)
-    assert [t["name"] for t in info["techniques"]] == ([] if kind == "train" else [kind]) + ["distill", "ema"]
+    assert [t["name"] for t in info["techniques"]] == ([] if kind == "train" else [kind]) + list(ADDONS)
     images = Normalizer(SPEC.mean, SPEC.std)(data[1].images[:50])
     with torch.no_grad():
         assert torch.equal(result.model.eval()(images), loaded.eval()(images))

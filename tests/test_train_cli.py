@@ -94,13 +94,13 @@ def test_missing_data_is_one_line(tmp_path):
     assert_one_line_error(proc, "--data-root", "CIFARPRESS_DATA", str(empty))
 
 
-@pytest.mark.parametrize("ema", [False, True], ids=["plain", "ema"])
-def test_torchrun_two_cpu_ranks(tiny_cifar_root, tmp_path, ema):
+@pytest.mark.parametrize("addons", [[], ["ema", "mesa"]], ids=["plain", "ema+mesa"])
+def test_torchrun_two_cpu_ranks(tiny_cifar_root, tmp_path, addons):
     out = tmp_path / "ddp"
     proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                 "cifarpress.cli", "train", "--model", "resnet20", "--epochs", "2", "--batch-size", "32",
                 "--max-steps-per-epoch", "3", "--out", str(out), "--data-root", str(tiny_cifar_root),
-                "--threads", "1"] + (["--ema"] if ema else []), timeout=180)
+                "--threads", "1"] + [f"--{name}" for name in addons], timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("top-1") == 1  # rank 0 alone reports
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["last.pt", "metrics.json", "model.pt"]
@@ -109,8 +109,11 @@ def test_torchrun_two_cpu_ranks(tiny_cifar_root, tmp_path, ema):
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert last["config"]["world"] == 2 and last["step"] == 6
-    assert last["config"]["plugins"] == (["ema"] if ema else [])
+    assert last["config"]["plugins"] == addons
     model, info = load_model(out / "model.pt")
+    assert [t["name"] for t in info["techniques"]] == addons
+    if "mesa" in addons:  # each rank's step held its bytes for backward; rank 0 records its own
+        assert all(h["saved_bytes"] > 0 for h in metrics["history"])
     test = load_split("cifar10", "test", tiny_cifar_root, download_if_missing=False)
     top1 = evaluate(model, test)
     assert 0.0 <= top1 <= 100.0

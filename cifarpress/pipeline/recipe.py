@@ -58,7 +58,7 @@ def _addon_fields() -> dict:
 
 
 TrainStage = create_model("TrainStage", __base__=TrainingOptions, __config__=None, __doc__=(
-    "Train or fine-tune the current model, with any add-ons (distill, ema)."), **_addon_fields())
+    "Train or fine-tune the current model, with any add-ons (distill, ema, mesa)."), **_addon_fields())
 
 
 def _with_training_defaults(technique: Technique) -> dict:

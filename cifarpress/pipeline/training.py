@@ -13,12 +13,13 @@ from cifarpress.model_file import load_model, save_model
 from cifarpress.models import build_model
 from cifarpress.pipeline.run_folder import RunFolder, check_can_clear
 from cifarpress.techniques import TECHNIQUES
+from cifarpress.techniques.mesa.config import MesaConfig
 from cifarpress.train.trainer import Plugin, TrainConfig, Trainer, distributed_context
 from cifarpress.utils.io import atomic_write_json
 
 
 def run_training(arch: str, dataset: str, epochs: int, out_dir: Path, data_root=None, init: str | None = None,
-                 ema: bool = False, plugins: list[Plugin] | None = None, force: bool = False,
+                 ema: bool = False, mesa: bool = False, plugins: list[Plugin] | None = None, force: bool = False,
                  own_folder: bool = True, applied: list[dict] | None = None, **config) -> dict | None:
     """Returns {'top1', 'model_path', 'history'} on rank 0 (None on other ranks).
 
@@ -36,7 +37,7 @@ def run_training(arch: str, dataset: str, epochs: int, out_dir: Path, data_root=
     with folder:
         if world > 1:
             torch.distributed.barrier()  # no rank may look for last.pt before rank 0 has cleared it
-        return _train(*prepared, dataset, epochs, out_dir, ema, plugins, config, applied or [])
+        return _train(*prepared, dataset, epochs, out_dir, ema, mesa, plugins, config, applied or [])
 
 
 def _prepare(arch, dataset, data_root, init, seed):
@@ -56,11 +57,13 @@ def _prepare(arch, dataset, data_root, init, seed):
     return model, arch, spec, train_split, test_split, recorded
 
 
-def _train(model, arch, spec, train_split, test_split, recorded, dataset, epochs, out_dir, ema, plugins, config,
-           applied):
+def _train(model, arch, spec, train_split, test_split, recorded, dataset, epochs, out_dir, ema, mesa, plugins,
+           config, applied):
     cfg = TrainConfig(epochs=epochs, **config)
-    # `cifarpress train --ema`: the catalogue's add-on, last in the pass (phase AVERAGE)
-    plugins = list(plugins or []) + ([TECHNIQUES["ema"].build(True, None)] if ema else [])
+    # `cifarpress train --ema --mesa`: the catalogue's add-ons with their defaults, in phase order (AVERAGE, MEMORY)
+    flags = {"ema": True if ema else None, "mesa": MesaConfig() if mesa else None}
+    plugins = list(plugins or []) + [TECHNIQUES[name].build(value, None) for name, value in flags.items()
+                                     if value is not None]
     trainer = Trainer(model, cfg, plugins, run_dir=out_dir)
     result = trainer.fit(train_split, test_split)
     if not trainer.is_main:
@@ -68,8 +71,8 @@ def _train(model, arch, spec, train_split, test_split, recorded, dataset, epochs
     command = " ".join(["cifarpress"] + sys.argv[1:]) if Path(sys.argv[0]).name == "cifarpress" else None
     meta = {"top1": result.top1, "epochs": epochs, "train_config": vars(cfg), "command": command,
             "history": result.history}
-    if ema:
-        applied = applied + [{"name": "ema", "config": True}]
+    applied = applied + [{"name": name, "config": value if value is True else value.model_dump()}
+                         for name, value in flags.items() if value is not None]
     model_path = save_model(out_dir / "model.pt", result.model, arch, spec.num_classes, dataset, meta,
                             techniques=recorded + applied)
     atomic_write_json(out_dir / "metrics.json", {"top1": result.top1, "arch": arch, "dataset": dataset,

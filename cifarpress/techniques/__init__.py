@@ -21,6 +21,7 @@ from typing import Optional
 
 from cifarpress.techniques.base import StageContext, Technique
 from cifarpress.techniques.distill.config import DistillConfig
+from cifarpress.techniques.mesa.config import MesaConfig
 from cifarpress.techniques.prune.config import PruneConfig
 from cifarpress.techniques.quantize.config import QuantizeConfig
 from cifarpress.train.phases import Phase
@@ -37,6 +38,9 @@ CATALOGUE: tuple[Technique, ...] = (
               "Knowledge distillation from a teacher (kd, dkd, nkd) as a loss term"),
     Technique("ema", "addon", Phase.AVERAGE, bool, "cifarpress.train.ema:build",
               "Evaluate and keep an exponential moving average of the weights", default=False),
+    Technique("mesa", "addon", Phase.MEMORY, Optional[MesaConfig], "cifarpress.techniques.mesa.plugin:build",
+              "Mesa: keep 8-bit copies of the activations saved for backward (ReLU: 1-bit masks) to cut "
+              "training memory"),
 )
 
 TECHNIQUES: dict[str, Technique] = {t.name: t for t in CATALOGUE}
