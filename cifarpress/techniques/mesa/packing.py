@@ -19,7 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sys
+
 import torch
+
+# The mask packing reads bytes as int64 words: little-endian, as on x86 and ARM.
+assert sys.byteorder == "little", "cifarpress's Mesa mask packing assumes a little-endian machine"
 
 LEVELS = 255  # 8-bit codes 0..255
 
@@ -57,43 +62,63 @@ class QuantizedTensor:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.low, self.scale))
 
 
+def _dither(group_size: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Rounding noise for one tensor: a fixed (rows, group_size) pattern shifted by one fresh uniform
+    draw, modulo 1. Every element's noise is exactly U[0, 1) (so each code is unbiased), at the cost of
+    one random number a tensor instead of one an element (torch.rand costs as much as a conv here)."""
+    key = (group_size, str(device))
+    if key not in _DITHER_BANKS:
+        rows = max(1, 2**16 // group_size)
+        _DITHER_BANKS[key] = torch.rand(rows, group_size, generator=torch.Generator().manual_seed(0)).to(device)
+    shift = torch.rand(1, generator=generator, device=device)
+    return (_DITHER_BANKS[key] + shift).frac_()
+
+
+_DITHER_BANKS: dict = {}
+
+
 def quantize(t: torch.Tensor, group_size: int, stochastic: bool = True,
              generator: torch.Generator | None = None) -> QuantizedTensor:
     flat, layout = memory_order(t.detach())
     n = flat.numel()
     padded = -n % group_size
-    values = flat.float()
+    values = flat if flat.dtype == torch.float32 else flat.float()
     if padded:
         values = torch.cat([values, values.new_zeros(padded)])
     groups = values.view(-1, group_size)
-    low = groups.amin(1, keepdim=True).half()
-    high = groups.amax(1, keepdim=True)
+    # amin and amax apart: 15x faster on the CPU than torch.aminmax over the inner dimension (torch 2.13)
+    low, high = groups.amin(1, keepdim=True).half(), groups.amax(1, keepdim=True)
     # A constant group has no range: any positive scale stores it exactly (every code 0).
     scale = ((high - low.float()) / LEVELS).clamp_min(1e-7).half()
-    scaled = (groups - low.float()) / scale.float()
+    inverse = 1.0 / scale.float()
+    # (x - low) / scale in one pass, plus 0.5 for round-to-nearest; the uint8 cast then truncates (floors).
+    offset = -low.float() * inverse + (0.0 if stochastic else 0.5)
+    scaled = torch.addcmul(offset, groups, inverse)
     if stochastic:
-        scaled = scaled.add_(torch.rand(scaled.shape, generator=generator, device=scaled.device)).floor_()
-    else:
-        scaled = scaled.round_()
+        dither = _dither(group_size, generator, groups.device)
+        rows, whole = dither.shape[0], groups.shape[0] // dither.shape[0] * dither.shape[0]
+        if whole:
+            scaled[:whole].view(-1, rows, group_size).add_(dither)
+        if whole < groups.shape[0]:
+            scaled[whole:].add_(dither[: groups.shape[0] - whole])
     codes = scaled.clamp_(0, LEVELS).to(torch.uint8)
     return QuantizedTensor(codes, low, scale, t.shape, layout, t.dtype)
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
-    values = (q.codes.float() * q.scale.float() + q.low.float()).view(-1)
+    values = torch.addcmul(q.low.float(), q.codes.float(), q.scale.float()).view(-1)
     numel = 1
     for size in q.shape:
         numel *= size
     return restore_layout(values[:numel].to(q.dtype), q.shape, q.layout)
 
 
-_BIT_WEIGHTS = {}
-
-
-def _bit_weights(device) -> torch.Tensor:
-    if device not in _BIT_WEIGHTS:
-        _BIT_WEIGHTS[device] = (2 ** torch.arange(8, device=device)).to(torch.uint8)
-    return _BIT_WEIGHTS[device]
+# Eight 0/1 bytes read as one little-endian int64 b0 + b1<<8 + ... : times GATHER, bit 56+k of the product is
+# b_k (the partial products are distinct powers of two, so nothing carries), so >> 56 is the packed byte.
+# Unpacking replicates a byte into all eight (times SPREAD) and keeps bit k in byte k (SELECT, as signed).
+GATHER = 0x0102040810204080
+SPREAD = 0x0101010101010101
+SELECT = 0x8040201008040201 - 2**64
 
 
 @dataclass
@@ -110,12 +135,14 @@ def pack_mask(mask: torch.Tensor) -> PackedMask:
     padded = -flat.numel() % 8
     if padded:
         flat = torch.cat([flat, flat.new_zeros(padded)])
-    bits = (flat.view(-1, 8).to(torch.uint8) * _bit_weights(flat.device)).sum(1, dtype=torch.uint8)
+    words = flat.contiguous().view(torch.uint8).view(torch.int64)
+    bits = ((words * GATHER) >> 56).bitwise_and_(0xFF).to(torch.uint8)
     return PackedMask(bits, mask.shape, layout)
 
 
 def unpack_mask(packed: PackedMask) -> torch.Tensor:
-    flat = (packed.bits.unsqueeze(1) & _bit_weights(packed.bits.device)).ne(0).view(-1)
+    words = (packed.bits.to(torch.int64) * SPREAD).bitwise_and_(SELECT)
+    flat = words.view(torch.uint8).view(-1).ne(0)
     numel = 1
     for size in packed.shape:
         numel *= size
