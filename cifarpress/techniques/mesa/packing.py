@@ -13,7 +13,11 @@ exact range costs one min/max pass and can never clip.
 the codes are computed against the fp16-rounded values, so that rounding moves no element by more
 than one step. Stochastic rounding (floor(v + u), u ~ U[0, 1)) makes each code an unbiased
 estimate of the value, so the errors of many saved tensors average out in the weight gradients
-instead of adding up as round-to-nearest's bias would.
+instead of adding up as round-to-nearest's bias would. The noise u is a fixed 64K-value pattern
+shifted by one fresh uniform draw per tensor (modulo 1): each element's u is still exactly uniform,
+but a tensor costs one random number instead of one per element (on the CPU, torch.rand over an
+activation costs as much as the conv that made it). Groups a pattern apart share their noise within
+one tensor; that correlates errors, it does not bias them.
 """
 from __future__ import annotations
 
