@@ -73,6 +73,11 @@ def worker(args) -> None:
                          max_steps_per_epoch=args.probe_steps if args.probe else args.max_steps_per_epoch)
     trainer = Trainer(model, config, plugins_for(args.arm), run_dir=None if args.probe else Path(args.folder),
                       device=device, quiet=True)
+    if ARMS[args.arm] is not None:  # torch.compile's one-off build of Mesa's kernels, outside the timed steps
+        from cifarpress.techniques.mesa.packing import dequantize, quantize
+
+        for shape in ((8, 16, 32, 32), (3, 5, 7, 11)):  # whole dither periods, and a remainder
+            dequantize(quantize(torch.randn(shape, device=device), 256))
     gc.collect()
     idle = rss_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
     reset_peak_memory(device)

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import os
 import sys
+import warnings
 
 import torch
 
@@ -81,36 +83,81 @@ def _dither(group_size: int, generator: torch.Generator | None, device) -> torch
 _DITHER_BANKS: dict = {}
 
 
+def _encode(groups: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """groups (k, rows, group_size) fp32 and noise (rows, group_size) -> codes, low, scale (fp16, one a group).
+    floor((x - low) / scale + u): the uint8 cast truncates, which is floor for these non-negative values."""
+    low = groups.amin(2, keepdim=True).half()
+    high = groups.amax(2, keepdim=True)
+    # A constant group has no range: any positive scale stores it exactly (every code 0).
+    scale = ((high - low.float()) / LEVELS).clamp_min(1e-7).half()
+    scaled = (groups - low.float()) / scale.float() + noise
+    return scaled.clamp(0, LEVELS).to(torch.uint8), low, scale
+
+
+def _decode(codes: torch.Tensor, low: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.float() * scale.float() + low.float()
+
+
+class _Kernels:
+    """_encode and _decode fused by torch.compile where it works: one pass over the activation instead
+    of six (4x faster on a 2-core CPU, after a one-off ~20 s compile per process; dynamic shapes, so a
+    new activation size does not compile again). Any compile failure falls back to eager, once, with a
+    warning. CIFARPRESS_MESA_COMPILE=0 keeps eager."""
+
+    def __init__(self):
+        self.encode, self.decode = _encode, _decode
+        self.compiled = os.environ.get("CIFARPRESS_MESA_COMPILE", "1") != "0" and hasattr(torch, "compile")
+        if self.compiled:
+            self.encode = torch.compile(_encode, dynamic=True)
+            self.decode = torch.compile(_decode, dynamic=True)
+
+    def run(self, name: str, *args):
+        if self.compiled:
+            try:
+                return getattr(self, name)(*args)
+            except Exception as error:  # a missing compiler, an unsupported device: eager computes the same
+                warnings.warn(f"Mesa: torch.compile failed ({type(error).__name__}); running eager")
+                self.compiled, self.encode, self.decode = False, _encode, _decode
+        return getattr(self, name)(*args)
+
+
+_KERNELS: _Kernels | None = None
+
+
+def _kernels() -> _Kernels:
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _Kernels()
+    return _KERNELS
+
+
 def quantize(t: torch.Tensor, group_size: int, stochastic: bool = True,
              generator: torch.Generator | None = None) -> QuantizedTensor:
     flat, layout = memory_order(t.detach())
-    n = flat.numel()
-    padded = -n % group_size
+    padded = -flat.numel() % group_size
     values = flat if flat.dtype == torch.float32 else flat.float()
     if padded:
         values = torch.cat([values, values.new_zeros(padded)])
     groups = values.view(-1, group_size)
-    # amin and amax apart: 15x faster on the CPU than torch.aminmax over the inner dimension (torch 2.13)
-    low, high = groups.amin(1, keepdim=True).half(), groups.amax(1, keepdim=True)
-    # A constant group has no range: any positive scale stores it exactly (every code 0).
-    scale = ((high - low.float()) / LEVELS).clamp_min(1e-7).half()
-    inverse = 1.0 / scale.float()
-    # (x - low) / scale in one pass, plus 0.5 for round-to-nearest; the uint8 cast then truncates (floors).
-    offset = -low.float() * inverse + (0.0 if stochastic else 0.5)
-    scaled = torch.addcmul(offset, groups, inverse)
     if stochastic:
-        dither = _dither(group_size, generator, groups.device)
-        rows, whole = dither.shape[0], groups.shape[0] // dither.shape[0] * dither.shape[0]
-        if whole:
-            scaled[:whole].view(-1, rows, group_size).add_(dither)
-        if whole < groups.shape[0]:
-            scaled[whole:].add_(dither[: groups.shape[0] - whole])
-    codes = scaled.clamp_(0, LEVELS).to(torch.uint8)
+        noise = _dither(group_size, generator, groups.device)
+    else:  # round to nearest: floor(v + 0.5)
+        noise = torch.full((1, group_size), 0.5, device=groups.device)
+    period = noise.shape[0]
+    whole = groups.shape[0] // period * period
+    parts = []
+    if whole:
+        parts.append(_kernels().run("encode", groups[:whole].view(-1, period, group_size), noise))
+    if whole < groups.shape[0]:
+        rest = groups.shape[0] - whole
+        parts.append(_kernels().run("encode", groups[whole:].view(1, rest, group_size), noise[:rest]))
+    codes, low, scale = (torch.cat([p[i].reshape(-1, p[i].shape[-1]) for p in parts]) if len(parts) > 1
+                         else parts[0][i].reshape(-1, parts[0][i].shape[-1]) for i in range(3))
     return QuantizedTensor(codes, low, scale, t.shape, layout, t.dtype)
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
-    values = torch.addcmul(q.low.float(), q.codes.float(), q.scale.float()).view(-1)
+    values = _kernels().run("decode", q.codes, q.low, q.scale).view(-1)
     numel = 1
     for size in q.shape:
         numel *= size
