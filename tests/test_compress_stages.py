@@ -127,41 +127,35 @@ def test_teacher_with_other_class_count_is_one_clear_error(tmp_path, tiny_cifar_
         run_recipe(recipe, tmp_path / "run", str(tiny_cifar_root))
 
 
-def test_shipped_prune_distill_recipe_runs_end_to_end(tmp_path, tiny_cifar_root):
-    """recipes/resnet20-prune-distill.yaml as shipped (both built-in checkpoints), on tiny data with a tiny budget."""
+def run_shipped_prune_recipe(name: str, run: Path, data_root, **budget) -> list[dict]:
+    """recipes/NAME as shipped, its prune stage on `budget`, on tiny data; checks the stage halved the MACs
+    and returns the pruned model's training history."""
     import yaml
 
     from cifarpress.pipeline.recipe import recipe_from_dict
 
-    path = REPO / "recipes" / "resnet20-prune-distill.yaml"
+    path = REPO / "recipes" / name
     raw = yaml.safe_load(path.read_text())
-    raw["stages"][0]["prune"].update(epochs=2, max_steps_per_epoch=3, batch_size=32, pruning_periods=1)
+    raw["stages"][0]["prune"].update(pruning_periods=1, **budget)
     raw["bench"] = {"batch_sizes": [1], "seconds": 0.05}
-    recipe = recipe_from_dict(raw, path.parent, path)
-    run_dir = run_recipe(recipe, tmp_path / "run", str(tiny_cifar_root))
-    report = json.loads((run_dir / "report.json").read_text())
-    baseline, pruned = report["stages"]
+    run_dir = run_recipe(recipe_from_dict(raw, path.parent, path), run, str(data_root))
+    baseline, pruned = json.loads((run_dir / "report.json").read_text())["stages"]
     assert pruned["stage"] == "prune" and pruned["macs"] <= 0.55 * baseline["macs"]
-    history = torch.load(run_dir / "01-prune" / "model.pt", weights_only=True)["meta"]["history"]
+    return torch.load(run_dir / "01-prune" / "model.pt", weights_only=True)["meta"]["history"]
+
+
+def test_shipped_prune_distill_recipe_runs_end_to_end(tmp_path, tiny_cifar_root):
+    """recipes/resnet20-prune-distill.yaml as shipped (both built-in checkpoints), on tiny data with a tiny budget."""
+    history = run_shipped_prune_recipe("resnet20-prune-distill.yaml", tmp_path / "run", tiny_cifar_root,
+                                       epochs=2, max_steps_per_epoch=3, batch_size=32)
     assert all("teacher_time_fraction" in epoch for epoch in history)  # the ResNet-56 teacher took part
 
 
 def test_shipped_mesa_recipe_runs_end_to_end(tmp_path, tiny_cifar_root):
     """recipes/resnet56-hesso-mesa.yaml as shipped, on tiny data with a tiny budget: HESSO and Mesa in one pass."""
-    import yaml
-
-    from cifarpress.pipeline.recipe import recipe_from_dict
-
-    path = REPO / "recipes" / "resnet56-hesso-mesa.yaml"
-    raw = yaml.safe_load(path.read_text())
-    raw["stages"][0]["prune"].update(epochs=2, max_steps_per_epoch=2, batch_size=16, pruning_periods=1)
-    raw["bench"] = {"batch_sizes": [1], "seconds": 0.05}
-    recipe = recipe_from_dict(raw, path.parent, path)
-    run_dir = run_recipe(recipe, tmp_path / "run", str(tiny_cifar_root))
-    baseline, pruned = json.loads((run_dir / "report.json").read_text())["stages"]
-    assert pruned["stage"] == "prune" and pruned["macs"] <= 0.55 * baseline["macs"]
-    saved = torch.load(run_dir / "01-prune" / "model.pt", weights_only=True)["meta"]
-    assert all(epoch["saved_bytes"] > 0 for epoch in saved["history"])  # Mesa held the saved activations
+    history = run_shipped_prune_recipe("resnet56-hesso-mesa.yaml", tmp_path / "run", tiny_cifar_root,
+                                       epochs=2, max_steps_per_epoch=2, batch_size=16)
+    assert all(epoch["saved_bytes"] > 0 for epoch in history)  # Mesa held the saved activations
 
 
 def test_stage_keys_are_those_of_run_folders_made_before_the_catalogue():

@@ -22,11 +22,11 @@ from cifarpress.errors import CifarpressError
 from cifarpress.export.api import export_model_checked, is_fake_quantized, quantized_layer_rows, side_files
 from cifarpress.model_file import load_model, save_model
 from cifarpress.models import build_model, trusting
-from cifarpress.pipeline.recipe import ExportStage, Recipe, applied_in, stage_dir_name
+from cifarpress.pipeline.recipe import ExportStage, Recipe, applied_techniques, stage_dir_name
 from cifarpress.pipeline.report import write_report
 from cifarpress.pipeline.run_folder import RunFolder, check_can_clear
+from cifarpress.pipeline.training import stage_plugins
 from cifarpress.profile import profile_model
-from cifarpress.techniques import StageContext
 from cifarpress.runtime.latency import bench_onnx, machine_description
 from cifarpress.train.trainer import evaluate
 from cifarpress.utils.io import atomic_write_json
@@ -114,20 +114,6 @@ def measure_model(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, info
     if layers is not None:
         row["layers"] = layers
     return row
-
-
-def stage_plugins(kind: str, body, num_classes: int, entering_model: str | Path) -> list:
-    """The plug-ins a training stage asks for, built through the catalogue: its own technique (if the stage
-    is one) and every add-on it sets, in phase order (train.phases: reshape, quantize, loss, average, memory)."""
-    context = StageContext(num_classes, str(entering_model), load_model)
-    ordered = sorted(applied_in(kind, body), key=lambda item: item[0].phase)  # stable: ties keep catalogue order
-    return [plugin for technique, config in ordered if (plugin := technique.build(config, context)) is not None]
-
-
-def applied_techniques(kind: str, body) -> list[dict]:
-    """What a training stage applies, for the model file's record: {name, config} per technique it uses."""
-    return [{"name": technique.name, "config": config.model_dump(mode="json") if hasattr(config, "model_dump")
-             else config} for technique, config in applied_in(kind, body)]
 
 
 def _run_training_stage(ctx: RunContext, kind: str, cfg, prev_model: Path, stage_dir: Path) -> Path:

@@ -260,6 +260,12 @@ def applied_in(kind: str, body) -> list[tuple[Technique, object]]:
                       if t.kind == "addon" and (value := getattr(body, t.name, None)) not in (None, False)]
 
 
+def applied_techniques(kind: str, body) -> list[dict]:
+    """What a training stage applies, for the model file's record: {name, config} per technique it uses."""
+    return [{"name": technique.name, "config": config.model_dump(mode="json") if hasattr(config, "model_dump")
+             else config} for technique, config in applied_in(kind, body)]
+
+
 def active_techniques(stage) -> list[str]:
     """The names of the catalogued techniques a recipe stage applies."""
     return [technique.name for technique, _ in applied_in(stage.kind, stage.config)]

@@ -12,10 +12,19 @@ from cifarpress.errors import CifarpressError
 from cifarpress.model_file import load_model, save_model
 from cifarpress.models import build_model
 from cifarpress.pipeline.run_folder import RunFolder, check_can_clear
-from cifarpress.techniques import TECHNIQUES
+from cifarpress.pipeline.recipe import TrainStage, applied_in, applied_techniques
+from cifarpress.techniques import StageContext
 from cifarpress.techniques.mesa.config import MesaConfig
 from cifarpress.train.trainer import Plugin, TrainConfig, Trainer, distributed_context
 from cifarpress.utils.io import atomic_write_json
+
+
+def stage_plugins(kind: str, body, num_classes: int, entering_model: str | Path) -> list:
+    """The plug-ins a training stage asks for, built through the catalogue: its own technique (if the stage
+    is one) and every add-on it sets, in phase order (train.phases: reshape, quantize, loss, average, memory)."""
+    context = StageContext(num_classes, str(entering_model), load_model)
+    ordered = sorted(applied_in(kind, body), key=lambda item: item[0].phase)  # stable: ties keep catalogue order
+    return [plugin for technique, config in ordered if (plugin := technique.build(config, context)) is not None]
 
 
 def run_training(arch: str, dataset: str, epochs: int, out_dir: Path, data_root=None, init: str | None = None,
@@ -60,10 +69,9 @@ def _prepare(arch, dataset, data_root, init, seed):
 def _train(model, arch, spec, train_split, test_split, recorded, dataset, epochs, out_dir, ema, mesa, plugins,
            config, applied):
     cfg = TrainConfig(epochs=epochs, **config)
-    # `cifarpress train --ema --mesa`: the catalogue's add-ons with their defaults, in phase order (AVERAGE, MEMORY)
-    flags = {"ema": True if ema else None, "mesa": MesaConfig() if mesa else None}
-    plugins = list(plugins or []) + [TECHNIQUES[name].build(value, None) for name, value in flags.items()
-                                     if value is not None]
+    # `cifarpress train --ema --mesa`: the catalogue's add-ons with their defaults, as a train stage carries them
+    flags = TrainStage(ema=ema, mesa=MesaConfig() if mesa else None)
+    plugins = list(plugins or []) + stage_plugins("train", flags, spec.num_classes, "")
     trainer = Trainer(model, cfg, plugins, run_dir=out_dir)
     result = trainer.fit(train_split, test_split)
     if not trainer.is_main:
@@ -71,8 +79,7 @@ def _train(model, arch, spec, train_split, test_split, recorded, dataset, epochs
     command = " ".join(["cifarpress"] + sys.argv[1:]) if Path(sys.argv[0]).name == "cifarpress" else None
     meta = {"top1": result.top1, "epochs": epochs, "train_config": vars(cfg), "command": command,
             "history": result.history}
-    applied = applied + [{"name": name, "config": value if value is True else value.model_dump()}
-                         for name, value in flags.items() if value is not None]
+    applied = applied + applied_techniques("train", flags)
     model_path = save_model(out_dir / "model.pt", result.model, arch, spec.num_classes, dataset, meta,
                             techniques=recorded + applied)
     atomic_write_json(out_dir / "metrics.json", {"top1": result.top1, "arch": arch, "dataset": dataset,
