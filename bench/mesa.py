@@ -60,7 +60,7 @@ def worker(args) -> None:
 
     from cifarpress.data import load_split
     from cifarpress.model_file import load_model
-    from cifarpress.train.trainer import TrainConfig, Trainer, reset_peak_memory
+    from cifarpress.train.trainer import TrainConfig, Trainer
     from cifarpress.utils.memory import rss_bytes
 
     torch.set_num_threads(args.threads)
@@ -79,8 +79,7 @@ def worker(args) -> None:
         for shape in ((8, 16, 32, 32), (3, 5, 7, 11)):  # whole dither periods, and a remainder
             dequantize(quantize(torch.randn(shape, device=device), 256))
     gc.collect()
-    idle = rss_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
-    reset_peak_memory(device)
+    idle = rss_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)  # the trainer resets the peak
     result = trainer.fit(train, test)
     history = result.history
     peak = max(h["peak_memory_bytes"] for h in history)

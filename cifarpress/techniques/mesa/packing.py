@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
 import os
 import sys
 import warnings
@@ -151,17 +152,15 @@ def quantize(t: torch.Tensor, group_size: int, stochastic: bool = True,
     if whole < groups.shape[0]:
         rest = groups.shape[0] - whole
         parts.append(_kernels().run("encode", groups[whole:].view(1, rest, group_size), noise[:rest]))
-    codes, low, scale = (torch.cat([p[i].reshape(-1, p[i].shape[-1]) for p in parts]) if len(parts) > 1
-                         else parts[0][i].reshape(-1, parts[0][i].shape[-1]) for i in range(3))
+    flat_parts = [(codes.reshape(-1, group_size), low.reshape(-1, 1), scale.reshape(-1, 1))
+                  for codes, low, scale in parts]
+    codes, low, scale = (pieces[0] if len(pieces) == 1 else torch.cat(pieces) for pieces in zip(*flat_parts))
     return QuantizedTensor(codes, low, scale, t.shape, layout, t.dtype)
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
     values = _kernels().run("decode", q.codes, q.low, q.scale).view(-1)
-    numel = 1
-    for size in q.shape:
-        numel *= size
-    return restore_layout(values[:numel].to(q.dtype), q.shape, q.layout)
+    return restore_layout(values[: math.prod(q.shape)].to(q.dtype), q.shape, q.layout)
 
 
 # Eight 0/1 bytes read as one little-endian int64 b0 + b1<<8 + ... : times GATHER, bit 56+k of the product is
@@ -194,7 +193,4 @@ def pack_mask(mask: torch.Tensor) -> PackedMask:
 def unpack_mask(packed: PackedMask) -> torch.Tensor:
     words = (packed.bits.to(torch.int64) * SPREAD).bitwise_and_(SELECT)
     flat = words.view(torch.uint8).view(-1).ne(0)
-    numel = 1
-    for size in packed.shape:
-        numel *= size
-    return restore_layout(flat[:numel], packed.shape, packed.layout)
+    return restore_layout(flat[: math.prod(packed.shape)], packed.shape, packed.layout)

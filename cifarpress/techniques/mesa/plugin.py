@@ -17,6 +17,8 @@ hook), the figure bench/mesa.py compares against plain training measured the sam
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from cifarpress.techniques.mesa.config import MesaConfig
@@ -33,9 +35,9 @@ class SavedActivationPlugin(Plugin):
     phase = Phase.MEMORY
     shown_metrics = ("saved_mib",)
 
-    def __init__(self, store: SavedActivationStore, seed: int = 0):
+    def __init__(self, store: SavedActivationStore):
         self.store = store
-        self.seed = seed
+        self.seed = 0  # the run's, from setup
         self.epoch_peak = 0
 
     def setup(self, trainer) -> None:
@@ -47,29 +49,20 @@ class SavedActivationPlugin(Plugin):
         # One stream per (step, rank): resume-exact, and ranks round independently.
         self.store.generator.manual_seed(((self.seed * 1_000_003 + trainer.step) * 64 + trainer.rank) % 2**63)
 
+    @contextlib.contextmanager
+    def measured_step(self):
+        """The store's step context; the step's held bytes then feed the epoch's peak."""
+        with self.store.step():
+            yield
+            self.epoch_peak = max(self.epoch_peak, self.store.held_bytes)
+
     def forward_context(self, trainer):
-        return _Measured(self)
+        return self.measured_step()
 
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
         metrics["saved_bytes"] = self.epoch_peak
         metrics["saved_mib"] = self.epoch_peak / 2**20
         self.epoch_peak = 0
-
-
-class _Measured:
-    """The store's step context; on exit the step's held bytes feed the epoch's peak."""
-
-    def __init__(self, plugin: SavedActivationPlugin):
-        self.plugin = plugin
-
-    def __enter__(self):
-        self.stack = self.plugin.store.step()
-        self.stack.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.plugin.epoch_peak = max(self.plugin.epoch_peak, self.plugin.store.held_bytes)
-        return self.stack.__exit__(*exc)
 
 
 class Mesa(SavedActivationPlugin):
@@ -93,7 +86,7 @@ class SavedBytesMeter(SavedActivationPlugin):
         self.measured_steps = measured_steps
 
     def forward_context(self, trainer):
-        return _Measured(self) if trainer.step % trainer.steps_per_epoch < self.measured_steps else None
+        return self.measured_step() if trainer.step % trainer.steps_per_epoch < self.measured_steps else None
 
 
 def build(config: MesaConfig | None, context=None) -> Mesa | None:
