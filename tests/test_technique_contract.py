@@ -93,6 +93,10 @@ def test_technique_contract(case, data, entering, tmp_path):
     names = [p.name for p in plugins]
     assert names[-len(ADDONS):] == list(ADDONS) and len(names) == len(ADDONS) + (kind != "train")
     assert [p.phase for p in plugins] == sorted(p.phase for p in plugins)
+    if kind == "prune" and (plugins[0].pruned_ids or case == "prune/hesso"):
+        # finalize runs in reverse phase order: the EMA's averaged copy is the one cut
+        entering_params = sum(p.numel() for p in load_model(entering)[0].parameters())
+        assert sum(p.numel() for p in result.model.parameters()) < entering_params
 
     # interrupted after epoch 1, resumed: the same weights bit for bit
     with pytest.raises(KeyboardInterrupt):

@@ -197,7 +197,7 @@ def test_extra_loss_changes_gradients_and_plugins_compose(tiny):
     a, b = Recorder("a", log, bias_push=0.5), Recorder("b", log, bias_push=2.0)
     Trainer(small_net(), cfg, [a, b], device=cpu(), quiet=True).fit(train, None)
 
-    # both plug-ins called for every hook, in list order
+    # both plug-ins called for every hook, in list order (finalize in reverse: the outermost hands on first)
     assert log == [("a", "setup"), ("b", "setup"), ("a", "configure_optimizer"), ("b", "configure_optimizer"),
                    ("a", "before_step"), ("b", "before_step"),
                    ("a", "forward:enter"), ("b", "forward:enter"), ("a", "loss:True"), ("b", "loss:True"),
@@ -205,7 +205,7 @@ def test_extra_loss_changes_gradients_and_plugins_compose(tiny):
                    ("a", "before_optimizer_step:True"), ("b", "before_optimizer_step:True"),
                    ("a", "after_step"), ("b", "after_step"),
                    ("a", "on_epoch_end:1:False"), ("b", "on_epoch_end:1:False"),
-                   ("a", "finalize"), ("b", "finalize")]
+                   ("b", "finalize"), ("a", "finalize")]
     g0, g1 = plain.grads[0], a.grads[0]
     bias = "5.bias"
     # d/d bias of (0.5 + 2.0) * bias.sum() adds exactly 2.5 to every bias gradient ...

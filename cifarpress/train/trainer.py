@@ -18,7 +18,9 @@ Hook order for one run:
     per epoch:
         eval_model(trainer, model)   -> the model to evaluate (EMA weights, say)
         on_epoch_end(trainer, epoch, metrics)
-    finalize(trainer, model)         -> the model to hand on (cut pruned channels, fold quantizers)
+    finalize(trainer, model)         -> the model to hand on (cut pruned channels, fold quantizers), called in
+                                        reverse phase order: the EMA hands its averaged copy inward, and the
+                                        quantizer and the pruner finish that copy, not the discarded live one
     state_dict() / load_state_dict() -> saved inside every epoch checkpoint, for resume
 
 The same code runs under `torchrun` (DistributedDataParallel, gloo on CPU,
@@ -489,7 +491,7 @@ class Trainer:
                         + "".join(f"  {k} {metrics[k]:.3f}" for p in self.plugins for k in p.shown_metrics
                                   if isinstance(metrics.get(k), (int, float))))
         model = unwrap(self.model)
-        for p in self.plugins:
+        for p in reversed(self.plugins):
             model = p.finalize(self, model)
         model = model.to(memory_format=torch.contiguous_format)
         if test is not None and self.plugins:
