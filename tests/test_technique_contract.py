@@ -28,6 +28,8 @@ WINDOW = {"start_fraction": 0.0, "end_fraction": 1.0}  # prune within these few 
 CASES = {
     "prune/hesso": ("prune", {"method": "hesso", "sparsity": 0.5, "pruning_periods": 2, **WINDOW}),
     "prune/dhspg": ("prune", {"method": "dhspg", "sparsity": 0.5, "penalty": 1.0, **WINDOW}),
+    "prune/gating": ("prune", {"method": "gating", "macs": 0.6, "remove_branches": True, "gates": "dynamic",
+                               "start_fraction": 0.0, "end_fraction": 0.5}),
     "quantize/ternary": ("quantize", {"method": "ternary"}),
     "train": ("train", {}),  # the add-ons alone
 }

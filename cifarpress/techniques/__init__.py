@@ -28,7 +28,8 @@ from cifarpress.train.phases import Phase
 
 CATALOGUE: tuple[Technique, ...] = (
     Technique("prune", "stage", Phase.RESHAPE, PruneConfig, "cifarpress.techniques.prune.plugin:build",
-              "OTO-style structured pruning: drive whole channel groups to zero while training, then cut them out",
+              "Structured pruning of zero-invariant channel groups, cut out physically: OTO-style group sparsity "
+              "(hesso, dhspg) or learned consensus gates (gating)",
               training_defaults={"epochs": 10}),
     Technique("quantize", "stage", Phase.QUANTIZE, QuantizeConfig, "cifarpress.techniques.quantize.qat:build",
               "Quantization-aware training (ternary: BitNet b1.58 weights {-1, 0, +1} x scale)",

@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # (start_fraction, end_fraction) of the pruning window when a prune stage leaves them out. HESSO's
 # was measured: ResNet-20 at 50% MACs, 10 epochs, fisher saliency, 0.05-0.3 gave 85.89% against
 # 84.56% for magnitude-taylor over 0.1-0.5 (bench/results/prune_vs_torch_pruning-resnet20.json).
-PRUNE_WINDOW = {"hesso": (0.05, 0.3), "dhspg": (0.1, 0.8)}
+# Gating's gates train from the first step (from a trained model they start open) and freeze at half
+# the run, leaving the other half to fine-tune the static sub-network.
+PRUNE_WINDOW = {"hesso": (0.05, 0.3), "dhspg": (0.1, 0.8), "gating": (0.0, 0.5)}
 
 
 def _window_defaults(end: int) -> str:
@@ -70,4 +72,27 @@ class DhspgConfig(PruneTargetOptions):
     epsilon: float = Field(0.0, ge=0, description="DHSPG: half-space projection threshold")
 
 
-PruneConfig = Annotated[Union[HessoConfig, DhspgConfig], Field(discriminator="method")]
+class GatingConfig(PruneTargetOptions):
+    """Consensus gating: a learned 0/1 gate per group (and per removable residual branch) with a polarization
+    and a MACs budget loss, frozen into a static mask that meets the target exactly, then cut (one pass)."""
+
+    method: Literal["gating"] = "gating"
+    selection: Literal["score"] = Field("score", description="gating: the final cut takes the gates with the "
+                                        "lowest keep probability first (the only order gating uses)")
+    gates: Literal["static", "dynamic"] = Field(
+        "static", description="gating: one learnable logit per group (static), or per-sample heads pushed to a "
+        "consensus by the batch variance of each gate, frozen into the static mask (dynamic)")
+    form: Literal["hard", "annealed"] = Field(
+        "hard", description="gating: 0/1 forward with a straight-through gradient (hard), or ChipNet's continuous "
+        "Heaviside sharpened over the window (annealed)")
+    polarization: Literal["zhuang", "bimodal"] = Field(
+        "zhuang", description="gating: t*mean(p) - mean|p - mean p| (Zhuang et al. 2020) or 4*mean p(1-p)")
+    polarization_weight: float = Field(1.0, ge=0, description="gating: weight of the polarization loss, >= 0")
+    polarization_t: float = Field(1.4, ge=0, description="gating: zhuang's t (1.4 for ResNet-56 in the paper)")
+    budget_weight: float = Field(30.0, ge=0, description="gating: weight of (kept ratio - target)^2, >= 0")
+    consensus_weight: float = Field(1.0, ge=0, description="gating, dynamic: weight of the gates' batch variance")
+    gate_lr: float = Field(0.01, gt=0, description="gating: the gates' learning rate (their gradients have unit "
+                           "RMS; the run's schedule scales it)")
+
+
+PruneConfig = Annotated[Union[HessoConfig, DhspgConfig, GatingConfig], Field(discriminator="method")]

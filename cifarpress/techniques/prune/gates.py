@@ -1,0 +1,219 @@
+"""Learned gates on zero-invariant groups: the layer that consensus gating (gating.py) trains.
+
+One gate per group multiplies the group's channels right after every BatchNorm that produces them
+(after the conv or linear itself where a group has no BatchNorm). Since a group's channels are
+exactly zero wherever its producers are, a closed gate (0) is the same network as the cut one, and
+an open gate (1) changes nothing, so the gates fold away: the cut zeroes the closed groups'
+producers and the gates are removed, with no gate op left for export.
+
+A residual branch whose inner width may go whole (GroupSet.removable_spaces) also gets a branch
+gate that multiplies all of its groups' gates: y = x + g * F(x) for a closed branch, cut exactly
+by the surgery's branch removal.
+
+Gate values (GateBank.group_gates):
+    hard      forward 1[p > 0.5] with p = sigmoid(logit), backward through p (straight-through);
+    annealed  ChipNet's continuous Heaviside h(p) = 1 - exp(-gamma p) + p exp(-gamma), gamma raised
+              over the gating window so the gates end crisp (Tiwari et al., ICLR 2021);
+    dynamic   `consensus` mode: a head (global average pool, two 1x1 convs) on a gated BatchNorm's
+              output adds a per-sample term to the logits of groups that BatchNorm alone produces;
+              the gating loss then pushes every input to agree (gating.py).
+Once the plug-in freezes the mask (`frozen`), every gate is its constant 0 or 1.
+
+The bank is a submodule of the model (`cifarpress_gates`), so checkpoints, resume, DDP and an EMA
+copy carry it; the hooks are small objects, so a deepcopy binds them to the copy's own bank.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cifarpress.channels.groups import GroupSet
+
+BANK_NAME = "cifarpress_gates"
+GATE_FORMS = ("hard", "annealed")
+
+
+def _key(module_name: str) -> str:
+    return module_name.replace(".", "__") or "root"
+
+
+class GateBank(nn.Module):
+    def __init__(self, n_groups: int, branch_of: torch.Tensor, form: str = "hard", init_logit: float = 3.0):
+        super().__init__()
+        if form not in GATE_FORMS:
+            raise ValueError(f"gate form must be one of {', '.join(GATE_FORMS)}, got {form!r}")
+        self.form = form
+        n_branches = int(branch_of.max().item()) + 1 if len(branch_of) else 0
+        self.logits = nn.Parameter(torch.full((n_groups,), float(init_logit)))
+        self.branch_logits = nn.Parameter(torch.full((n_branches,), float(init_logit)))
+        # integer and bool buffers: an EMA copies them instead of averaging them
+        self.register_buffer("branch_of", branch_of.clone().long())
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("keep", torch.ones(n_groups, dtype=torch.bool))
+        # running batch mean of the dynamic gates' probabilities: the agreed mask the freeze reads
+        self.register_buffer("agreed", torch.ones(n_groups))
+        self.heads = nn.ModuleDict()
+        self.head_groups: dict[str, torch.Tensor] = {}  # head key -> group ids it predicts
+        self.sharpness = 1.0  # annealed form's gamma; set by the plug-in every step
+        self.samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # (group ids, per-sample p) of this forward
+
+    def add_head(self, key: str, channels: int, group_ids: torch.Tensor) -> None:
+        hidden = max(4, channels // 4)
+        head = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, len(group_ids), 1))
+        nn.init.zeros_(head[2].weight)  # starts as the static gate: the head learns only a per-sample correction
+        nn.init.zeros_(head[2].bias)
+        self.heads[key] = head
+        self.head_groups[key] = group_ids.clone()
+
+    # -- probabilities --------------------------------------------------------------------------
+    def branch_probs(self) -> torch.Tensor:
+        """Each group's branch gate probability (1 for groups outside removable branches)."""
+        padded = torch.cat([torch.sigmoid(self.branch_logits), self.branch_logits.new_ones(1)])
+        return padded[self.branch_of]  # -1 picks the padding
+
+    def probs(self) -> torch.Tensor:
+        """p_group * p_branch, the static probability that each group stays."""
+        return torch.sigmoid(self.logits) * self.branch_probs()
+
+    def agreed_probs(self) -> torch.Tensor:
+        """probs() with each dynamic group's running batch mean in its place: what the freeze cuts by."""
+        p = self.probs().detach().clone()
+        for ids in self.head_groups.values():
+            ids = ids.to(p.device)
+            p[ids] = self.agreed[ids]
+        return p
+
+    def _value(self, p: torch.Tensor) -> torch.Tensor:
+        if self.form == "annealed" and self.training:
+            g = self.sharpness
+            return 1 - torch.exp(-g * p) + p * math.exp(-g)
+        hard = (p > 0.5).to(p.dtype)
+        return hard + p - p.detach() if self.training else hard  # straight-through
+
+    def _anchor(self) -> torch.Tensor:
+        """0, but depending on every gate parameter: after the freeze they no longer shape the output,
+        and DDP refuses parameters that take no part in the loss."""
+        return sum(p.sum() for p in self.parameters()) * 0.0
+
+    def group_gates(self) -> torch.Tensor:
+        if bool(self.frozen):
+            return self.keep.to(self.logits.dtype) + self._anchor()
+        return self._value(self.probs())
+
+    def channel_gates(self, index: torch.Tensor, key: str | None, output: torch.Tensor) -> torch.Tensor:
+        """The multiplier of a hooked module's output channels: (C,), or (B, C) with a dynamic head."""
+        gates = torch.cat([self.group_gates(), self.logits.new_ones(1)])
+        vec = gates[index]
+        if key is None or key not in self.heads or bool(self.frozen):
+            return vec
+        ids = self.head_groups[key].to(output.device)
+        pooled = output.float().mean(dim=tuple(range(2, output.dim())), keepdim=True)
+        if pooled.dim() == 2:
+            pooled = pooled[:, :, None, None]
+        extra = self.heads[key](pooled).flatten(1)  # (B, groups of this module)
+        p = torch.sigmoid(self.logits[ids] + extra) * self.branch_probs()[ids]
+        if self.training:
+            self.samples.append((ids, p))
+        per_sample = vec.unsqueeze(0).expand(output.shape[0], -1).clone()
+        positions = self._positions(key, index)
+        per_sample[:, positions] = self._value(p)[:, self._order(key, index)]
+        return per_sample
+
+    def _positions(self, key: str, index: torch.Tensor) -> torch.Tensor:
+        ids = self.head_groups[key].to(index.device)
+        return torch.isin(index, ids).nonzero().flatten()
+
+    def _order(self, key: str, index: torch.Tensor) -> torch.Tensor:
+        """For each channel position of the head's groups, which head output it takes."""
+        ids = self.head_groups[key].to(index.device)
+        lookup = torch.full((int(index.max().item()) + 2,), -1, dtype=torch.long, device=index.device)
+        lookup[ids] = torch.arange(len(ids), device=index.device)
+        return lookup[index[self._positions(key, index)]]
+
+
+class GateHook:
+    """Forward hook of one gated module: multiplies its output channels by their groups' gates."""
+
+    def __init__(self, bank: GateBank, index: torch.Tensor, key: str | None):
+        self.bank, self.index, self.key = bank, index, key
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        if self.index.device != output.device:
+            self.index = self.index.to(output.device)
+        vec = self.bank.channel_gates(self.index, self.key, output)
+        shape = list(vec.shape) + [1] * (output.dim() - vec.dim())
+        if vec.dim() == 1:
+            shape = [1] + shape[:-1] if output.dim() > 1 else shape
+        return output * vec.view(shape).to(output.dtype)
+
+
+def gated_modules(model: nn.Module, groupset: GroupSet) -> dict[str, torch.Tensor]:
+    """Per module to hook, the group of each output channel (len(groupset) where none is gated there).
+
+    A group is gated after each BatchNorm among its producers, or after its conv/linear producers
+    when it has no BatchNorm (a BN normalizes a gate applied before it away)."""
+    n = len(groupset)
+    modules = dict(model.named_modules())
+    has_bn = torch.zeros(n + 1, dtype=torch.bool)
+    producer_roles = [r for r in groupset.roles if r.kind == "producer" and r.param.endswith(".weight") and r.dim == 0]
+    for role in producer_roles:
+        if isinstance(modules[role.param.rpartition(".")[0]], nn.modules.batchnorm._BatchNorm):
+            ids = role.group_of[role.group_of >= 0]
+            has_bn[ids] = True
+    hooked: dict[str, torch.Tensor] = {}
+    for role in producer_roles:
+        name = role.param.rpartition(".")[0]
+        is_bn = isinstance(modules[name], nn.modules.batchnorm._BatchNorm)
+        group_of = role.group_of.clone()
+        owned = group_of >= 0
+        gated = owned & (has_bn[group_of.clamp(min=0)] == is_bn)
+        index = torch.where(gated, group_of, torch.full_like(group_of, n))
+        if gated.any():
+            hooked[name] = index
+    return hooked
+
+
+def attach_gates(model: nn.Module, groupset: GroupSet, *, form: str = "hard", dynamic: bool = False,
+                 branches: bool = False, init_logit: float = 3.0) -> GateBank:
+    """Put a GateBank on `model` and hook every gated module; returns the bank."""
+    n = len(groupset)
+    branch_of = torch.full((n,), -1, dtype=torch.long)
+    if branches:
+        spaces = sorted(groupset.removable_spaces)
+        for g in groupset.groups:
+            names = {space for space, _ in g.channels}
+            if len(names) == 1 and (space := names.pop()) in groupset.removable_spaces:
+                branch_of[g.id] = spaces.index(space)
+    first = next(model.parameters())
+    bank = GateBank(n, branch_of, form, init_logit)
+    hooked = gated_modules(model, groupset)
+    modules = dict(model.named_modules())
+    seen = torch.bincount(torch.cat([i[i < n] for i in hooked.values()]), minlength=n) if hooked else None
+    for name, index in hooked.items():
+        key = None
+        if dynamic and isinstance(modules[name], nn.BatchNorm2d):
+            own = index[index < n].unique()
+            local = own[seen[own] == 1]  # groups gated here alone: a per-sample gate stays exact
+            if len(local):
+                key = _key(name)
+                bank.add_head(key, len(index), local)
+        modules[name].register_forward_hook(GateHook(bank, index, key))
+    bank.to(first.device)
+    model.add_module(BANK_NAME, bank)
+    return bank
+
+
+def bank_of(model: nn.Module) -> GateBank | None:
+    return getattr(model, BANK_NAME, None)
+
+
+def remove_gates(model: nn.Module) -> None:
+    """Take the bank and every gate hook off `model` (the gates' values must already be folded)."""
+    for module in model.modules():
+        for handle_id, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, GateHook):
+                del module._forward_hooks[handle_id]
+    if hasattr(model, BANK_NAME):
+        delattr(model, BANK_NAME)
