@@ -27,6 +27,9 @@ runs/bench-prune/<arch>-macs<M>-<E>ep/<arm>/):
                 the distill block's defaults). Same epochs, but each step also runs the
                 teacher (about 1.3x the compute), so it is reported beside the others and
                 left out of the equal-budget verdict (best_ours).
+  gating-x16-rb, gating-dynamic-x16-rb  consensus gating (`method: gating`) with the
+                headline's widths and branch removal: static gates, or per-sample gates pushed
+                to a consensus and frozen (`gates: dynamic`).
   (--reuse ARM=DIR takes a finished prune stage of the same budget as one of these,
   e.g. a `cifarpress prune` run with the same options.)
   tp-magnitude  Torch-Pruning one-shot with GroupMagnitudeImportance (L2), then E
@@ -91,6 +94,10 @@ OUR_ARMS["hesso-fisher-rb"] = {**OUR_ARMS["hesso-fisher"], "remove_branches": Tr
 OUR_ARMS["hesso-fisher-x16-rb"] = {**OUR_ARMS["hesso-fisher-x16"], "remove_branches": True}
 # ... and distilled from the baseline while it prunes: more compute per step than the equal-budget arms
 OUR_ARMS["hesso-fisher-x16-kd"] = {**OUR_ARMS["hesso-fisher-x16"], "distill": DistillConfig(method="kd")}
+# consensus gating (prune: {method: gating}) at the headline arm's rounding and branch removal: one static
+# logit per group, or per-sample heads pushed to agree (the issue's two variants)
+OUR_ARMS["gating-x16-rb"] = {"method": "gating", "channel_multiple": 16, "remove_branches": True}
+OUR_ARMS["gating-dynamic-x16-rb"] = {**OUR_ARMS["gating-x16-rb"], "gates": "dynamic"}
 ARMS = (*OUR_ARMS, "tp-magnitude", "tp-taylor")
 BUDGET_KEYS = ("epochs", "lr", "schedule", "batch_size", "weight_decay", "warmup_fraction")
 
@@ -188,8 +195,9 @@ def check_reused_run(arm: str, run: Path, budget: dict) -> Path:
 def train_arm(arm: str, args, stage, baseline_path: str, out: Path, console: Console) -> dict:
     """Train one arm in its folder `out` (resuming its checkpoints); the harness times and records it."""
     options = stage.training_options()
-    if arm.startswith("hesso"):
-        arm_stage = stage.model_copy(update=OUR_ARMS[arm])
+    if arm in OUR_ARMS:
+        common = stage.model_dump(include={"macs", "channel_multiple", *BUDGET_KEYS, "max_steps_per_epoch"})
+        arm_stage = stage_body("prune", **{**common, "method": "hesso", **OUR_ARMS[arm]})
         plugins = stage_plugins("prune", arm_stage, dataset_spec(args.dataset).num_classes, baseline_path)
         run_training(arch=None, dataset=args.dataset, out_dir=out, data_root=args.data_root,
                      init=baseline_path, plugins=plugins, **options)

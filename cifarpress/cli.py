@@ -343,7 +343,7 @@ def stage_command(kind: str):
 
 @stage_command("prune")
 def prune(
-    method: Annotated[Optional[str], typer.Option(help="hesso or dhspg" + _default("prune", "method") + ".")] = None,
+    method: Annotated[Optional[str], typer.Option(help="hesso, dhspg or gating" + _default("prune", "method") + ".")] = None,
     target: Annotated[float, typer.Option(help="Pruning target in (0, 1): with --target-kind sparsity the fraction "
                                                "of prunable channel groups removed, with --target-kind macs the "
                                                "fraction of MACs kept.")] = 0.5,
