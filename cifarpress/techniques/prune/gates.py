@@ -55,17 +55,22 @@ class GateBank(nn.Module):
         # running batch mean of the dynamic gates' probabilities: the agreed mask the freeze reads
         self.register_buffer("agreed", torch.ones(n_groups))
         self.heads = nn.ModuleDict()
-        self.head_groups: dict[str, torch.Tensor] = {}  # head key -> group ids it predicts
+        # head key -> (the group ids it predicts, sorted; the channel positions they hold in the hooked output;
+        # which head output each of those positions takes), fixed when the head is added
+        self.head_slots: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.sharpness = 1.0  # annealed form's gamma; set by the plug-in every step
         self.samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # (group ids, per-sample p) of this forward
 
-    def add_head(self, key: str, channels: int, group_ids: torch.Tensor) -> None:
+    def add_head(self, key: str, index: torch.Tensor, group_ids: torch.Tensor) -> None:
+        """A per-sample head for `group_ids` (sorted) of the module whose channels `index` maps to groups."""
+        channels = len(index)
         hidden = max(4, channels // 4)
         head = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, len(group_ids), 1))
         nn.init.zeros_(head[2].weight)  # starts as the static gate: the head learns only a per-sample correction
         nn.init.zeros_(head[2].bias)
         self.heads[key] = head
-        self.head_groups[key] = group_ids.clone()
+        positions = torch.isin(index, group_ids).nonzero().flatten()
+        self.head_slots[key] = (group_ids.clone(), positions, torch.searchsorted(group_ids, index[positions]))
 
     # -- probabilities --------------------------------------------------------------------------
     def branch_probs(self) -> torch.Tensor:
@@ -80,7 +85,7 @@ class GateBank(nn.Module):
     def agreed_probs(self) -> torch.Tensor:
         """probs() with each dynamic group's running batch mean in its place: what the freeze cuts by."""
         p = self.probs().detach().clone()
-        for ids in self.head_groups.values():
+        for ids, _, _ in self.head_slots.values():
             ids = ids.to(p.device)
             p[ids] = self.agreed[ids]
         return p
@@ -108,29 +113,15 @@ class GateBank(nn.Module):
         vec = gates[index]
         if key is None or key not in self.heads or bool(self.frozen):
             return vec
-        ids = self.head_groups[key].to(output.device)
-        pooled = output.float().mean(dim=tuple(range(2, output.dim())), keepdim=True)
-        if pooled.dim() == 2:
-            pooled = pooled[:, :, None, None]
+        ids, positions, order = (t.to(output.device) for t in self.head_slots[key])
+        pooled = output.float().mean(dim=(2, 3), keepdim=True)  # heads sit on BatchNorm2d outputs only
         extra = self.heads[key](pooled).flatten(1)  # (B, groups of this module)
         p = torch.sigmoid(self.logits[ids] + extra) * self.branch_probs()[ids]
         if self.training:
             self.samples.append((ids, p))
         per_sample = vec.unsqueeze(0).expand(output.shape[0], -1).clone()
-        positions = self._positions(key, index)
-        per_sample[:, positions] = self._value(p)[:, self._order(key, index)]
+        per_sample[:, positions] = self._value(p)[:, order]
         return per_sample
-
-    def _positions(self, key: str, index: torch.Tensor) -> torch.Tensor:
-        ids = self.head_groups[key].to(index.device)
-        return torch.isin(index, ids).nonzero().flatten()
-
-    def _order(self, key: str, index: torch.Tensor) -> torch.Tensor:
-        """For each channel position of the head's groups, which head output it takes."""
-        ids = self.head_groups[key].to(index.device)
-        lookup = torch.full((int(index.max().item()) + 2,), -1, dtype=torch.long, device=index.device)
-        lookup[ids] = torch.arange(len(ids), device=index.device)
-        return lookup[index[self._positions(key, index)]]
 
 
 class GateHook:
@@ -143,10 +134,9 @@ class GateHook:
         if self.index.device != output.device:
             self.index = self.index.to(output.device)
         vec = self.bank.channel_gates(self.index, self.key, output)
-        shape = list(vec.shape) + [1] * (output.dim() - vec.dim())
-        if vec.dim() == 1:
-            shape = [1] + shape[:-1] if output.dim() > 1 else shape
-        return output * vec.view(shape).to(output.dtype)
+        if vec.dim() == 1:  # the same gates for every sample
+            vec = vec.unsqueeze(0)
+        return output * vec.view(*vec.shape, *(1,) * (output.dim() - 2)).to(output.dtype)
 
 
 def gated_modules(model: nn.Module, groupset: GroupSet) -> dict[str, torch.Tensor]:
@@ -195,10 +185,10 @@ def attach_gates(model: nn.Module, groupset: GroupSet, *, form: str = "hard", dy
         key = None
         if dynamic and isinstance(modules[name], nn.BatchNorm2d):
             own = index[index < n].unique()
-            local = own[seen[own] == 1]  # groups gated here alone: a per-sample gate stays exact
+            local = own[seen[own] == 1]  # groups gated here alone: a per-sample gate stays exact (sorted)
             if len(local):
                 key = _key(name)
-                bank.add_head(key, len(index), local)
+                bank.add_head(key, index, local)
         modules[name].register_forward_hook(GateHook(bank, index, key))
     bank.to(first.device)
     model.add_module(BANK_NAME, bank)

@@ -123,7 +123,6 @@ class GatingPruner(GroupPruner):
         return self.start_step <= step < self.end_step and not bool(self.bank.frozen)
 
     def before_step(self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.bank.samples.clear()
         if self.form == "annealed":  # gamma from 1 to 1000, geometrically over the window
             span = max(1, self.end_step - self.start_step)
             progress = min(1.0, max(0.0, (trainer.step - self.start_step) / span))
@@ -137,7 +136,6 @@ class GatingPruner(GroupPruner):
         keep = self.bank.probs()
         extra = keep.new_zeros(())
         if samples:  # dynamic groups: their batch mean counts against the budget
-            keep = keep.clone()
             spread = []
             for ids, p in samples:
                 mean = p.mean(0)
@@ -197,11 +195,8 @@ class GatingPruner(GroupPruner):
     def freeze_mask(self) -> None:
         """Cut the lowest-probability gates until the target is met exactly; the rest open for good."""
         chosen = self.budget.select(self.bank.agreed_probs(), set())
-        self.freeze(chosen)
-        keep = torch.ones(len(self.groupset), dtype=torch.bool, device=self.bank.keep.device)
-        keep[chosen] = False
-        self.bank.keep.copy_(keep)
+        self.freeze(chosen)  # held at zero from this step on (after_step); finalize zeroes the model it cuts
+        self.bank.keep.copy_(~self.group_mask(chosen))
         self.bank.frozen.fill_(True)
-        self.hold_frozen_at_zero()
 
 
