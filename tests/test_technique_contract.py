@@ -31,6 +31,9 @@ CASES = {
     "prune/gating": ("prune", {"method": "gating", "macs": 0.6, "remove_branches": True, "gates": "dynamic",
                                "start_fraction": 0.0, "end_fraction": 0.5}),
     "quantize/ternary": ("quantize", {"method": "ternary"}),
+    "quantize/adapt": ("quantize", {"method": "adapt", "min_lookback": 2, "max_lookback": 3}),
+    "quantize/adapt-deploy": ("quantize", {"method": "adapt", "mode": "deploy", "min_lookback": 2,
+                                           "max_lookback": 3}),
     "train": ("train", {}),  # the add-ons alone
 }
 # In phase order, as their plug-ins run.

@@ -17,7 +17,7 @@ Encodings:
                  the first weight is in the lowest bits. The last byte is padded
                  with zero codes. Size: ceil(n / 4) bytes.
     "int8"       weights of 8-bit layers (the kept layers of a ternary policy), 1 byte each
-    "nbit<b>"    weights of a b-bit layer, b != 8 (2 <= b <= 16): each code c in
+    "nbit<b>"    weights of a b-bit layer, b != 8 (2 <= b <= 32): each code c in
                  [-qmax, qmax], qmax = 2^(b-1) - 1, stored as the unsigned b-bit
                  number c + qmax (all ones is invalid), weights back to back in one
                  bit stream: bit j of weight i is stream bit i*b + j, and stream bit
@@ -110,19 +110,19 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     flat = np.asarray(codes).reshape(-1).astype(np.int64)
     if flat.size and (np.abs(flat) > qmax).any():
         raise ValueError(f"{bits}-bit codes must lie in [-{qmax}, {qmax}]")
-    offset = (flat + qmax).astype(np.uint32)
-    stream = ((offset[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8).reshape(-1)
+    offset = (flat + qmax).astype(np.uint64)
+    stream = ((offset[:, None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8).reshape(-1)
     return np.packbits(stream, bitorder="little")  # packbits pads the last byte with zero bits
 
 
 def unpack_codes(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
-    """Inverse of pack_codes: the first `count` codes as int16 (int8 would not hold 16-bit codes)."""
+    """Inverse of pack_codes: the first `count` codes as int16, or int32 for words above 16 bits."""
     qmax = qmax_for(bits)
     stream = np.unpackbits(np.asarray(packed, np.uint8), bitorder="little")[:count * bits]
-    offset = stream.reshape(count, bits).astype(np.int32) @ (1 << np.arange(bits, dtype=np.int32))
+    offset = stream.reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits, dtype=np.int64))
     if (offset > 2 * qmax).any():
         raise ValueError(f"invalid {bits}-bit code")
-    return (offset - qmax).astype(np.int16)
+    return (offset - qmax).astype(np.int16 if bits <= 16 else np.int32)
 
 
 def _nbit_width(encoding: str) -> int | None:

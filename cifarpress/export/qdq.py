@@ -6,13 +6,19 @@ Conv/Gemm through DequantizeLinear. TensorRT's explicit quantization accepts thi
 form. Ternary layers hold only the integers -1, 0 and 1; a b-bit layer holds
 integers in [-qmax, qmax], qmax = 2^(b-1) - 1, so int8 storage fits every width up
 to 8 bits (kept int8 layers use all of [-127, 127]). Wider codes do not fit an
-int8 graph, so export_qdq refuses layers above 8 bits. A per-tensor scale is
-repeated once per channel.
+int8 graph: a layer above 8 bits stays a float layer holding its dequantized
+weights (exact in fp32 for fixed point up to 24-bit words; fp32 in ONNX, fp16 in
+a TensorRT engine built with FP16). A per-tensor scale is repeated once per
+channel. A fixed-point layer's scale is its step 2^-FL, so the format is exact in
+int8 storage.
 
-With act_bits=8, the input of each quantized layer also passes through
+With act_bits=8, the input of each int8 layer also passes through
 QuantizeLinear -> DequantizeLinear, using the layer's static per-tensor scale
 (running absmax / 127). ONNX and TensorRT need constant scales, so per-sample
-training exports per tensor too, and PyTorch evaluation uses the same scale.
+training exports per tensor too, and PyTorch evaluation uses the same scale. A layer whose inputs are rounded to its own fixed-point format
+<b, f> (AdaPT) gets Mul(2^f) -> Round -> Clip(+-qmax) -> Mul(2^-f) in front
+instead: Round is half-to-even in ONNX as in torch.round, and scaling by a power
+of two is exact, so the graph rounds as PyTorch does.
 
 How it is built: export_onnx traces a float copy of the model whose layers hold
 the dequantized weights, so no quantizer ops are traced. The graph is then
@@ -24,7 +30,8 @@ weights. Ternary layers take the sign (it flips where gamma < 0), and the scale
 is exact. n-bit layers re-derive absmax codes at their own qmax: the largest
 |code| of an absmax grid is qmax, so magnitude / qmax is the folded scale. Layers
 with no BN after them, such as the classifier, keep PyTorch's codes and scales
-unchanged.
+unchanged. Fixed-point layers keep PyTorch's codes (their largest code need not be
+qmax) and read each channel's folded scale back by least squares, checked exactly.
 """
 from __future__ import annotations
 
@@ -79,11 +86,30 @@ def _per_channel(scale: torch.Tensor, channels: int) -> np.ndarray:
     return scale.detach().float().cpu().reshape(-1).expand(channels).numpy().copy()
 
 
+def fits_int8(layer: FakeQuantLayer) -> bool:
+    """Whether the layer's codes fit an int8 initializer (ternary or at most 8 bits); wider ones export float."""
+    return layer.qmax <= np.iinfo(np.int8).max
+
+
 def _check_width(layer: FakeQuantLayer) -> None:
-    if layer.qmax > np.iinfo(np.int8).max:
+    if not fits_int8(layer):
         raise CifarpressError(f"layer {layer.layer_name!r} has {layer.precision} weights, wider than the "
-                              f"{QDQ_MAX_BITS} bits an int8 QDQ graph holds; set it to {QDQ_MAX_BITS} bits or "
-                              f"fewer before export_qdq")
+                              f"{QDQ_MAX_BITS} bits an int8 QDQ graph holds; export it as a float layer")
+
+
+def _fixed_point_codes(layer: FakeQuantLayer, rows: np.ndarray, torch_scale: np.ndarray) -> tuple[np.ndarray,
+                                                                                                     np.ndarray]:
+    """PyTorch's codes, each channel's scale read back from the BN-folded rows (codes x scale, exactly)."""
+    codes = layer.weight_codes().cpu().numpy().reshape(rows.shape[0], -1).astype(np.float64)
+    weight = rows.astype(np.float64)
+    energy = (codes * codes).sum(axis=1)
+    factor = np.where(energy > 0, (codes * weight).sum(axis=1) / np.where(energy > 0, energy, 1), torch_scale)
+    codes = codes * np.sign(np.where(factor == 0, 1, factor))[:, None]
+    scale = np.abs(factor).astype(np.float32)
+    if not np.allclose(codes * scale[:, None], weight, rtol=1e-5, atol=1e-12 + 1e-6 * np.abs(weight).max()):
+        raise CifarpressError(f"the exporter changed layer {layer.layer_name!r}'s fixed-point weights beyond a "
+                              f"per-channel scale; export with the dynamo exporter (torch>=2.5) and report this")
+    return codes.astype(np.int8), np.where(scale > 0, scale, torch_scale).astype(np.float32)
 
 
 def _weight_codes(layer: FakeQuantLayer, exported: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +120,9 @@ def _weight_codes(layer: FakeQuantLayer, exported: np.ndarray) -> tuple[np.ndarr
     if np.array_equal(exported, layer.quantized_weight().cpu().numpy()):  # no BN folded in
         return layer.weight_codes().cpu().numpy().astype(np.int8), torch_scale
     rows = exported.reshape(channels, -1)
+    if layer.fixed_point:
+        codes, scale = _fixed_point_codes(layer, rows, torch_scale)
+        return codes.reshape(exported.shape), scale
     magnitude = np.abs(rows).max(axis=1)
     if layer.ternary:
         codes = np.sign(rows)
@@ -131,8 +160,26 @@ def _input_qdq(layer: FakeQuantLayer, name: str, node, graph) -> list:
                              name=f"{name}.input_dequantize")]
 
 
+def _input_rounding(layer: FakeQuantLayer, name: str, node, graph) -> list:
+    """Mul -> Round -> Clip -> Mul in front of `node`'s data input: the layer's fixed-point input rounding."""
+    qmax, frac = float(layer.qmax), layer.frac_bits
+    constants = {"up": np.float32(2.0 ** frac), "down": np.float32(2.0 ** -frac), "low": np.float32(-qmax),
+                 "high": np.float32(qmax)}
+    graph.initializer.extend([numpy_helper.from_array(np.asarray(v), f"{name}.input_fixed_{k}")
+                              for k, v in constants.items()])
+    source, out = node.input[0], f"{name}.input_fixed"
+    node.input[0] = out + "_value"
+    return [helper.make_node("Mul", [source, f"{name}.input_fixed_up"], [out + "_scaled"], name=out + "_scale"),
+            helper.make_node("Round", [out + "_scaled"], [out + "_rounded"], name=out + "_round"),
+            helper.make_node("Clip", [out + "_rounded", f"{name}.input_fixed_low", f"{name}.input_fixed_high"],
+                             [out + "_codes"], name=out + "_clip"),
+            helper.make_node("Mul", [out + "_codes", f"{name}.input_fixed_down"], [out + "_value"],
+                             name=out + "_descale")]
+
+
 def quantize_graph(proto: onnx.ModelProto, layers: dict[str, FakeQuantLayer]) -> None:
-    """Rewrite, in place, a float export of `dequantized_copy(model)` into the QDQ form."""
+    """Rewrite, in place, a float export of `dequantized_copy(model)` into the QDQ form: int8 weights for the
+    layers that fit int8, input rounding for fixed-point inputs; wider layers stay as exported (float)."""
     graph = proto.graph
     initializers = {t.name: t for t in graph.initializer}
     consumers = defaultdict(list)
@@ -147,6 +194,11 @@ def quantize_graph(proto: onnx.ModelProto, layers: dict[str, FakeQuantLayer]) ->
             raise CifarpressError(f"the exported graph has no weight initializer for layer {name!r}; "
                                   f"QDQ export needs torch.onnx's dynamo exporter to trace the model")
         _check_weight_consumers(name, weight, consumers[weight])
+        if layer.fixed_inputs:
+            for i, node in enumerate(consumers[weight]):
+                before_node[id(node)] += _input_rounding(layer, name if i == 0 else f"{name}.{i}", node, graph)
+        if not fits_int8(layer):
+            continue
         codes, scale = _weight_codes(layer, numpy_helper.to_array(tensor))
         graph.initializer.remove(tensor)
         graph.initializer.extend([
@@ -157,10 +209,10 @@ def quantize_graph(proto: onnx.ModelProto, layers: dict[str, FakeQuantLayer]) ->
         weight_dequantizers.append(helper.make_node(
             "DequantizeLinear", [weight + "_quantized", weight + "_scale", weight + "_zero_point"], [weight],
             name=weight + "_dequantize", axis=0))
-        if layer.act_bits:
+        if layer.int8_inputs:
             for i, node in enumerate(consumers[weight]):
                 before_node[id(node)] += _input_qdq(layer, name if i == 0 else f"{name}.{i}", node, graph)
-    replaced = {WRAPPER_PREFIX + name + ".weight" for name in layers}
+    replaced = {WRAPPER_PREFIX + name + ".weight" for name, layer in layers.items() if fits_int8(layer)}
     for value in [v for v in graph.input if v.name in replaced]:  # older IRs also list initializers as inputs
         graph.input.remove(value)
     ordered = list(weight_dequantizers)
@@ -179,13 +231,17 @@ def export_qdq(model: nn.Module, path: str | Path, spec: DatasetSpec, classes: l
         raise CifarpressError("the model has no ternary or int8 layers; quantize it (quantize_model or TernaryQAT) "
                               "before export_qdq, or use export_onnx for a float model")
     for layer in layers.values():  # fail early, naming the layer, before any tracing
-        _check_width(layer)
-        if layer.act_bits:
+        if layer.int8_inputs:
             layer.static_input_scale()  # a missing activation range
     config = config_from_model(model)
-    precisions = {n: m.precision for n, m in layers.items()}
-    scheme = ("BitNet b1.58 ternary weights, int8 QDQ" if set(precisions.values()) <= {"ternary", "int8"}
-              else "ternary and n-bit weights in int8 storage, int8 QDQ")
+    precisions = {n: m.precision + (f".{m.frac_bits}" if m.fixed_point else "") + ("" if fits_int8(m) else " (float)")
+                  for n, m in layers.items()}
+    if set(precisions.values()) <= {"ternary", "int8"}:
+        scheme = "BitNet b1.58 ternary weights, int8 QDQ"
+    elif any(m.fixed_point for m in layers.values()):
+        scheme = "per-layer fixed-point weights <WL.FL>: int8 QDQ up to 8 bits, float above"
+    else:
+        scheme = "ternary and n-bit weights in int8 storage, int8 QDQ"
     metadata = {"quantization": {
         "scheme": scheme, "layers": precisions,
         "config": config.to_dict(), "activations": "int8 per tensor, static" if config.act_bits else "float"},
@@ -246,8 +302,9 @@ def check_qdq(model: nn.Module, path: str | Path, images: torch.Tensor | CifarSp
         model.train(was_training)
     max_diff = check.max_abs_diff
     if tolerance is None:
-        int8_inputs = any(layer.act_bits for layer in quantized_layers(model).values())
-        tolerance = ACT_RELATIVE_TOLERANCE * largest_logit if int8_inputs else WEIGHT_ONLY_TOLERANCE
+        # A rounded input (int8 or fixed point) can flip by one step where BN folding moves a value by an ulp.
+        rounded_inputs = any(layer.int8_inputs or layer.fixed_inputs for layer in quantized_layers(model).values())
+        tolerance = ACT_RELATIVE_TOLERANCE * largest_logit if rounded_inputs else WEIGHT_ONLY_TOLERANCE
     if max_diff > tolerance:
         raise ExportCheckError(
             f"onnxruntime output of {path} differs from the PyTorch fake-quant model by {max_diff:.2e} "

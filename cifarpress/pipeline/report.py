@@ -105,6 +105,7 @@ def render_markdown(report: dict) -> str:
                          f"{row['onnx_bytes'] / 1e3:.1f} KB")
         if row.get("layers"):
             cells = ", ".join(f"{layer['name']} {layer['precision']}"
+                              + (f".{layer['frac_bits']}" if "frac_bits" in layer else "")  # fixed point <WL.FL>
                               + (f" ({100 * layer['zero_fraction']:.0f}% zeros)" if layer["precision"] == "ternary" else "")
                               for layer in row["layers"])
             lines.append(f"- {row['stage']} layer precisions: {cells}")

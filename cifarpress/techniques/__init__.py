@@ -32,7 +32,8 @@ CATALOGUE: tuple[Technique, ...] = (
               "(hesso, dhspg) or learned consensus gates (gating)",
               training_defaults={"epochs": 10}),
     Technique("quantize", "stage", Phase.QUANTIZE, QuantizeConfig, "cifarpress.techniques.quantize.qat:build",
-              "Quantization-aware training (ternary: BitNet b1.58 weights {-1, 0, +1} x scale)",
+              "Quantization-aware training: ternary (BitNet b1.58 weights {-1, 0, +1} x scale) or adapt (AdaPT: "
+              "per-layer fixed-point precision moved during training by an information-loss rule)",
               record="cifarpress.techniques.quantize.record:record",
               restore="cifarpress.techniques.quantize.record:restore", training_defaults={"epochs": 5}),
     Technique("distill", "addon", Phase.LOSS, Optional[DistillConfig], "cifarpress.techniques.distill.plugin:build",

@@ -15,10 +15,24 @@ Two weight rules exist, and the buffer says which one a layer uses:
         median|W| per tensor or per output channel (BitNet b1.58). Its width,
         log2(3) = 1.58 bits, is not an integer, and its scale is not absmax, so it
         is a rule of its own rather than "2 bits".
-    n-bit (weight_bits = b, 2 <= b <= 16)   symmetric codes in [-qmax, qmax],
+    n-bit (weight_bits = b, 2 <= b <= 32)   symmetric codes in [-qmax, qmax],
         qmax = 2^(b-1) - 1, zero point 0, scale absmax / qmax per output channel.
         b = 8 is the int8 rule of the layers a ternary policy keeps. b = 2 gives
         codes {-1, 0, 1} too, but on an absmax grid, which rounds most weights to 0.
+    fixed point <b, f> (weight_bits = b and the 0-d buffer weight_frac_bits = f)
+        the same symmetric b-bit codes, but the scale is the fixed-point step
+        2^-f for the whole tensor (AdaPT's word length b, fractional length f).
+        Scaling by a power of two is exact in float, so the codes are exact at any
+        width; training may round them stochastically (stochastic_rounding, with a
+        generator the technique seeds per step so that resumed runs repeat).
+
+Input fake quant (act_bits=8) applies only while the layer's weights fit int8
+(ternary or b <= 8): a wider layer exports as a float layer (export/qdq.py), so
+its inputs stay float too, while the running range keeps updating in training,
+ready for when a technique narrows the layer. A fixed-point layer may instead
+round its input to its own <b, f> format (the 0-d bool buffer input_fixed_point,
+AdaPT's quantized inputs), to nearest, with a straight-through gradient; the
+export writes that rounding as Mul, Round, Clip, Mul.
 
 The -2^(b-1) code is left out so that the grid is symmetric, which is what
 TensorRT's explicit quantization takes and what makes BN folding exact (a
@@ -45,7 +59,9 @@ ACT_MOMENTUM = 0.1  # running-absmax update rate, the BN convention
 INT8_MAX = 127
 TERNARY_BITS = math.log2(3)  # information content of one ternary weight, the "1.58"
 TERNARY = 0  # the weight_bits value that marks the ternary rule
-MIN_BITS, MAX_BITS = 2, 16  # 1 bit would leave qmax = 0; 16 covers AdaPT's range and the packed int16 decode
+MIN_BITS, MAX_BITS = 2, 32  # 1 bit would leave qmax = 0; 32 covers AdaPT's words
+INT8_BITS = 8  # the widest weights an int8 QDQ layer (and so an int8 input) takes
+MAX_FRAC_BITS = 48  # fixed point: fractional lengths 0..48 (steps down to 2^-48)
 
 
 # -- the numerics, as plain functions ------------------------------------------------
@@ -65,7 +81,7 @@ def qmax_for(bits: int) -> int:
 
 
 def check_bits(bits, where: str = "weight_bits") -> int:
-    """`bits` as the int the buffer holds: "ternary", "int<b>" or b with 2 <= b <= 16."""
+    """`bits` as the int the buffer holds: "ternary", "int<b>" or b with 2 <= b <= 32."""
     if isinstance(bits, str):
         text = bits.strip().lower()
         if text == "ternary":
@@ -177,10 +193,14 @@ class FakeQuantLayer:
         self.act_per_sample = getattr(config, "act_granularity", "tensor") == "sample"
         self.blend = 1.0  # warm-up: 0 = float weights, 1 = quantized (training forward only)
         self._calibrating = False
-        self._bits_seen = None  # (buffer, its version, its value): see _bits
+        self._ints_seen = {}  # buffer name -> (buffer, its version, its value): see _read_int
+        self.stochastic_rounding = False  # fixed point, training forward only
+        self.rounding_generator: torch.Generator | None = None
         bits = check_bits(self.initial_bits if weight_bits is None else weight_bits)
         self.register_buffer("weight_bits", torch.tensor(bits, dtype=torch.int64, device=self.weight.device))
         self.register_buffer("frozen_scale", None)
+        self.register_buffer("weight_frac_bits", None)  # set by set_fixed_point: the fixed-point rule
+        self.register_buffer("input_fixed_point", None)  # set by set_fixed_inputs: inputs in the layer's format
         absmax = torch.zeros((), device=self.weight.device) if self.act_bits else None
         self.register_buffer("act_absmax", absmax)  # running input range; in checkpoints for resume
 
@@ -201,20 +221,59 @@ class FakeQuantLayer:
             plain.bias = nn.Parameter(self.bias.detach().clone())
         return plain.train(self.training)
 
-    # the precision, from the buffer
-    def _bits(self) -> int:
+    # the precision, from the buffers
+    def _read_int(self, name: str) -> int | None:
         # Reading a CUDA buffer is a device sync, once per layer and forward, so the value is
         # re-read only when the buffer changed: every in-place write (set_weight_bits, load_state_dict,
         # the EMA's copy_, DDP's broadcast) bumps the tensor's version, and .to() replaces the tensor.
-        buffer = self.weight_bits
+        buffer = getattr(self, name)
+        if buffer is None:
+            return None
         try:
             version = buffer._version
         except RuntimeError:  # an inference tensor keeps no version counter
             return int(buffer)
-        seen = self._bits_seen
+        seen = self._ints_seen.get(name)
         if seen is None or seen[0] is not buffer or seen[1] != version:
-            seen = self._bits_seen = (buffer, version, int(buffer))
+            seen = self._ints_seen[name] = (buffer, version, int(buffer))
         return seen[2]
+
+    def _bits(self) -> int:
+        return self._read_int("weight_bits")
+
+    @property
+    def frac_bits(self) -> int | None:
+        """The fractional length f of a fixed-point layer (its step is 2^-f); None under the other rules."""
+        return self._read_int("weight_frac_bits")
+
+    @property
+    def fixed_point(self) -> bool:
+        return self.weight_frac_bits is not None
+
+    @property
+    def int8_inputs(self) -> bool:
+        """Whether the input passes through int8 fake quant now: act_bits=8 and weights that fit int8."""
+        return bool(self.act_bits) and self._bits() <= INT8_BITS and not self.fixed_inputs
+
+    @property
+    def fixed_inputs(self) -> bool:
+        """Whether the input is rounded to the layer's own fixed-point format."""
+        return bool(self._read_int("input_fixed_point")) and self.fixed_point
+
+    @property
+    def input_bits(self) -> float:
+        """Bits per input value: 8 (int8), the word length (fixed point) or 32 (float)."""
+        return 8 if self.int8_inputs else self._bits() if self.fixed_inputs else 32
+
+    @torch.no_grad()
+    def set_fixed_inputs(self, on: bool = True) -> None:
+        if not self.fixed_point:
+            raise CifarpressError(f"layer {self.layer_name!r} has no fixed-point format for its inputs; call "
+                                  f"set_fixed_point first")
+        if self.input_fixed_point is None:
+            self.input_fixed_point = torch.tensor(bool(on), device=self.weight.device)
+        else:
+            self.input_fixed_point.fill_(bool(on))
 
     @property
     def ternary(self) -> bool:
@@ -245,12 +304,39 @@ class FakeQuantLayer:
         are then quantized afresh on the new grid.
         """
         bits = check_bits(bits, f"layer {self.layer_name!r}: weight_bits")
-        if bits != self._bits():
+        if bits != self._bits() or self.fixed_point:
             self.weight_bits.fill_(bits)
+            self.weight_frac_bits = None
             self.frozen_scale = None
+
+    @torch.no_grad()
+    def set_fixed_point(self, word_bits: int, frac_bits: int) -> None:
+        """Switch to the fixed-point rule <word_bits, frac_bits>: codes in [-qmax, qmax] times 2^-frac_bits.
+
+        Both numbers change in place, so the EMA copy and DDP's broadcast follow (see set_weight_bits).
+        """
+        word_bits = check_bits(word_bits, f"layer {self.layer_name!r}: word length")
+        if word_bits == TERNARY:
+            raise CifarpressError(f"layer {self.layer_name!r}: a fixed-point word needs {MIN_BITS} to {MAX_BITS} bits")
+        if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or not 0 <= frac_bits <= MAX_FRAC_BITS:
+            raise CifarpressError(f"layer {self.layer_name!r}: fractional length {frac_bits!r} is invalid; use a "
+                                  f"whole number from 0 to {MAX_FRAC_BITS}")
+        if word_bits == self._bits() and frac_bits == self.frac_bits:
+            return
+        self.weight_bits.fill_(word_bits)
+        if self.weight_frac_bits is None:
+            self.weight_frac_bits = torch.tensor(frac_bits, dtype=torch.int64, device=self.weight.device)
+        else:
+            self.weight_frac_bits.fill_(frac_bits)
+        self.frozen_scale = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # a fixed-point layer's state: take its rule before the values load into it
+        if self.weight_frac_bits is None and prefix + "weight_frac_bits" in state_dict:
+            self.weight_frac_bits = torch.zeros((), dtype=torch.int64, device=self.weight.device)
+        if self.input_fixed_point is None and prefix + "input_fixed_point" in state_dict:
+            self.input_fixed_point = torch.zeros((), dtype=torch.bool, device=self.weight.device)
         key = prefix + "weight_bits"
         absent = key not in state_dict
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -265,6 +351,8 @@ class FakeQuantLayer:
 
     # weights
     def _scale_from(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.fixed_point:
+            return torch.full((), 2.0 ** -self.frac_bits, device=weight.device)
         if self.ternary:
             return ternary_scale(weight, self.scale_method, self.per_channel)
         return absmax_scale(weight, self.qmax)
@@ -287,11 +375,22 @@ class FakeQuantLayer:
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass uses. Its gradient reaches the latent weight unchanged (STE)."""
-        target = self.quantized_weight()
+        if self.training and self.stochastic_rounding and self.fixed_point:
+            target = self._stochastic_weight()
+        else:
+            target = self.quantized_weight()
         if self.training and self.blend < 1.0:
             # lerp is exact at both ends, so blend 0 is the float layer and blend 1 the quantized one
             target = torch.lerp(self.weight.detach(), target, self.blend)
         return straight_through(self.weight, target)
+
+    @torch.no_grad()
+    def _stochastic_weight(self) -> torch.Tensor:
+        """Fixed-point codes rounded up with probability equal to the remainder (unbiased), times the step."""
+        scale, qmax = self.weight_scale(), self.qmax
+        scaled = self.weight / scale
+        noise = torch.rand(scaled.shape, generator=self.rounding_generator, device=scaled.device)
+        return (scaled + noise).floor_().clamp_(-qmax, qmax) * scale
 
     @torch.no_grad()
     def load_quantized(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
@@ -318,10 +417,16 @@ class FakeQuantLayer:
         return (self.act_absmax / INT8_MAX).clamp_min(EPS)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fixed_inputs:
+            qmax, step = self.qmax, 2.0 ** -self.frac_bits
+            with torch.no_grad():
+                rounded = round_clip(x / step, -qmax, qmax) * step
+            return straight_through(x, rounded)
         if self.act_bits is None:
             return x
+        active = self.int8_inputs
         if not (self.training or self._calibrating):
-            return fake_quantize_activation(x, self.static_input_scale())
+            return fake_quantize_activation(x, self.static_input_scale()) if active else x
         with torch.no_grad():
             seen = x.detach().abs().amax().float()
             if self._calibrating:
@@ -330,10 +435,12 @@ class FakeQuantLayer:
                 # the first batch sets the range, and later batches move it by ACT_MOMENTUM
                 self.act_absmax.copy_(torch.where(self.act_absmax > 0,
                                                   torch.lerp(self.act_absmax, seen, ACT_MOMENTUM), seen))
-        return fake_quantize_activation(x, activation_scale(x, self.act_per_sample))
+        return fake_quantize_activation(x, activation_scale(x, self.act_per_sample)) if active else x
 
     def extra_repr(self) -> str:
         base = super().extra_repr() + f", weights={self.precision}"
+        if self.fixed_point:
+            base += f", frac_bits={self.frac_bits}" + (", fixed-point inputs" if self.fixed_inputs else "")
         if self.ternary:
             base += f", scale={self.scale_method}/{'channel' if self.per_channel else 'tensor'}"
         if self.act_bits:

@@ -68,6 +68,10 @@ class TernaryQAT(Plugin):
             set_warmup_blend(self._model, self.blend())
 
 
-def build(config, context=None) -> TernaryQAT:
-    """The catalogue's `quantize: {method: ternary}` stage."""
+def build(config, context=None) -> Plugin:
+    """The catalogue's `quantize` stage: `method: ternary` here, `method: adapt` in adapt.py."""
+    if config.method == "adapt":
+        from cifarpress.techniques.quantize.adapt import build as build_adapt
+
+        return build_adapt(config, context)
     return TernaryQAT(TernaryConfig.from_dict(config.model_dump(exclude={"method"})))

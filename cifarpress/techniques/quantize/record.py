@@ -10,9 +10,13 @@ from cifarpress.techniques.quantize.ternary import TernaryConfig, config_from_mo
 
 
 def record(model: nn.Module) -> dict | None:
-    if not quantized_layers(model):
+    layers = quantized_layers(model)
+    if not layers:
         return None
-    return {"method": "ternary", "config": config_from_model(model).to_dict()}
+    # AdaPT's layers rebuild through the same swap: config_from_model keeps every non-ternary layer, and the
+    # state dict then brings back each one's word and fractional length.
+    method = "adapt" if any(layer.fixed_point for layer in layers.values()) else "ternary"
+    return {"method": method, "config": config_from_model(model).to_dict()}
 
 
 def restore(model: nn.Module, recorded: dict) -> None:

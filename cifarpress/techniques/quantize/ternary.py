@@ -256,7 +256,8 @@ def weight_bytes(layer: FakeQuantLayer) -> int:
 
 @torch.no_grad()
 def layer_report(model: nn.Module) -> list[dict]:
-    """Per quantized layer: name, precision, bits, params, zero_fraction (free sparsity), scale, weight_bytes."""
+    """Per quantized layer: name, precision, bits, params, zero_fraction (free sparsity), scale, weight_bytes;
+    fixed-point layers (AdaPT) add frac_bits and input_bits."""
     rows = []
     for name, layer in quantized_layers(model).items():
         codes, scale = layer.weight_codes(), layer.weight_scale().float().flatten()
@@ -266,5 +267,6 @@ def layer_report(model: nn.Module) -> list[dict]:
             "scale": float(scale[0]) if scale.numel() == 1 else scale.tolist(),
             "weight_bytes": weight_bytes(layer),  # as packed
             "act_bits": layer.act_bits,
+            **({"frac_bits": layer.frac_bits, "input_bits": layer.input_bits} if layer.fixed_point else {}),
         })
     return rows
