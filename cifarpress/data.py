@@ -6,6 +6,7 @@ and the loader never starves the model (see bench/data_pipeline.py).
 """
 from __future__ import annotations
 
+import collections.abc
 import hashlib
 import os
 import pickle
@@ -20,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cifarpress.datasets import DATASETS, DatasetSpec, dataset_spec  # noqa: F401 (re-exported: the data API)
+from cifarpress.datasets import DATASETS, DatasetSpec, custom_spec, dataset_spec  # noqa: F401 (re-exported: the data API)
 from cifarpress.errors import CifarpressError
 
 ENV_VAR = "CIFARPRESS_DATA"
@@ -50,7 +51,10 @@ OFFICIAL_TEST_IMAGES = 1000  # how many leading test images are the official pix
 
 @dataclass
 class CifarSplit:
-    images: torch.Tensor  # uint8 [N, 3, 32, 32]
+    """Images held in memory: a CIFAR split (uint8 [N, 3, 32, 32]), or a sample of a user's data held as the
+    exported graph takes it (float [N, C, H, W]: the model's inputs, or pixels where the graph normalizes)."""
+
+    images: torch.Tensor  # uint8 [N, 3, 32, 32], or float [N, C, H, W] graph inputs
     labels: torch.Tensor  # int64 [N]
     classes: list[str]
     spec: DatasetSpec
@@ -62,6 +66,11 @@ class CifarSplit:
     def subset(self, indices: torch.Tensor) -> "CifarSplit":
         return CifarSplit(self.images[indices], self.labels[indices], self.classes, self.spec,
                           f"{len(indices)} images of {self.source or 'the split'}")
+
+    def pixels(self, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The images (or those at `indices`) as float graph inputs: uint8 scaled to [0, 1], float as held."""
+        images = self.images if indices is None else self.images[indices]
+        return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
 
     @property
     def official_prefix(self) -> int:
@@ -232,17 +241,19 @@ def random_crop_flip(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -
 
 
 class Normalizer:
-    """uint8 NCHW -> float32, (x/255 - mean) / std."""
+    """uint8 NCHW -> float32, (x/255 - mean) / std; float NCHW (graph inputs, see CifarSplit) -> (x - mean) / std."""
 
     def __init__(self, mean, std, device="cpu", channels_last: bool = False):
-        self.scale = (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1).to(device)
-        self.shift = (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1).to(device)
+        std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.scale = (1.0 / (255.0 * std)).to(device)
+        self.inv_std = (1.0 / std).to(device)
+        self.shift = (torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) / std).to(device)
         self.device = device
         self.channels_last = channels_last
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True).float()
-        x = x * self.scale - self.shift
+        x = images.to(self.device, non_blocking=True)
+        x = x.float() * (self.scale if x.dtype == torch.uint8 else self.inv_std) - self.shift
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
@@ -305,3 +316,75 @@ def check_classes(num_classes: int, split: CifarSplit) -> None:
         raise CifarpressError(
             f"the model has {num_classes} outputs but {split.spec.name} has {split.spec.num_classes} classes; "
             f"pass the matching --dataset")
+
+
+# -- a user's own data ----------------------------------------------------------------------
+
+def batch_pair(batch, what: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) out of one batch of a user's data (a DataLoader yields [images, labels])."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and all(isinstance(t, torch.Tensor) for t in batch[:2]):
+        return batch[0], batch[1]
+    shown = type(batch).__name__ if not isinstance(batch, torch.Tensor) else f"a tensor of shape {tuple(batch.shape)}"
+    raise CifarpressError(f"{what}: a batch is {shown}, not (images, labels); give a DataLoader or an iterable "
+                          f"of (images, labels) tensor pairs")
+
+
+def check_reiterable(data, what: str = "data") -> None:
+    """A training loader is read once per epoch (and once more for its shape): a generator would run dry.
+    (An iterator, not iter(data) is data, so a DataLoader's workers are not started just to ask.)"""
+    if isinstance(data, collections.abc.Iterator):
+        raise CifarpressError(f"{what} is a one-shot iterator; pass something that can be read again, such as a "
+                              f"DataLoader or a list of batches")
+
+
+class LoaderBatches:
+    """A user's data as the Trainer and `evaluate` iterate it: any re-iterable of (images, labels) batches,
+    such as a DataLoader with its own transforms, shuffling and batch size, moved to the device as it comes.
+
+    Its images are the model's inputs as they are (no normalization or augmentation is added). Under torchrun
+    every rank reads the whole loader unless the user shards it (a DistributedSampler, whose set_epoch is called)."""
+
+    def __init__(self, data, device: str | torch.device = "cpu", channels_last: bool = False, what: str = "data"):
+        check_reiterable(data, what)
+        self.data, self.device, self.channels_last, self.what = data, device, channels_last, what
+
+    def set_epoch(self, epoch: int) -> None:
+        sampler = getattr(self.data, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        try:
+            return len(self.data)
+        except TypeError:
+            raise CifarpressError(f"{self.what} has no length, so the run's steps are unknown; pass a DataLoader "
+                                  f"or a list, or set max_steps_per_epoch") from None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.data:
+            images, labels = batch_pair(batch, self.what)
+            images = images.to(self.device, non_blocking=True)
+            if self.channels_last and images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, labels.to(self.device, non_blocking=True)
+
+
+def as_batches(data, batch_size: int, train: bool, seed: int = 0, shard: tuple[int, int] = (0, 1),
+               device: str | torch.device = "cpu", channels_last: bool = False, what: str = "data"):
+    """The batches to iterate: a CIFAR split through BatchLoader (augmented when training), anything else as
+    the user's own (images, labels) batches (LoaderBatches; batch_size and seed are then the loader's own)."""
+    if isinstance(data, CifarSplit):
+        return BatchLoader(data, batch_size, train=train, seed=seed, shard=shard, device=device,
+                           channels_last=channels_last)
+    return LoaderBatches(data, device, channels_last, what)
+
+
+def input_shape_of(data, what: str = "data") -> tuple[int, ...]:
+    """One image's shape (C, H, W) as the model takes it: a split's, or the first batch's of a user's data."""
+    if isinstance(data, CifarSplit):
+        return tuple(data.images.shape[1:])
+    check_reiterable(data, what)
+    for batch in data:
+        images, _ = batch_pair(batch, what)
+        return tuple(images.shape[1:])
+    raise CifarpressError(f"{what} yields no batches")

@@ -22,6 +22,13 @@ class DatasetSpec:
     meta_file: str
     label_key: bytes
     names_key: bytes
+    input_shape: tuple[int, ...] = (3, 32, 32)  # one image as the model takes it (C, H, W)
+
+    @property
+    def normalizes(self) -> bool:
+        """Whether an exported graph normalizes its input inside (mean 0 and std 1: it takes the model's own
+        inputs as they are, as for a user's data whose transform already normalized them)."""
+        return any(m != 0 for m in self.mean) or any(s != 1 for s in self.std)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -54,6 +61,23 @@ DATASETS: dict[str, DatasetSpec] = {
         names_key=b"fine_label_names",
     ),
 }
+
+
+def custom_spec(num_classes: int, input_shape: tuple[int, ...], mean=None, std=None,
+                name: str = "custom") -> DatasetSpec:
+    """The spec of a user's own data (no files): its class count and image shape, and the normalization an
+    exported graph folds in (`mean`/`std` per channel; left out: none, the graph takes the model's inputs)."""
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise CifarpressError(f"input_shape {tuple(input_shape)} is not one image's (C, H, W), e.g. (3, 64, 64)")
+    channels = shape[0]
+    mean = tuple(float(m) for m in mean) if mean is not None else (0.0,) * channels
+    std = tuple(float(s) for s in std) if std is not None else (1.0,) * channels
+    if len(mean) != channels or len(std) != channels or min(std) <= 0:
+        raise CifarpressError(f"normalization needs {channels} means and {channels} positive stds (one per "
+                              f"channel of {shape}), got mean {mean}, std {std}")
+    return DatasetSpec(name=name, folder="", url="", md5="", num_classes=int(num_classes), mean=mean, std=std,
+                       train_files=(), test_files=(), meta_file="", label_key=b"", names_key=b"", input_shape=shape)
 
 
 def dataset_spec(name: str) -> DatasetSpec:

@@ -325,11 +325,11 @@ def synthesize_images(model: nn.Module, spec: DatasetSpec, count: int = 64, step
         raise CifarpressError("zeroq needs a model with BatchNorm layers (their running statistics are the target)")
     was_training = model.training
     model.eval()
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
     low, high = (0 - mean) / std, (1 - mean) / std
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(count, 3, 32, 32, generator=gen).requires_grad_(True)
+    x = torch.randn(count, *spec.input_shape, generator=gen).requires_grad_(True)
     inputs: list[torch.Tensor] = []
     hooks = [m.register_forward_pre_hook(lambda _m, args: inputs.append(args[0])) for m in norms]
     optimizer = torch.optim.Adam([x], lr=lr)

@@ -47,7 +47,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from cifarpress.data import CifarSplit, DatasetSpec
+from cifarpress.data import DATASETS, CifarSplit, DatasetSpec
 from cifarpress.errors import CifarpressError
 from cifarpress.export.calibrate import (
     CALIBRATORS,
@@ -338,19 +338,30 @@ def quantize_int8_graph(proto: onnx.ModelProto, plan: Int8Plan, scales: dict[str
 
 # -- the export ------------------------------------------------------------------------
 
-def _calibration_pixels(images: torch.Tensor | CifarSplit | np.ndarray) -> np.ndarray:
+def _calibration_pixels(images: torch.Tensor | CifarSplit | np.ndarray, pixel_range: bool = True) -> np.ndarray:
+    """The calibration images as float32 graph inputs. pixel_range: the graph normalizes inside, so they must be
+    pixels in [0, 1] (a graph that takes the model's own inputs, spec.normalizes False, takes any values)."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     pixels = _as_pixels(images)
-    if pixels.dim() != 4 or pixels.shape[1] != 3:
-        raise CifarpressError(f"calibration images must be NCHW with 3 channels, got shape {tuple(pixels.shape)}")
+    if pixels.dim() != 4:
+        raise CifarpressError(f"calibration images must be NCHW, got shape {tuple(pixels.shape)}")
     if len(pixels) == 0:
         raise CifarpressError("no calibration images")
     low, high = float(pixels.min()), float(pixels.max())
-    if low < -1e-3 or high > 1 + 1e-3:
+    if pixel_range and (low < -1e-3 or high > 1 + 1e-3):
         raise CifarpressError(f"calibration images span [{low:.2f}, {high:.2f}]; pass uint8 images or float "
                               f"pixels in [0, 1] (the graph normalizes inside), not normalized tensors")
     return pixels.numpy().astype(np.float32)
+
+
+def _normalizes_inside(metadata: dict) -> bool:
+    """Whether a cifarpress graph takes pixels in [0, 1] (normalizing inside) rather than the model's own inputs."""
+    try:
+        preprocessing = json.loads(metadata.get("preprocessing", "{}"))
+    except ValueError:
+        return True
+    return preprocessing.get("scale") != "none"
 
 
 def _manifest_summary(manifest: dict | None) -> dict | None:
@@ -371,7 +382,7 @@ def export_int8_qdq(model: nn.Module, onnx_path: str | Path, spec: DatasetSpec, 
     """
     if calibrator not in CALIBRATORS:
         raise CifarpressError(f"unknown calibrator '{calibrator}'; choose one of {', '.join(CALIBRATORS)}")
-    pixels = _calibration_pixels(calib_images)  # before the export: bad images fail fast
+    pixels = _calibration_pixels(calib_images, spec.normalizes)  # before the export: bad images fail fast
     with tempfile.TemporaryDirectory() as tmp:
         float_path = export_onnx(unwrap(model), Path(tmp) / "float.onnx", spec, classes, extra_metadata, opset)
         return quantize_onnx_int8(float_path, onnx_path, pixels, calibrator, per_channel, manifest, source,
@@ -398,12 +409,12 @@ def quantize_onnx_int8(float_path: str | Path, onnx_path: str | Path,
     """
     if calibrator not in CALIBRATORS:
         raise CifarpressError(f"unknown calibrator '{calibrator}'; choose one of {', '.join(CALIBRATORS)}")
-    pixels = _calibration_pixels(calib_images)
     proto = onnx.load(str(float_path))
     metadata = {p.key: p.value for p in proto.metadata_props}
     if "normalization" not in metadata.get("preprocessing", ""):
         raise CifarpressError(f"{float_path} is not a cifarpress export (no preprocessing metadata); int8 "
                               f"calibration needs a graph that takes pixels in [0, 1] and normalizes inside")
+    pixels = _calibration_pixels(calib_images, _normalizes_inside(metadata))
     if "quantization" in metadata or any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
         raise CifarpressError(f"{float_path} is already quantized; int8 calibration takes a float graph")
     quantization = {
@@ -452,8 +463,8 @@ def int8_sensitivity(float_path: str | Path, calib_images, images: torch.Tensor,
                      statistics: dict[str, AbsHistogram] | None = None) -> list[dict]:
     """Top-1 (pp) lost on `images` when each quantizable layer alone is int8 and the rest stay float, in the
     graph's own math; worst first. One calibration pass serves every layer."""
-    pixels = _calibration_pixels(calib_images)
     proto = onnx.load(str(float_path))
+    pixels = _calibration_pixels(calib_images, _normalizes_inside({p.key: p.value for p in proto.metadata_props}))
     unshare_initializers(proto.graph)
     layers = int8_layers(proto.graph)
     if statistics is None:
@@ -478,7 +489,7 @@ def _enforce_max_drop(float_path: Path, int8_path: Path, test: CifarSplit, check
     """Float minus int8 top-1 on the check images, in the graph's own math (the same on every CPU, and what
     TensorRT builds); above max_drop the export fails naming the layers that lose most when quantized alone."""
     indices = check_indices(test, check_images)
-    pixels, labels = test.images[indices].float() / 255.0, test.labels[indices].numpy()
+    pixels, labels = test.pixels(indices), test.labels[indices].numpy()
     drop = _exact_top1(float_path, pixels, labels, threads) - _exact_top1(int8_path, pixels, labels, threads)
     if max_drop is not None and drop > max_drop:
         worst = int8_sensitivity(float_path, calib_pixels, pixels, labels, calibrator, threads)[:3]
@@ -488,6 +499,15 @@ def _enforce_max_drop(float_path: Path, int8_path: Path, test: CifarSplit, check
             f"the layers that lose most: {named}; keep them in float with exclude: "
             f"[{', '.join(w['layer'] for w in worst[:2])}] (or --exclude)")
     return drop
+
+
+def calibration_draw(train: CifarSplit, count: int) -> dict:
+    """The calibration images, as a manifest (manifest_images reads them): a class-balanced draw of a CIFAR
+    training split, or the first `count` images of a sample of a user's data (its loader's order)."""
+    count = min(count, len(train))
+    if train.spec.name in DATASETS and train.images.dtype == torch.uint8:
+        return calibration_manifest(train.spec.name, train.labels, count)
+    return {"dataset": train.spec.name, "split": "user data", "count": count, "indices": list(range(count))}
 
 
 def export_int8_checked(model: nn.Module, onnx_path: str | Path, train: CifarSplit, test: CifarSplit,
@@ -518,8 +538,8 @@ def _quantize_checked(float_path: Path, onnx_path: str | Path, train: CifarSplit
                       max_drop: float | None, torch_model: nn.Module | None = None) -> Int8Export:
     from cifarpress.runtime.ort import onnx_logits  # bench imports this package
 
-    manifest = calibration_manifest(train.spec.name, train.labels, min(calib_images, len(train)))
-    calib = _calibration_pixels(manifest_images(manifest, train))
+    manifest = calibration_draw(train, calib_images)
+    calib = _calibration_pixels(manifest_images(manifest, train), train.spec.normalizes)
     pixels = check_pixels(test, check_images)  # the images check_onnx compares on
     reference = None if torch_model is not None else onnx_logits(float_path, pixels, threads)
     drop: list[float] = []

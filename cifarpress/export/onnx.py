@@ -22,7 +22,7 @@ import onnx
 import torch
 from torch import nn
 
-from cifarpress import __version__
+from cifarpress.version import __version__
 from cifarpress.data import CifarSplit, DatasetSpec, balanced_subset
 from cifarpress.errors import CifarpressError
 from cifarpress.runtime.onnx_file import INPUT_NAME, OUTPUT_NAME
@@ -40,8 +40,8 @@ class NormalizedClassifier(nn.Module):
     def __init__(self, model: nn.Module, mean, std):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model((x - self.mean) * self.inv_std)
@@ -61,8 +61,8 @@ class ExportCheck:
         return {"images": self.images, "max_abs_diff": self.max_abs_diff, "top1_agreement": self.top1_agreement}
 
 
-def _torch_export(wrapped: nn.Module, path: str, opset: int) -> None:
-    example = torch.rand(2, 3, 32, 32)
+def _torch_export(wrapped: nn.Module, path: str, opset: int, input_shape: tuple[int, ...]) -> None:
+    example = torch.rand(2, *input_shape)  # the batch is dynamic; channels and size are fixed by this example
     quiet = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         warnings.simplefilter("ignore")
@@ -96,19 +96,28 @@ def export_onnx(model: nn.Module, path: str | Path, spec: DatasetSpec, classes: 
     model = model.to(memory_format=torch.contiguous_format)
     was_training = model.training
     wrapped = NormalizedClassifier(model, spec.mean, spec.std).eval()
+    channels, height, width = spec.input_shape
+    shape = f"{'RGB' if channels == 3 else f'{channels}-channel'} {height}x{width}"
+    if spec.normalizes:  # the graph takes pixels and normalizes them itself
+        described = f"float32 NCHW {shape}, pixel values in [0, 1]"
+        preprocessing = {"scale": "1/255", "mean": list(spec.mean), "std": list(spec.std),
+                         "normalization": "inside the graph"}
+    else:  # a user's data with its own transform: the graph takes exactly what the model takes
+        described = f"float32 NCHW {shape}, the model's own inputs"
+        preprocessing = {"scale": "none", "mean": list(spec.mean), "std": list(spec.std),
+                         "normalization": "none inside the graph (inputs as the model takes them)"}
     metadata = {
         "producer": f"cifarpress {__version__}",
         "dataset": spec.name,
         "classes": json.dumps(classes),
-        "input": "float32 NCHW RGB 32x32, pixel values in [0, 1]",
-        "preprocessing": json.dumps({"scale": "1/255", "mean": list(spec.mean), "std": list(spec.std),
-                                     "normalization": "inside the graph"}),
+        "input": described,
+        "preprocessing": json.dumps(preprocessing),
         **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra_metadata or {}).items()},
     }
 
     def write(tmp: str) -> None:
         with torch.no_grad():
-            _torch_export(wrapped, tmp, opset)
+            _torch_export(wrapped, tmp, opset, spec.input_shape)
         proto = onnx.load(tmp)
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
@@ -175,12 +184,14 @@ def compare_with_onnxruntime(wrapped: nn.Module, session, pixels: torch.Tensor,
 def check_indices(split: CifarSplit, images: int) -> torch.Tensor:
     """The test images every export check runs: a fixed class-balanced draw of `images` of them."""
     count = min(images, len(split))
-    return balanced_subset(split.labels, count, seed=1) if count >= split.spec.num_classes else torch.arange(count)
+    labelled = len(split) > 0 and int(split.labels.min()) >= 0  # a user's unlabelled sample holds -1: take it in order
+    return balanced_subset(split.labels, count, seed=1) if labelled and count >= split.spec.num_classes \
+        else torch.arange(count)
 
 
 def check_pixels(split: CifarSplit, images: int) -> torch.Tensor:
-    """check_indices' images as float pixels in [0, 1]."""
-    return split.images[check_indices(split, images)].float() / 255.0
+    """check_indices' images as the exported graph takes them (pixels in [0, 1] for a CIFAR split)."""
+    return split.pixels(check_indices(split, images))
 
 
 def check_onnx(model: nn.Module, path: str | Path, split: CifarSplit, images: int = 1000,

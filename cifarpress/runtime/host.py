@@ -96,7 +96,7 @@ def _git_commit() -> str | None:
 
 def machine_record(with_versions: bool = True) -> dict:
     """CPU, cores, SIMD features, int8 kernel exactness, Python and (optionally) library versions."""
-    from cifarpress import __version__
+    from cifarpress.version import __version__
 
     record = {"cpu": cpu_model(), "cores": os.cpu_count(), "simd": simd_features(),
               "int8_kernels": "exact" if int8_kernels_exact() else "saturating",

@@ -10,7 +10,8 @@ from rich.console import Console
 
 from cifarpress.data import CifarSplit
 from cifarpress.errors import CifarpressError
-from cifarpress.runtime.onnx_file import INPUT_NAME, OUTPUT_NAME
+from cifarpress.runtime.inputs import labelled_batches
+from cifarpress.runtime.onnx_file import INPUT_NAME, OUTPUT_NAME, read_onnx_metadata
 from cifarpress.runtime.ort_lowering import lower_file
 from cifarpress.utils.progress import progress
 
@@ -96,12 +97,22 @@ def onnx_predictions(path: str | Path, images, threads: int | None = None, batch
     return onnx_logits(path, images, threads, batch, lower, exact).argmax(1)
 
 
-def onnx_accuracy(path: str | Path, split: CifarSplit, threads: int | None = None, batch: int = 500,
+def onnx_accuracy(path: str | Path, split, threads: int | None = None, batch: int = 500,
                   exact: bool = False) -> float:
-    """Top-1 (%) of an exported model (inputs in [0, 1]) on a split, through onnxruntime (exact: the graph's
-    own math rather than this host's kernels)."""
-    predictions = onnx_predictions(path, split.images, threads, batch, exact=exact)
-    return 100.0 * float((predictions == split.labels.numpy()).mean())
+    """Top-1 (%) of an exported model through onnxruntime (exact: the graph's own math rather than this host's
+    kernels) on a CIFAR split, or on a user's (images, labels) batches of the model's inputs, streamed."""
+    if isinstance(split, CifarSplit):
+        predictions = onnx_predictions(path, split.images, threads, batch, exact=exact)
+        return 100.0 * float((predictions == split.labels.numpy()).mean())
+    session = make_session(path, threads, optimize=not exact)
+    correct = total = 0
+    for x, labels in labelled_batches(split, read_onnx_metadata(path)):
+        check_input_shape(session, path, tuple(x.shape[1:]))
+        correct += int((session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].argmax(1) == labels).sum())
+        total += len(labels)
+    if total == 0:
+        raise CifarpressError("the evaluation data yields no batches; give it at least one (images, labels) batch")
+    return 100.0 * correct / total
 
 
 def is_quantized_graph(path: str | Path) -> bool:
@@ -112,7 +123,7 @@ def is_quantized_graph(path: str | Path) -> bool:
                for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def accuracies(path: str | Path, split: CifarSplit, threads: int | None = None) -> dict:
+def accuracies(path: str | Path, split, threads: int | None = None) -> dict:
     """{"top1": as this host runs it} plus, for a QDQ file, {"top1_graph": the file's own math}."""
     result = {"top1": onnx_accuracy(path, split, threads)}
     if is_quantized_graph(path):

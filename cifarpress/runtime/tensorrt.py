@@ -36,9 +36,10 @@ import numpy as np
 import onnx
 import torch
 
-from cifarpress import __version__
+from cifarpress.version import __version__
 from cifarpress.data import CifarSplit, balanced_subset
 from cifarpress.errors import CifarpressError
+from cifarpress.runtime.inputs import labelled_batches, normalization_of
 from cifarpress.runtime.onnx_file import INPUT_NAME, OUTPUT_NAME, read_onnx_metadata
 from cifarpress.utils.io import atomic_write, atomic_write_json
 
@@ -100,7 +101,7 @@ def calibration_images(split: CifarSplit, count: int = 1000, seed: int = 0) -> n
     """A class-balanced float32 NCHW batch in [0, 1] (the exported model's input) for INT8 calibration."""
     count = min(count, len(split))
     idx = balanced_subset(split.labels, count, seed=seed) if count >= split.spec.num_classes else torch.arange(count)
-    return (split.images[idx].float() / 255.0).numpy()
+    return split.pixels(idx).numpy()
 
 
 # -- INT8 calibration ----------------------------------------------------------------------
@@ -283,8 +284,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str 
         "precision": precision,
         "quantization": ("explicit Q/DQ" if qdq else "implicit, entropy calibration") if precision == "int8" else None,
         "builder_flags": flags,
-        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW, pixels in [0, 1]",
+        "input": {"name": INPUT_NAME, "dtype": "float32",
+                  "layout": "NCHW, " + ("pixels in [0, 1]" if normalization_of(meta) else "the model's own inputs"),
                   "profile": {k: list(v) for k, v in shapes.items()}},
+        "preprocessing": meta.get("preprocessing"),
         "output": {"name": OUTPUT_NAME},
         "source_onnx": {"path": str(onnx_path.resolve()), "sha256": file_sha256(onnx_path),
                         "bytes": onnx_path.stat().st_size},
@@ -473,14 +476,16 @@ class TensorRTRunner:
         self.close()
 
 
-def engine_accuracy(runner: TensorRTRunner, split: CifarSplit) -> float:
-    """Top-1 (%) of an engine on a split."""
-    correct = 0
-    step = runner.max_batch
-    for start in range(0, len(split), step):
-        x = split.images[start:start + step].numpy().astype(np.float32) / 255.0
-        correct += int((runner.infer(x).argmax(1) == split.labels[start:start + step].numpy()).sum())
-    return 100.0 * correct / len(split)
+def engine_accuracy(runner: TensorRTRunner, split) -> float:
+    """Top-1 (%) of an engine on a CIFAR split, or on a user's (images, labels) batches of the model's inputs
+    (mapped through the preprocessing the engine's ONNX declared, recorded in its sidecar)."""
+    correct = total = 0
+    for x, labels in labelled_batches(split, runner.meta, batch=runner.max_batch):
+        correct += int((runner.infer(x).argmax(1) == labels).sum())
+        total += len(labels)
+    if total == 0:
+        raise CifarpressError("the evaluation data yields no batches; give it at least one (images, labels) batch")
+    return 100.0 * correct / total
 
 
 def bench_engine(engine_path: str | Path, batch_sizes=(1, 64), iters: int = 200,

@@ -43,7 +43,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from cifarpress.data import BatchLoader, CifarSplit
+from cifarpress.data import CifarSplit, as_batches, input_shape_of
 from cifarpress.errors import CifarpressError
 from cifarpress.train.options import from_scratch
 from cifarpress.utils.io import atomic_torch_save
@@ -169,24 +169,26 @@ def sync_from_rank0(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: CifarSplit, batch_size: int = 500, device=None) -> torch.Tensor:
-    """Predicted class of every image of `split` (on the CPU, in order)."""
+def predict(model: nn.Module, split, batch_size: int = 500, device=None) -> torch.Tensor:
+    """Predicted class of every image of `split` (or of a user's (images, labels) batches; on the CPU, in order)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = [model(images).argmax(1).cpu() for images, _ in BatchLoader(split, batch_size, train=False, device=device)]
+    out = [model(images).argmax(1).cpu() for images, _ in as_batches(split, batch_size, False, device=device)]
     model.train(was_training)
     return torch.cat(out)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: CifarSplit, batch_size: int = 500, device=None,
+def evaluate(model: nn.Module, split, batch_size: int = 500, device=None,
              shard: tuple[int, int] = (0, 1), channels_last: bool = False) -> float:
-    """Top-1 accuracy (%) of `model` on `split`; sums across ranks when sharded."""
+    """Top-1 accuracy (%) of `model` on a CIFAR split, or on a user's (images, labels) batches (data.as_batches);
+    sums across ranks when sharded (a user's loader is read whole on every rank: the ratio stays right)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loader = BatchLoader(split, batch_size, train=False, shard=shard, device=device, channels_last=channels_last)
+    loader = as_batches(split, batch_size, False, shard=shard, device=device, channels_last=channels_last,
+                        what="evaluation data")
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     for images, labels in loader:
         logits = model(images)
@@ -271,6 +273,10 @@ def check_plugin_order(plugins: list[Plugin]) -> None:
 
 @dataclass
 class TrainResult:
+    """What Trainer.fit (and the API's run_stage) hands back: the model to hand on (pruned, quantized or the
+    EMA copy, as the plug-ins' finalize left it), its top-1 on the test data (NaN without), every epoch's
+    metrics, and the epoch a resumed run started after (0 when it ran from the start)."""
+
     model: nn.Module
     top1: float
     history: list[dict] = field(default_factory=list)
@@ -298,6 +304,7 @@ class Trainer:
         self.model = model.to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.input_shape: tuple[int, ...] | None = None  # one image's (C, H, W), known once fit() sees the data
         self.epoch = 0  # epochs finished
         self.step = 0  # optimizer steps taken
         self.history: list[dict] = []
@@ -364,15 +371,28 @@ class Trainer:
         return self.epoch
 
     # -- training -----------------------------------------------------------
-    def fit(self, train: CifarSplit, test: CifarSplit | None) -> TrainResult:
+    def fit(self, train, test) -> TrainResult:
+        """Train on `train` and evaluate each epoch on `test` (None: no evaluation). Each is a CIFAR split (the
+        fast in-memory loader, augmented) or a user's re-iterable of (images, labels) batches, such as a
+        DataLoader, used as it comes (its own batch size, transforms and shuffling)."""
         c = self.config
         torch.manual_seed(c.seed)
         per_rank_batch = max(1, c.batch_size // self.world)
-        loader = BatchLoader(train, per_rank_batch, train=True, seed=c.seed, shard=(self.rank, self.world),
-                             device=self.device, channels_last=c.channels_last)
-        steps_per_epoch = len(loader) if c.max_steps_per_epoch is None else min(len(loader), c.max_steps_per_epoch)
+        loader = as_batches(train, per_rank_batch, True, seed=c.seed, shard=(self.rank, self.world),
+                            device=self.device, channels_last=c.channels_last, what="training data")
+        if c.max_steps_per_epoch is None:
+            steps_per_epoch = len(loader)
+        else:
+            try:
+                steps_per_epoch = min(len(loader), c.max_steps_per_epoch)
+            except CifarpressError:  # a loader without a length: the cap is the epoch
+                steps_per_epoch = c.max_steps_per_epoch
         if steps_per_epoch == 0:
-            raise CifarpressError(f"batch size {c.batch_size} exceeds the {len(train)} training images; lower it")
+            if isinstance(train, CifarSplit):
+                raise CifarpressError(f"batch size {c.batch_size} exceeds the {len(train)} training images; lower it")
+            raise CifarpressError("the training data yields no batches; give it at least one (images, labels) batch")
+        # One image's shape, for plug-ins that probe the model (a pruner tracing its channels).
+        self.input_shape = input_shape_of(train, "training data")
         # Known before setup() so plug-ins can plan schedules over the whole run (pruning periods, warm-ups).
         self.steps_per_epoch, self.total_steps = steps_per_epoch, steps_per_epoch * c.epochs
         total = self.total_steps

@@ -158,10 +158,13 @@ class GroupPruner(Plugin):
         self.rows: GroupParams | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._frozen_mask: torch.Tensor | None = None
+        self.input_shape: tuple[int, ...] = (3, 32, 32)  # one image's, from the Trainer in setup
 
     # -- hooks --------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> None:
         self.model = unwrap(trainer.model)
+        # one image's shape as the data has it (Trainer.fit sets it); the probes trace and check the cut on it
+        self.input_shape = tuple(getattr(trainer, "input_shape", None) or self.input_shape)
         x = self._probe_input(1)
         self.groupset = discover_groups(self.model, x)
         self.budget = PruneBudget(self.model, self.groupset, self.target, x)
@@ -223,6 +226,6 @@ class GroupPruner(Plugin):
 
     def _probe_input(self, batch: int, like: nn.Module | None = None) -> torch.Tensor:
         # private generator: the pruner must not move the global RNG the run's determinism rests on
-        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(batch, *self.input_shape, generator=torch.Generator().manual_seed(0))
         first = next((like or self.model).parameters())
         return x.to(first.device, first.dtype)
