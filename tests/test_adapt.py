@@ -300,3 +300,29 @@ def test_packed_file_holds_every_fixed_point_width(test_images, tmp_path, monkey
         assert (again.bits, again.frac_bits) == (word, frac)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_deploy_export_is_the_int8_engine_with_the_models_own_codes(tiny_cifar_root, tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from cifarpress.data import load_split
+    from cifarpress.export.fixed_point import export_fixed_point_int8_checked, is_fixed_point_int8
+
+    train = load_split("cifar10", "train", tiny_cifar_root, download_if_missing=False)
+    test = load_split("cifar10", "test", tiny_cifar_root, download_if_missing=False)
+    model, formats = mixed_fixed_point_net(fixed_inputs=False)
+    assert is_fixed_point_int8(model)
+    exported = export_fixed_point_int8_checked(model, tmp_path / "m.onnx", train, test, calib_images=100,
+                                               check_images=100, threads=1)
+    assert exported.violations == [] and exported.check.top1_agreement >= 90.0
+    graph = onnx.load(str(exported.path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    assert "model.3.weight_quantized" not in inits  # the 13-bit layer stays float
+    layers = quantized_layers(model)
+    for name in ("0", "8"):  # the model's codes (up to the sign a folded BN factor gives), not absmax ones
+        codes = inits[f"model.{name}.weight_quantized"].reshape(len(inits[f"model.{name}.weight_scale"]), -1)
+        mine = layers[name].weight_codes().numpy().reshape(codes.shape[0], -1)
+        assert np.array_equal(np.abs(codes), np.abs(mine)) and np.abs(codes).max() < 127
+    assert "QuantizeLinear" in {n.op_type for n in graph.node}

@@ -1,0 +1,186 @@
+"""AdaPT (paper rule and deploy mode) beside fp32, uniform int8 (PTQ and a short QAT) and ternary, in one run.
+
+    python bench/adapt.py [--model builtin:resnet20-cifar10] [--epochs 3] [--threads 2] [--work wip/adapt]
+
+Training arms fine-tune the shipped baseline with the same budget (epochs, lr 0.01 cosine, batch 128) and
+resume from their folders; fp32, int8 PTQ and ternary are the shipped files in bench/results (ternary and
+int8 PTQ were trained or calibrated by their own bench scripts, so only their measuring is repeated here).
+Per arm: top-1 on the full test set in PyTorch (fake quant) and through onnxruntime on the exported file,
+bit-weighted MACs against fp32 (MACs x weight bits x input bits / MACs x 32 x 32), the share of MACs at
+<= 8 bits, the ONNX file size, onnxruntime p50 latency at batch 1 and 64 (interleaved rounds), per-layer
+final <WL, FL>, and a PNG of each layer's word length over training.
+Writes bench/results/adapt.json, bench/results/adapt-trajectory-<arm>.png and the deploy-mode ONNX as
+bench/results/<arch>-adapt-qdq.onnx.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from cifarpress.data import Normalizer, dataset_spec, load_split
+from cifarpress.export.fixed_point import export_fixed_point_int8_checked, is_fixed_point_int8
+from cifarpress.export.qdq import check_qdq, export_qdq
+from cifarpress.model_file import load_model, save_model
+from cifarpress.runtime.latency import interleaved_latency
+from cifarpress.runtime.ort import onnx_predictions
+from cifarpress.techniques.quantize.adapt import AdaptQAT, bit_weighted_macs, layer_macs
+from cifarpress.techniques.quantize.config import AdaptQuantConfig
+from cifarpress.techniques.quantize.qat import TernaryQAT
+from cifarpress.techniques.quantize.ternary import TernaryConfig, layer_report, quantizable_layers
+from cifarpress.train.trainer import TrainConfig, Trainer
+from harness import Arms, utc_now, write_results
+
+RESULTS = Path(__file__).parent / "results"
+SHIPPED = {"fp32": "{arch}-fp32.onnx", "int8-ptq": "{arch}-int8-qdq.onnx", "ternary": "{arch}-ternary-qdq.onnx"}
+
+
+def plot_trajectory(trajectory: list, total_steps: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers: dict[str, list] = {}
+    for step, name, word, _ in trajectory:
+        layers.setdefault(name, []).append((step, word))
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name, points in layers.items():
+        points.append((total_steps, points[-1][1]))
+        steps, words = zip(*points)
+        ax.step(steps, words, where="post", label=name, linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("word length WL (bits)")
+    ax.set_title(title)
+    ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="builtin:resnet20-cifar10")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--arms", default="adapt-deploy,adapt-paper,int8-qat")
+    parser.add_argument("--work", default="wip/adapt")
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    args = parser.parse_args()
+    started = utc_now()
+    torch.set_num_threads(args.threads)
+    console = Console(width=150)
+    spec = dataset_spec("cifar10")
+    train = load_split("cifar10", "train", args.data_root)
+    test = load_split("cifar10", "test", args.data_root)
+    pixels, labels = test.images.float() / 255.0, test.labels.numpy()
+    _, info = load_model(args.model)
+    arch = info["arch"]
+    arms = Arms(Path(args.work), log=console.print)
+
+    def train_arm(name: str, folder: Path) -> dict:
+        model, _ = load_model(args.model)
+        macs = layer_macs(model)
+        if name.startswith("adapt"):
+            plugin = AdaptQAT(AdaptQuantConfig(mode=name.removeprefix("adapt-")))
+        else:  # uniform int8 QAT: every layer's weights and inputs at int8, per-channel absmax
+            plugin = TernaryQAT(TernaryConfig(keep=list(quantizable_layers(model)), act_bits=8))
+        config = TrainConfig(epochs=args.epochs, lr=args.lr, schedule="cosine", batch_size=128,
+                             max_steps_per_epoch=args.max_steps)
+        trainer = Trainer(model, config, [plugin], run_dir=folder, device=torch.device("cpu"))
+        result = trainer.fit(train, test)
+        quantized = result.model.eval()
+        model_path = save_model(folder / "model.pt", quantized, arch, 10, "cifar10")
+        with torch.no_grad():
+            normalize = Normalizer(spec.mean, spec.std)
+            torch_pred = torch.cat([quantized(normalize(test.images[i:i + 500])).argmax(1)
+                                    for i in range(0, len(test), 500)]).numpy()
+        record = {"top1_torch": 100.0 * float((torch_pred == labels).mean()), "model": str(model_path),
+                  "cost": bit_weighted_macs(quantized, macs), "layers": layer_report(quantized),
+                  "history": [{k: v for k, v in h.items() if k != "adapt_formats"} for h in result.history],
+                  "total_steps": trainer.total_steps}
+        if isinstance(plugin, AdaptQAT):
+            record["trajectory"] = plugin.trajectory
+            record["formats"] = {n: [layer.bits, layer.frac_bits] for n, layer in plugin.layers.items()}
+        return record
+
+    records, files = {}, {}
+    for name in [a for a in args.arms.split(",") if a]:
+        records[name] = rec = arms.run(name, lambda folder, name=name: train_arm(name, folder))
+        # exported here, not in the arm, so an export change re-measures without retraining
+        quantized, _ = load_model(rec["model"])
+        quantized.eval()
+        target = arms.folder(name) / f"{name}.onnx"
+        if is_fixed_point_int8(quantized):  # deploy mode: the int8 engine, the model's own codes
+            exported = export_fixed_point_int8_checked(quantized, target, train, test, threads=args.threads)
+            files[name] = exported.path
+            check = exported.check
+            rec["tensorrt_rule_violations"] = exported.violations
+            rec["graph_top1_drop_pp"] = exported.top1_drop_pp
+        else:  # the fake-quant math as written: float layers above 8 bits, fixed-point input rounding
+            files[name] = export_qdq(quantized, target, spec, test.classes)
+            # measured, not enforced here: the pipeline's export stage enforces check_qdq's tolerance
+            check = check_qdq(quantized, files[name], test.images[:500], tolerance=float("inf"), threads=args.threads)
+        rec["export_check"] = {"max_abs_diff": check.max_abs_diff, "top1_agreement": check.top1_agreement}
+    for name, pattern in SHIPPED.items():
+        path = RESULTS / pattern.format(arch=arch)
+        if path.is_file():
+            files[name] = path
+    console.print(f"measuring {', '.join(files)} on {len(test)} test images, {args.threads} thread(s)")
+    latency = interleaved_latency(files, (1, 64), args.threads, args.seconds, args.rounds)
+    rows = []
+    for name, path in files.items():
+        predicted = onnx_predictions(path, pixels.numpy(), args.threads)
+        rec = records.get(name, {})
+        rows.append({"name": name, "top1_onnxruntime": 100.0 * float((predicted == labels).mean()),
+                     "top1_torch": rec.get("top1_torch"), "onnx_bytes": path.stat().st_size,
+                     "latency_ms_p50": latency["p50"][name], "bops_ratio": rec.get("cost", {}).get("bops_ratio"),
+                     "mean_weight_bits": rec.get("cost", {}).get("mean_weight_bits"),
+                     "int8_macs_fraction": rec.get("cost", {}).get("int8_macs_fraction"),
+                     "formats": rec.get("formats"), "export_check": rec.get("export_check"),
+                     "tensorrt_rule_violations": rec.get("tensorrt_rule_violations"),
+                     "file": str(path)})
+    reference = {r["name"]: r for r in rows}
+    for row in rows:
+        if "int8-ptq" in reference:
+            row["latency_vs_int8_ptq"] = {b: row["latency_ms_p50"][b] / reference["int8-ptq"]["latency_ms_p50"][b]
+                                          for b in ("1", "64")}
+            row["bytes_vs_int8_ptq"] = row["onnx_bytes"] / reference["int8-ptq"]["onnx_bytes"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name, rec in records.items():
+        if "trajectory" in rec:
+            plot_trajectory(rec["trajectory"], rec["total_steps"], RESULTS / f"adapt-trajectory-{name}.png",
+                            f"AdaPT {name.removeprefix('adapt-')} on {arch}: word length per layer")
+    if "adapt-deploy" in records and not args.max_steps:
+        shutil.copyfile(files["adapt-deploy"], RESULTS / f"{arch}-adapt-qdq.onnx")
+    result = {"model": args.model, "arch": arch, "test_images": len(test),
+              "test_set": "cifar10 10,000 (images 0-999 official, 1000-9999 JPEG)",
+              "budget": {"epochs": args.epochs, "lr": args.lr, "schedule": "cosine", "batch_size": 128,
+                         "max_steps_per_epoch": args.max_steps},
+              "threads": args.threads, "arms": rows,
+              "training": {n: {k: r[k] for k in ("history", "layers", "trajectory") if k in r}
+                           for n, r in records.items()}, "onnxruntime": latency["onnxruntime"]}
+    out = RESULTS / ("adapt.json" if not args.max_steps else "adapt-smoke.json")
+    write_results(out, result, started)
+    table = Table(title=f"AdaPT vs int8 and ternary, {arch}, {len(test)} test images, {args.threads} thread(s)")
+    for col in ("arm", "top-1 ORT %", "top-1 torch %", "BOPs x fp32", "MACs <=8b", "KB", "b1 ms", "b64 ms"):
+        table.add_column(col, justify="left" if col == "arm" else "right")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        table.add_row(r["name"], f"{r['top1_onnxruntime']:.2f}", fmt(r["top1_torch"], ".2f"),
+                      fmt(r["bops_ratio"], ".3f"), fmt(r["int8_macs_fraction"], ".2f"), f"{r['onnx_bytes'] / 1e3:.0f}",
+                      f"{r['latency_ms_p50']['1']:.3f}", f"{r['latency_ms_p50']['64']:.2f}")
+    console.print(table)
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
