@@ -106,18 +106,20 @@ def train(
     """Train (or fine-tune) a classifier; re-running the same command resumes after the last finished epoch."""
     from cifarpress.data import describe_split, load_split
     from cifarpress.models import trusting
+    from cifarpress.pipeline.api import stage_config
     from cifarpress.pipeline.training import run_training
 
+    # a train stage with the from-scratch defaults (train.options) where the options leave them
+    body = stage_config("train", epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                        schedule=schedule, label_smoothing=label_smoothing, seed=seed,
+                        max_steps_per_epoch=max_steps_per_epoch, momentum=from_scratch("momentum"),
+                        warmup_fraction=from_scratch("warmup_fraction"), ema=ema, mesa=True if mesa else None)
     set_threads(threads)
     for split in ("train", "test"):  # say what will be trained and measured on (kept in memory; cheap to reload)
         out.print(f"{split}: {describe_split(load_split(dataset, split, data_root))}", highlight=False, soft_wrap=True)
     with trusting(model):  # --model names the factory: an --init file may record it
-        result = run_training(
-            arch=model, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            schedule=schedule, label_smoothing=label_smoothing, ema=ema, mesa=mesa, init=init,
-            out_dir=out_dir or Path("runs") / f"train-{model.replace(':', '_')}", data_root=data_root, seed=seed,
-            max_steps_per_epoch=max_steps_per_epoch, force=force,
-        )
+        result = run_training(arch=model, dataset=dataset, init=init, body=body, data_root=data_root, force=force,
+                              out_dir=out_dir or Path("runs") / f"train-{model.replace(':', '_')}")
     if result is not None:
         out.print(f"top-1 {result['top1']:.2f}%  ->  {result['model_path']}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -218,6 +220,27 @@ BenchThreads = Annotated[Optional[int], typer.Option(help=BENCH_THREADS_HELP)]
 OnnxBatch = Annotated[list[int], typer.Option("--batch", "-b", help="Batch size (repeat for several).")]
 OnnxThreads = Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
 MeasureAccuracy = Annotated[bool, typer.Option(help="Also measure test-set top-1.")]
+
+
+def _recorded_dataset(model: Path, command: str) -> str:
+    """The built-in dataset an exported file (its ONNX metadata, or an engine's sidecar) was trained on, whose
+    test split measures its accuracy."""
+    from cifarpress.datasets import DATASETS
+
+    if model.suffix in (".engine", ".plan"):
+        from cifarpress.runtime.tensorrt import read_sidecar
+
+        dataset = read_sidecar(model).get("dataset") if model.is_file() else None
+    else:
+        from cifarpress.runtime.onnx_file import read_onnx_metadata
+
+        dataset = read_onnx_metadata(model).get("dataset") if model.suffix == ".onnx" and model.is_file() else None
+    dataset = dataset or "cifar10"
+    if dataset not in DATASETS:
+        raise CifarpressError(f"{model} was exported for your own data ({dataset}), whose test images cifarpress "
+                              f"does not hold; pass --no-accuracy, or measure it from Python with "
+                              f"cifarpress.{command}(..., data=your_loader)")
+    return dataset
 
 
 def _recorded_model(checkpoint: str) -> dict:
@@ -424,7 +447,7 @@ def export(
 ):
     """Export to ONNX (inputs float32 NCHW RGB in [0, 1], normalization inside), checked in onnxruntime;
     optionally build a TensorRT engine from it with a JSON sidecar."""
-    from cifarpress.export.api import export_file
+    from cifarpress.pipeline.export_file import export_file
 
     export_file(checkpoint, output, fmt, precision, max_batch, calib_images, calibrator, data_root, check_images,
                 tolerance, arch, max_drop, list(exclude), sensitivity, say=lambda x: out.print(x, soft_wrap=True))
@@ -444,12 +467,24 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result here (default: MODEL.bench.json)."),
 ):
     """Latency p50/p90/p99, throughput, peak memory, size and top-1 of an exported model on the target."""
-    from cifarpress.pipeline.measure import bench_file
+    from cifarpress.pipeline.api import DEVICES
+    from cifarpress.pipeline.api import bench as bench_model
     from cifarpress.utils.io import atomic_write_json
 
+    if device not in DEVICES:  # the options in the command's words (api.bench checks them again)
+        raise CifarpressError(f"unknown --device '{device}'; use {', '.join(DEVICES)}")
+    if device == "cpu" and model.suffix in (".engine", ".plan"):
+        raise CifarpressError(f"{model} is a TensorRT engine; bench it with --device gpu or --device jetson")
     target = check_writable(json_out or model.with_suffix(".bench.json"))  # before measuring, not after
-    result, table = bench_file(model, device, tuple(batch), threads, seconds, iters, accuracy, data_root)
-    out.print(table) if table is not None else out.print_json(json.dumps(result))
+    test = _recorded_dataset(model, "bench") if accuracy else None
+    result = bench_model(model, test, batch_sizes=batch, threads=threads, seconds=seconds, device=device,
+                         iters=iters, data_root=data_root)
+    if device == "cpu":
+        from cifarpress.runtime.tables import bench_table
+
+        out.print(bench_table(result))
+    else:
+        out.print_json(json.dumps(result))
     atomic_write_json(target, result)
     out.print(f"wrote {target}")
 
@@ -499,9 +534,7 @@ def compare(
 ):
     """Several exported models side by side on this CPU: latency (timed in turn, so machine noise hits all
     alike), size and top-1, with ratios against the first."""
-    from cifarpress.data import load_split
-    from cifarpress.runtime.latency import compare_onnx
-    from cifarpress.runtime.onnx_file import read_onnx_metadata
+    from cifarpress.pipeline.api import compare as compare_models
     from cifarpress.runtime.tables import compare_table
     from cifarpress.utils.io import atomic_write_json
 
@@ -510,19 +543,15 @@ def compare(
                               "for one file use `cifarpress bench`")
     if json_out:
         check_writable(json_out)  # before minutes of timing, not after
-    if any(b < 1 for b in batch):
-        raise CifarpressError("batch sizes must be >= 1")
-    for path in models:
-        if not path.is_file():
-            raise CifarpressError(f"{path} not found; export a model with `cifarpress export` first")
-        if path.suffix != ".onnx":
-            raise CifarpressError(f"{path} is not an .onnx file; compare measures ONNX files in onnxruntime")
-    datasets = {read_onnx_metadata(p).get("dataset", "cifar10") for p in models}
-    if accuracy and len(datasets) > 1:
-        raise CifarpressError(f"the files were trained on different datasets ({', '.join(sorted(datasets))}); "
-                              f"compare models of one dataset, or pass --no-accuracy")
-    test = load_split(datasets.pop(), "test", data_root) if accuracy else None
-    result = compare_onnx(models, tuple(batch), threads, test, seconds, rounds)
+    test = None
+    if accuracy:
+        datasets = {_recorded_dataset(p, "compare") for p in models}
+        if len(datasets) > 1:
+            raise CifarpressError(f"the files were trained on different datasets ({', '.join(sorted(datasets))}); "
+                                  f"compare models of one dataset, or pass --no-accuracy")
+        test = datasets.pop()
+    result = compare_models(models, test, batch_sizes=batch, threads=threads, seconds=seconds, rounds=rounds,
+                            data_root=data_root)
     out.print(compare_table(result))
     if json_out:
         atomic_write_json(json_out, result)

@@ -435,7 +435,7 @@ def test_recipe_tensorrt_int8_engine_is_reported_beside_a_reference_engine(fake_
         parsed.append((Path(onnx_path).name, precision))
         return real_build(onnx_path, engine_path, precision, **kwargs)
 
-    def timed(engine, batches, test_split=None):
+    def timed(engine, batches, iters=200, test_split=None):
         ms = 1.0 if "reference" not in Path(engine).name else 2.0
         lat = {str(b): {"p50": ms * b, "p90": ms * b, "p99": ms * b} for b in batches}
         return {"model": str(engine), "engine_bytes": Path(engine).stat().st_size, "tensorrt": fake.__version__,

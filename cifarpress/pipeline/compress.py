@@ -19,16 +19,24 @@ from rich.console import Console
 
 from cifarpress.data import CifarSplit, dataset_spec, load_split
 from cifarpress.errors import CifarpressError
-from cifarpress.export.api import export_model_checked, is_fake_quantized, quantized_layer_rows, side_files
+from cifarpress.errors import RecipeError
+from cifarpress.export.api import is_fake_quantized, quantized_layer_rows
 from cifarpress.model_file import load_model, save_model
 from cifarpress.models import build_model, trusting
-from cifarpress.pipeline.recipe import ExportStage, Recipe, applied_techniques, stage_dir_name
+from cifarpress.pipeline import api
+from cifarpress.pipeline.api import stage_plugins
+from cifarpress.pipeline.recipe import (
+    ExportStage,
+    Recipe,
+    applied_techniques,
+    load_recipe,
+    recipe_from_dict,
+    stage_dir_name,
+)
 from cifarpress.pipeline.report import write_report
 from cifarpress.pipeline.run_folder import RunFolder, check_can_clear
-from cifarpress.pipeline.training import stage_plugins
 from cifarpress.profile import profile_model
-from cifarpress.runtime.latency import bench_onnx, machine_description
-from cifarpress.train.trainer import evaluate
+from cifarpress.runtime.latency import machine_description
 from cifarpress.utils.io import atomic_write_json
 
 console = Console(stderr=True)
@@ -75,14 +83,12 @@ def _stage_key(recipe: Recipe, upto: int) -> str:
 
 def export_checked(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, info: dict,
                    images: int = 1000, tolerance: float | None = None) -> tuple[Path, dict]:
-    """Export a stage's model (export.api decides float ONNX or QDQ plus packed file) and check it."""
-    test = ctx.split("test")
-    onnx_path = stage_dir / "model.onnx"
-    check = export_model_checked(model, onnx_path, ctx.spec, test, images=images, tolerance=tolerance,
-                                 threads=ctx.recipe.bench.threads,
-                                 metadata={"arch": info["arch"], "stage": stage_dir.name})
-    extra = side_files(model, stage_dir, info["arch"], ctx.spec.num_classes, ctx.recipe.dataset)
-    return onnx_path, {"onnx_check": check.to_dict(), **extra}
+    """Export a stage's model through api.export (float ONNX, or QDQ plus packed file) and check it."""
+    exported = api.export(model, stage_dir / "model.onnx", data=ctx.split("test"), check_images=images,
+                          tolerance=tolerance, threads=ctx.recipe.bench.threads,
+                          metadata={"arch": info["arch"], "stage": stage_dir.name})
+    extra = {"packed": str(exported.packed), "packed_bytes": exported.packed.stat().st_size} if exported.packed else {}
+    return exported.onnx, {"onnx_check": exported.check.to_dict(), **extra}
 
 
 def _bench_fields(bench: dict) -> dict:
@@ -104,10 +110,10 @@ def measure_model(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, info
     test = ctx.split("test")
     onnx_path, checked = export_checked(ctx, model, stage_dir, info)
     prof = profile_model(model)
-    bench = bench_onnx(onnx_path, ctx.recipe.bench.batch_sizes, ctx.recipe.bench.threads, test,
-                       ctx.recipe.bench.seconds)
+    bench = api.bench(onnx_path, test, batch_sizes=ctx.recipe.bench.batch_sizes, threads=ctx.recipe.bench.threads,
+                      seconds=ctx.recipe.bench.seconds)
     row = {
-        "params": prof.params, "macs": prof.macs, **_bench_fields(bench), "top1_torch": evaluate(model, test),
+        "params": prof.params, "macs": prof.macs, **_bench_fields(bench), "top1_torch": api.evaluate(model, test),
         **checked, "model": str(stage_dir / "model.pt"), "onnx": str(onnx_path),
     }
     layers = quantized_layer_rows(model)
@@ -121,11 +127,9 @@ def _run_training_stage(ctx: RunContext, kind: str, cfg, prev_model: Path, stage
     stage's, or for a `distill` stage a new student (its arch, from its checkpoint or random weights)."""
     from cifarpress.pipeline.training import run_training
 
-    plugins = stage_plugins(kind, cfg, ctx.spec.num_classes, prev_model)
     arch, init = (cfg.arch, cfg.checkpoint) if kind == "distill" else (None, str(prev_model))
-    run_training(arch=arch, dataset=ctx.recipe.dataset, out_dir=stage_dir, data_root=ctx.data_root,
-                 init=init, plugins=plugins, own_folder=False, applied=applied_techniques(kind, cfg),
-                 **cfg.training_options())
+    run_training(arch=arch, dataset=ctx.recipe.dataset, out_dir=stage_dir, data_root=ctx.data_root, init=init,
+                 kind=kind, body=cfg, teacher=str(prev_model), own_folder=False)
     return stage_dir / "model.pt"
 
 
@@ -154,15 +158,13 @@ def _run_export(ctx: RunContext, cfg: ExportStage, prev_model: Path, stage_dir: 
 def _tensorrt_engine(ctx: RunContext, cfg: ExportStage, onnx_path: Path, stage_dir: Path, first_row: dict) -> dict:
     """Build the deployable engine and time it, on the same GPU in the same run, beside an engine of the
     recipe's starting model: at fp16 (fp32 when the recipe asks for fp32), what would ship uncompressed."""
-    from cifarpress.runtime.tensorrt import bench_engine, build_engine
-
     batches = ctx.recipe.bench.batch_sizes
     test = ctx.split("test")
 
     def built_and_timed(onnx: str | Path, engine_name: str, precision: str) -> dict:
-        engine = build_engine(onnx, stage_dir / engine_name, precision,  # profile tuned for the largest batch timed
-                              opt_batch=max(batches), max_batch=max(batches))
-        return _engine_fields(bench_engine(engine, batches, test_split=test))
+        engine = api.export(onnx, format="tensorrt", precision=precision, engine=stage_dir / engine_name,
+                            opt_batch=max(batches), max_batch=max(batches))  # profile tuned for the largest batch
+        return _engine_fields(api.bench(engine.path, test, batch_sizes=batches, device="gpu"))
 
     measured = built_and_timed(onnx_path, "model.engine", cfg.precision)
     ref_precision = "fp32" if cfg.precision == "fp32" else "fp16"
@@ -191,17 +193,16 @@ def _engine_fields(bench: dict) -> dict:
 def _export_int8(ctx: RunContext, cfg: ExportStage, model: torch.nn.Module, info: dict, prev_model: Path,
                  stage_dir: Path, prev_row: dict) -> tuple[dict, dict]:
     """Post-training int8 QDQ export, measured like a stage (its accuracy is onnxruntime's on the int8 graph)."""
-    from cifarpress.export.int8 import export_int8_checked
-
     if is_fake_quantized(model):
         raise CifarpressError("export: precision int8 with format onnx takes a float model, but the model entering "
                               "it is already quantized (a quantize stage); drop precision: int8 or the quantize stage")
     test, threads = ctx.split("test"), ctx.recipe.bench.threads
-    exported = export_int8_checked(model, stage_dir / "model.onnx", ctx.split("train"), test, cfg.calibrator,
-                                   cfg.calib_images, cfg.check_images,
-                                   extra_metadata={"arch": info["arch"], "stage": stage_dir.name}, threads=threads,
-                                   exclude=cfg.exclude, max_drop=cfg.max_drop)
-    bench = bench_onnx(exported.path, ctx.recipe.bench.batch_sizes, threads, test, ctx.recipe.bench.seconds)
+    exported = api.export(model, stage_dir / "model.onnx", precision="int8", data=test, calibration=ctx.split("train"),
+                          calibrator=cfg.calibrator, calib_images=cfg.calib_images, check_images=cfg.check_images,
+                          metadata={"arch": info["arch"], "stage": stage_dir.name}, threads=threads,
+                          exclude=cfg.exclude, max_drop=cfg.max_drop)
+    bench = api.bench(exported.path, test, batch_sizes=ctx.recipe.bench.batch_sizes, threads=threads,
+                      seconds=ctx.recipe.bench.seconds)
     row = {
         "stage": "export-int8", "dir": str(stage_dir), "params": prev_row["params"], "macs": prev_row["macs"],
         **_bench_fields(bench), "top1_torch": prev_row["top1_torch"],  # the float model's, measured already
@@ -238,9 +239,23 @@ def _stage_metrics(done: dict) -> dict:
     return {**done["artifact"], **({"row": done["row"]} if done.get("row") else {})}
 
 
-def run_recipe(recipe: Recipe, out_dir: Path | None = None, data_root: str | None = None,
+def run_recipe(recipe: Recipe | str | Path | dict, out_dir: str | Path | None = None, data_root: str | None = None,
                force: bool = False) -> Path:
-    """Run (or resume) a recipe; returns the run folder holding report.json and report.md."""
+    """Run (or resume) a recipe: a YAML file, a mapping of the same shape, or a loaded Recipe. Every stage's
+    model is exported, checked and benched; returns the run folder holding report.json and report.md.
+    Re-running resumes after the last finished stage (force: start over). Relative paths in a mapping are
+    read from the current folder.
+
+        run_dir = cifarpress.run_recipe("recipes/quickstart.yaml", "runs/quickstart")
+        report = json.loads((run_dir / "report.json").read_text())
+    """
+    if isinstance(recipe, (str, Path)):
+        recipe = load_recipe(recipe)
+    elif isinstance(recipe, dict):
+        recipe = recipe_from_dict(recipe, Path.cwd(), "run_recipe()", relative_to="the current folder")
+    elif not isinstance(recipe, Recipe):
+        raise RecipeError(f"run_recipe(): recipe is a {type(recipe).__name__}; give a recipe file, a mapping or "
+                          f"a Recipe")
     run_dir = Path(out_dir) if out_dir else Path("runs") / recipe.name
     ctx = RunContext(recipe, run_dir, data_root or recipe.data_root)
     # Fail early, before any work and before --force deletes anything: the data, TensorRT, the folder.
@@ -369,3 +384,8 @@ def _run_stages(ctx: RunContext, recipe: Recipe, run_dir: Path) -> Path:
 
     write_report(run_dir, recipe, rows, artifacts, machine_description(), describe_split(ctx.split("test")))
     return run_dir
+
+
+# What callers (the contract test, the bench scripts) read from here besides run_recipe.
+__all__ = ["RunContext", "applied_techniques", "export_checked", "measure_model", "retime_interleaved", "run_recipe",
+           "stage_plugins"]
