@@ -382,7 +382,8 @@ def prune(
 
 @stage_command("quantize")
 def quantize(
-    method: Annotated[Optional[str], typer.Option(help="ternary: BitNet b1.58 weights {-1, 0, +1} x scale"
+    method: Annotated[Optional[str], typer.Option(help="ternary: BitNet b1.58 weights {-1, 0, +1} x scale; adapt: "
+                                                       "AdaPT per-layer fixed point (--set mode=deploy for int8)"
                                                        + _default("quantize", "method") + ".")] = None,
     ema: Annotated[bool, typer.Option("--ema", help="Evaluate and keep an exponential moving average of the "
                                                     "weights.")] = False,

@@ -106,6 +106,13 @@ def test_push_up_only_when_t_is_positive():
     assert rules.push_up(14, 6, math.exp(1.5), "min", buffer_bits=8, min_bits=12, max_bits=32) == (16, 8)
 
 
+def test_push_up_never_makes_the_format_clip():
+    # at max_bits PushUp would take FL to 16 with a 16-bit word: |w| < 0.5 only; 0.7 needs FL <= 15
+    word, frac = rules.push_up(16, 15, math.e ** 2, "max", buffer_bits=0, min_bits=4, max_bits=16)
+    assert (word, frac) == (16, 16)
+    assert rules.within_range(0.7, word, frac) == 15 and rules.within_range(0.3, 16, 16) == 16
+
+
 def test_lookback_resolution_and_strategy_follow_their_signals():
     assert rules.next_lookback(1.0, 50, 25, 100, 1.0) == 100  # aligned gradients: the longest window
     assert rules.next_lookback(10.0, 50, 25, 100, 1.0) == 25  # 100 / 10 -> clamped to the shortest

@@ -192,3 +192,23 @@ def test_stage_keys_are_those_of_run_folders_made_before_the_catalogue():
     recipe = recipe_from_dict(raw, Path("."), "k.yaml")
     assert [_stage_key(recipe, i) for i in range(5)] == [
         "cd4681fdf8c1b79e", "fcdf27be0df1c24a", "ddb3040f07bcad31", "cfad545d02b96104", "09c3e2001178be86"]
+
+
+def test_shipped_prune_adapt_recipe_runs_end_to_end(tmp_path, tiny_cifar_root):
+    """recipes/resnet20-prune-adapt.yaml as shipped, tiny budget: HESSO + KD, then AdaPT deploy + KD, exported."""
+    import yaml
+
+    from cifarpress.pipeline.recipe import recipe_from_dict
+
+    path = REPO / "recipes" / "resnet20-prune-adapt.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["stages"][0]["prune"].update(pruning_periods=1, epochs=2, max_steps_per_epoch=3, batch_size=32)
+    raw["stages"][1]["quantize"].update(epochs=1, max_steps_per_epoch=3, batch_size=32, min_lookback=2,
+                                        max_lookback=2)
+    raw["bench"] = {"batch_sizes": [1], "seconds": 0.05}
+    run_dir = run_recipe(recipe_from_dict(raw, path.parent, path), tmp_path / "run", str(tiny_cifar_root))
+    baseline, pruned, quantized = json.loads((run_dir / "report.json").read_text())["stages"]
+    assert quantized["stage"] == "quantize" and quantized["macs"] == pruned["macs"] <= 0.55 * baseline["macs"]
+    assert all("frac_bits" in layer for layer in quantized["layers"])
+    model, info = load_model(run_dir / "02-quantize" / "model.pt")
+    assert info["quantization"]["method"] == "adapt"

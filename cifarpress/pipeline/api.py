@@ -568,10 +568,25 @@ def export(model: Union[nn.Module, str, Path], path: Union[str, Path, None] = No
             raise CifarpressError("the model is already quantized (a quantize stage); export it without "
                                   "precision int8: its QDQ graph is int8 already")
         int8 = precision == "int8" and not quantized
+        from cifarpress.export.fixed_point import is_fixed_point_int8
+
+        # AdaPT deploy mode: the int8 engine the int8 export writes, with the model's own codes (fixed_point.py)
+        fixed_int8 = quantized and is_fixed_point_int8(model)
         spec, check, calib = _export_data(model, data, calibration, input_shape, normalization, classes,
-                                          check_images, calib_images, int8, data_root)
+                                          check_images, calib_images, int8 or fixed_int8, data_root)
         meta = dict(metadata or {})
-        if int8:
+        if fixed_int8:
+            from cifarpress.export.fixed_point import export_fixed_point_int8_checked
+
+            labelled = int(check.labels.min()) >= 0
+            done = export_fixed_point_int8_checked(model, path, calib, check, calibrator, calib_images, check_images,
+                                                   extra_metadata=meta, threads=threads, max_drop=max_drop)
+            packed = exports.side_files(model, path.with_suffix(".packed"), meta.get("arch", type(model).__name__),
+                                        spec.num_classes, spec.name)
+            exported = Exported(done.path, "onnx", "quantized", done.path, done.check, done.graph_check,
+                                done.top1_drop_pp if labelled else None, done.violations, done.manifest,
+                                packed=Path(packed["packed"]) if packed else None)
+        elif int8:
             from cifarpress.export.int8 import export_int8_checked
 
             labelled = int(check.labels.min()) >= 0  # random check inputs, or images without labels, have none

@@ -84,7 +84,12 @@ def _stage_key(recipe: Recipe, upto: int) -> str:
 def export_checked(ctx: RunContext, model: torch.nn.Module, stage_dir: Path, info: dict,
                    images: int = 1000, tolerance: float | None = None) -> tuple[Path, dict]:
     """Export a stage's model through api.export (float ONNX, or QDQ plus packed file) and check it."""
-    exported = api.export(model, stage_dir / "model.onnx", data=ctx.split("test"), check_images=images,
+    from cifarpress.export.fixed_point import is_fixed_point_int8
+
+    # a deploy-mode AdaPT model becomes an int8 engine, calibrated on training images as the int8 export is
+    calibration = ctx.split("train") if is_fixed_point_int8(model) else None
+    exported = api.export(model, stage_dir / "model.onnx", data=ctx.split("test"), calibration=calibration,
+                          check_images=images,
                           tolerance=tolerance, threads=ctx.recipe.bench.threads,
                           metadata={"arch": info["arch"], "stage": stage_dir.name})
     extra = {"packed": str(exported.packed), "packed_bytes": exported.packed.stat().st_size} if exported.packed else {}

@@ -148,6 +148,7 @@ class AdaptQAT(Plugin):
         settling = trainer.step >= (1.0 - c.settle_fraction) * trainer.total_steps
         if not settling:
             word, frac = rules.push_up(word, frac, diversity, self.strategy, **bounds)
+            frac = rules.within_range(float(layer.weight.detach().abs().max()), word, frac)
         if (word, frac) != (layer.bits, layer.frac_bits):
             layer.set_fixed_point(word, frac)
             self.trajectory.append([trainer.step + 1, name, word, frac])

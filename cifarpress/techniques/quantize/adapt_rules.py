@@ -141,6 +141,16 @@ def push_up(word_bits: int, frac_bits: int, diversity: float, strategy: str, *, 
     return enforce_buffer(word_bits, frac_bits, buffer_bits, min_bits, max_bits)
 
 
+def within_range(largest: float, word_bits: int, frac_bits: int) -> int:
+    """The fractional length, lowered if needed so the largest |weight| fits the word (no clipping).
+
+    PushUp adds FL faster than WL (FL + s, WL + 1), and at max_bits the word cannot grow at all, so without
+    this guard it can eat the integer bits until the format clips, a loss PushDown then never leaves."""
+    if largest <= 0:
+        return frac_bits
+    return max(0, min(frac_bits, math.floor(math.log2((2 ** (word_bits - 1) - 1) / largest))))
+
+
 def next_lookback(diversity: float, lookback: int, min_lookback: int, max_lookback: int, momentum: float) -> int:
     """Diverse (noisy) gradients close the window sooner: max_lookback / GD, clamped, blended with momentum."""
     target = max_lookback if not (0 < diversity < math.inf) else min(max(max_lookback / diversity, min_lookback),
