@@ -3,14 +3,15 @@
     python bench/adapt.py [--model builtin:resnet20-cifar10] [--epochs 3] [--threads 2] [--work wip/adapt]
 
 Training arms fine-tune the shipped baseline with the same budget (epochs, lr 0.01 cosine, batch 128) and
-resume from their folders; fp32, int8 PTQ and ternary are the shipped files in bench/results (ternary and
-int8 PTQ were trained or calibrated by their own bench scripts, so only their measuring is repeated here).
+resume from their folders; int8 PTQ is the int8 export of the same baseline, made in this run; fp32 and
+ternary are the shipped files in bench/results (ternary was trained by bench/ternary.py, so only its
+measuring is repeated here).
 Per arm: top-1 on the full test set in PyTorch (fake quant) and through onnxruntime on the exported file,
 bit-weighted MACs against fp32 (MACs x weight bits x input bits / MACs x 32 x 32), the share of MACs at
 <= 8 bits, the ONNX file size, onnxruntime p50 latency at batch 1 and 64 (interleaved rounds), per-layer
 final <WL, FL>, and a PNG of each layer's word length over training.
-Writes bench/results/adapt.json, bench/results/adapt-trajectory-<arm>.png and the deploy-mode ONNX as
-bench/results/<arch>-adapt-qdq.onnx.
+Writes bench/results/adapt-<arch>.json, bench/results/adapt-trajectory-<arch>-<arm>.png and the deploy-mode
+ONNX as bench/results/<arch>-adapt-qdq.onnx.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from rich.table import Table
 
 from cifarpress.data import Normalizer, dataset_spec, load_split
 from cifarpress.export.fixed_point import export_fixed_point_int8_checked, is_fixed_point_int8
+from cifarpress.export.int8 import export_int8_checked
 from cifarpress.export.qdq import check_qdq, export_qdq
 from cifarpress.model_file import load_model, save_model
 from cifarpress.runtime.latency import interleaved_latency
@@ -36,7 +38,7 @@ from cifarpress.train.trainer import TrainConfig, Trainer
 from harness import Arms, utc_now, write_results
 
 RESULTS = Path(__file__).parent / "results"
-SHIPPED = {"fp32": "{arch}-fp32.onnx", "int8-ptq": "{arch}-int8-qdq.onnx", "ternary": "{arch}-ternary-qdq.onnx"}
+SHIPPED = {"fp32": "{arch}-fp32.onnx", "ternary": "{arch}-ternary-qdq.onnx"}
 
 
 def plot_trajectory(trajectory: list, total_steps: int, path: Path, title: str) -> None:
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--work", default="wip/adapt")
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
+    parser.add_argument("--out", default=None, help="results file (default bench/results/adapt.json for resnet20, else adapt-<arch>.json)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
@@ -130,9 +133,13 @@ def main() -> None:
             # measured, not enforced here: the pipeline's export stage enforces check_qdq's tolerance
             check = check_qdq(quantized, files[name], test.images[:500], tolerance=float("inf"), threads=args.threads)
         rec["export_check"] = {"max_abs_diff": check.max_abs_diff, "top1_agreement": check.top1_agreement}
+    # int8 PTQ of the same baseline, made in this run by the int8 export (entropy calibration, 1024 images)
+    baseline, _ = load_model(args.model)
+    files["int8-ptq"] = export_int8_checked(baseline.eval(), Path(args.work) / "int8-ptq.onnx", train, test,
+                                            threads=args.threads).path
     for name, pattern in SHIPPED.items():
         path = RESULTS / pattern.format(arch=arch)
-        if path.is_file():
+        if path.is_file() and name not in files:
             files[name] = path
     console.print(f"measuring {', '.join(files)} on {len(test)} test images, {args.threads} thread(s)")
     latency = interleaved_latency(files, (1, 64), args.threads, args.seconds, args.rounds)
@@ -157,7 +164,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name, rec in records.items():
         if "trajectory" in rec:
-            plot_trajectory(rec["trajectory"], rec["total_steps"], RESULTS / f"adapt-trajectory-{name}.png",
+            plot_trajectory(rec["trajectory"], rec["total_steps"], RESULTS / f"adapt-trajectory-{arch}-{name}.png",
                             f"AdaPT {name.removeprefix('adapt-')} on {arch}: word length per layer")
     if "adapt-deploy" in records and not args.max_steps:
         shutil.copyfile(files["adapt-deploy"], RESULTS / f"{arch}-adapt-qdq.onnx")
@@ -168,7 +175,8 @@ def main() -> None:
               "threads": args.threads, "arms": rows,
               "training": {n: {k: r[k] for k in ("history", "layers", "trajectory") if k in r}
                            for n, r in records.items()}, "onnxruntime": latency["onnxruntime"]}
-    out = RESULTS / ("adapt.json" if not args.max_steps else "adapt-smoke.json")
+    default = "adapt.json" if arch == "resnet20" else f"adapt-{arch}.json"  # the issue names ResNet-20 adapt.json
+    out = Path(args.out) if args.out else RESULTS / (default if not args.max_steps else "adapt-smoke.json")
     write_results(out, result, started)
     table = Table(title=f"AdaPT vs int8 and ternary, {arch}, {len(test)} test images, {args.threads} thread(s)")
     for col in ("arm", "top-1 ORT %", "top-1 torch %", "BOPs x fp32", "MACs <=8b", "KB", "b1 ms", "b64 ms"):
