@@ -122,8 +122,9 @@ class AdaptQAT(Plugin):
             if grad is None:
                 continue
             norm = grad.norm()
+            positive = float(norm) > 0  # one host read per layer and step
             window = self.windows[name]
-            if float(norm) > 0:
+            if positive:
                 window["sum"].add_(grad / norm)
                 window["count"] += 1
             diversity = rules.gradient_diversity(window["sum"], window["count"])
@@ -133,7 +134,7 @@ class AdaptQAT(Plugin):
                                                          c.max_lookback, c.min_resolution, c.max_resolution)
             if window["count"] >= window["lookback"]:
                 self._switch(trainer, name, layer, window, diversity)
-            if c.normalize_gradients and float(norm) > 0:
+            if c.normalize_gradients and positive:
                 grad.div_(norm)
             if c.l1:
                 grad.add_(layer.weight.sign(), alpha=c.l1)

@@ -32,14 +32,12 @@ import math
 
 import torch
 
+from cifarpress.techniques.quantize.fake_quant import MAX_FRAC_BITS, fixed_point_round, qmax_for
+
 STRATEGIES = ("min", "mean", "max")
 
 
-def fixed_point(w: torch.Tensor, word_bits: int, frac_bits: int) -> torch.Tensor:
-    """Round-to-nearest <word_bits, frac_bits> fixed point with symmetric saturation (the deployed codes)."""
-    qmax = 2 ** (word_bits - 1) - 1
-    step = 2.0 ** -frac_bits
-    return torch.clamp(torch.round(w / step), -qmax, qmax) * step
+fixed_point = fixed_point_round  # the deployed codes, as the layer rounds them
 
 
 def information_loss(w: torch.Tensor, w_hat: torch.Tensor, bins: int) -> float:
@@ -148,7 +146,7 @@ def within_range(largest: float, word_bits: int, frac_bits: int) -> int:
     this guard it can eat the integer bits until the format clips, a loss PushDown then never leaves."""
     if largest <= 0:
         return frac_bits
-    return max(0, min(frac_bits, math.floor(math.log2((2 ** (word_bits - 1) - 1) / largest))))
+    return max(0, min(frac_bits, math.floor(math.log2(qmax_for(word_bits) / largest))))
 
 
 def next_lookback(diversity: float, lookback: int, min_lookback: int, max_lookback: int, momentum: float) -> int:
@@ -174,10 +172,7 @@ def next_strategy(strategy: str, recent_loss: float, previous_loss: float) -> st
     return STRATEGIES[min(STRATEGIES.index(strategy) + 1, len(STRATEGIES) - 1)]
 
 
-def initial_format(w: torch.Tensor, max_bits: int, buffer_bits: int, min_bits: int,
-                   max_frac_bits: int = 48) -> tuple[int, int]:
+def initial_format(w: torch.Tensor, max_bits: int, buffer_bits: int, min_bits: int) -> tuple[int, int]:
     """The widest word, with the finest step that does not clip the largest weight."""
-    qmax = 2 ** (max_bits - 1) - 1
-    largest = float(w.detach().abs().max())
-    frac_bits = max_frac_bits if largest == 0 else math.floor(math.log2(qmax / largest))
-    return enforce_buffer(max_bits, min(max(frac_bits, 0), max_frac_bits), buffer_bits, min_bits, max_bits)
+    frac_bits = within_range(float(w.detach().abs().max()), max_bits, MAX_FRAC_BITS)
+    return enforce_buffer(max_bits, frac_bits, buffer_bits, min_bits, max_bits)

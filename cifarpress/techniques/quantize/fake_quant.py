@@ -80,6 +80,12 @@ def qmax_for(bits: int) -> int:
     return 1 if bits == TERNARY else 2 ** (bits - 1) - 1
 
 
+def fixed_point_round(x: torch.Tensor, bits: int, frac_bits: int) -> torch.Tensor:
+    """Round to nearest on the <bits, frac_bits> fixed-point grid: symmetric codes times 2^-frac_bits."""
+    qmax, step = qmax_for(bits), 2.0 ** -frac_bits
+    return round_clip(x / step, -qmax, qmax) * step
+
+
 def check_bits(bits, where: str = "weight_bits") -> int:
     """`bits` as the int the buffer holds: "ternary", "int<b>" or b with 2 <= b <= 32."""
     if isinstance(bits, str):
@@ -418,9 +424,8 @@ class FakeQuantLayer:
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed_inputs:
-            qmax, step = self.qmax, 2.0 ** -self.frac_bits
             with torch.no_grad():
-                rounded = round_clip(x / step, -qmax, qmax) * step
+                rounded = fixed_point_round(x, self._bits(), self.frac_bits)
             return straight_through(x, rounded)
         if self.act_bits is None:
             return x
