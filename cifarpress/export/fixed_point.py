@@ -28,6 +28,7 @@ from torch import nn
 
 from cifarpress.data import CifarSplit
 from cifarpress.errors import CifarpressError
+from cifarpress.export.calibrate import manifest_images
 from cifarpress.export.int8 import (
     Int8Export,
     _calibration_pixels,
@@ -36,7 +37,6 @@ from cifarpress.export.int8 import (
     check_int8_rules,
     quantize_onnx_int8,
 )
-from cifarpress.export.calibrate import manifest_images
 from cifarpress.export.onnx import check_onnx, export_onnx, publish_checked
 from cifarpress.export.qdq import WRAPPER_PREFIX, _fixed_point_codes, _per_channel, dequantized_copy, fits_int8
 from cifarpress.techniques.quantize.ternary import quantized_layers

@@ -15,9 +15,9 @@ int8 storage.
 With act_bits=8, the input of each int8 layer also passes through
 QuantizeLinear -> DequantizeLinear, using the layer's static per-tensor scale
 (running absmax / 127). ONNX and TensorRT need constant scales, so per-sample
-training exports per tensor too, and PyTorch evaluation uses the same scale. A layer whose inputs are rounded to its own fixed-point format
-<b, f> (AdaPT) gets Mul(2^f) -> Round -> Clip(+-qmax) -> Mul(2^-f) in front
-instead: Round is half-to-even in ONNX as in torch.round, and scaling by a power
+training exports per tensor too, and PyTorch evaluation uses the same scale.
+A layer whose inputs are rounded to its own fixed-point format <b, f> (AdaPT)
+gets Mul(2^f) -> Round -> Clip(+-qmax) -> Mul(2^-f) in front instead: Round is half-to-even in ONNX as in torch.round, and scaling by a power
 of two is exact, so the graph rounds as PyTorch does.
 
 How it is built: export_onnx traces a float copy of the model whose layers hold
@@ -88,13 +88,7 @@ def _per_channel(scale: torch.Tensor, channels: int) -> np.ndarray:
 
 def fits_int8(layer: FakeQuantLayer) -> bool:
     """Whether the layer's codes fit an int8 initializer (ternary or at most 8 bits); wider ones export float."""
-    return layer.qmax <= np.iinfo(np.int8).max
-
-
-def _check_width(layer: FakeQuantLayer) -> None:
-    if not fits_int8(layer):
-        raise CifarpressError(f"layer {layer.layer_name!r} has {layer.precision} weights, wider than the "
-                              f"{QDQ_MAX_BITS} bits an int8 QDQ graph holds; export it as a float layer")
+    return layer.bits <= QDQ_MAX_BITS  # ternary's 1.58 included
 
 
 def _fixed_point_codes(layer: FakeQuantLayer, rows: np.ndarray, torch_scale: np.ndarray) -> tuple[np.ndarray,
@@ -113,8 +107,8 @@ def _fixed_point_codes(layer: FakeQuantLayer, rows: np.ndarray, torch_scale: np.
 
 
 def _weight_codes(layer: FakeQuantLayer, exported: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 codes in [-qmax, qmax], per-channel float32 scale) reproducing the exported weight `exported`."""
-    _check_width(layer)
+    """(int8 codes in [-qmax, qmax], per-channel float32 scale) reproducing the exported weight `exported`
+    of a layer that fits int8 (quantize_graph leaves wider ones float)."""
     channels, qmax = exported.shape[0], layer.qmax
     torch_scale = _per_channel(layer.weight_scale(), channels)
     if np.array_equal(exported, layer.quantized_weight().cpu().numpy()):  # no BN folded in
