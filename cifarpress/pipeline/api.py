@@ -509,6 +509,24 @@ def _engine_path(onnx_path: Path, precision: str) -> Path:
     return onnx_path.with_name(f"{name}.engine")
 
 
+def export_precision(format: str, precision: Optional[str], int8_options: Optional[str] = None,
+                     flag: Callable[[str], str] = lambda name: name) -> str:
+    """The precision an export of `format` gets (fp32 for ONNX, fp16 for TensorRT when None), or one line naming
+    the mistake: an unknown format, a precision the format lacks, or int8-only options (`int8_options`, their
+    names as the caller's user knows them) without int8. `flag` spells a parameter as the caller's user knows
+    it (the CLI: "--format")."""
+    if format not in ("onnx", "tensorrt"):
+        raise CifarpressError(f"unknown {flag('format')} '{format}'; use onnx or tensorrt")
+    precision = precision or ("fp32" if format == "onnx" else "fp16")
+    allowed = ("fp32", "int8") if format == "onnx" else ("fp32", "fp16", "int8")
+    if precision not in allowed:
+        raise CifarpressError(f"{flag('precision')} {precision} is not available for {flag('format')} {format}; "
+                              f"use one of {', '.join(allowed)}")
+    if precision != "int8" and int8_options:
+        raise CifarpressError(f"{int8_options} apply to {flag('precision')} int8 only")
+    return precision
+
+
 def export(model: Union[nn.Module, str, Path], path: Union[str, Path, None] = None, *,
            format: Literal["onnx", "tensorrt"] = "onnx", precision: Optional[str] = None,
            data: Optional[Data] = None, calibration: Optional[Calibration] = None,
@@ -538,15 +556,8 @@ def export(model: Union[nn.Module, str, Path], path: Union[str, Path, None] = No
     """
     from cifarpress.export import api as exports
 
-    if format not in ("onnx", "tensorrt"):
-        raise CifarpressError(f"unknown format '{format}'; use onnx or tensorrt")
-    precision = precision or ("fp32" if format == "onnx" else "fp16")
-    allowed = ("fp32", "int8") if format == "onnx" else ("fp32", "fp16", "int8")
-    if precision not in allowed:
-        raise CifarpressError(f"precision {precision} is not available for format {format}; use one of "
-                              f"{', '.join(allowed)}")
-    if precision != "int8" and (exclude or max_drop is not None):
-        raise CifarpressError("max_drop and exclude apply to precision int8 only")
+    precision = export_precision(format, precision, "max_drop and exclude" if exclude or max_drop is not None
+                                 else None)
     if precision == "int8":
         from cifarpress.export.calibrate import CALIBRATORS
 

@@ -18,15 +18,9 @@ def export_file(checkpoint: str, output: Path | None, fmt: str, precision: str |
     """A model file or an ONNX file to a checked ONNX (fp32, a quantized model's QDQ, or int8 PTQ) and
     optionally a TensorRT engine; `say` prints each result line."""
     # The options in the command's own words, before any file or data is read (api.export checks them again)
-    if fmt not in ("onnx", "tensorrt"):
-        raise CifarpressError(f"unknown --format '{fmt}'; use onnx or tensorrt")
-    precision = precision or ("fp32" if fmt == "onnx" else "fp16")
-    allowed = ("fp32", "int8") if fmt == "onnx" else ("fp32", "fp16", "int8")
-    if precision not in allowed:
-        raise CifarpressError(f"--precision {precision} is not available for --format {fmt}; use one of "
-                              f"{', '.join(allowed)}")
-    if precision != "int8" and (exclude or max_drop is not None or sensitivity):
-        raise CifarpressError("--max-drop, --exclude and --sensitivity apply to --precision int8 only")
+    int8_only = exclude or max_drop is not None or sensitivity
+    precision = api.export_precision(fmt, precision, "--max-drop, --exclude and --sensitivity" if int8_only else None,
+                                     flag=lambda name: "--" + name)
     if fmt == "tensorrt":
         from cifarpress.runtime.tensorrt import require_tensorrt
 
