@@ -65,8 +65,13 @@ def real_cifar_root() -> Path:
     pytest.skip("real CIFAR-10 not found; set CIFARPRESS_DATA (python ../shared/data/build_cifar10.py DIR)")
 
 
+# Tests share 2 cores with each other and with training runs; keep them light. Set at import too, not
+# only per test: module-scoped fixtures run before the autouse one, and a run trained on 2 threads is not
+# bit-identical to its resume on 1 (test_hesso_resumes_bit_identical failed that way under load).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
-    # Tests share 2 cores with each other and with training runs; keep them light.
     torch.set_num_threads(1)
     yield

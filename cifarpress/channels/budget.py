@@ -223,7 +223,13 @@ def _units_and_levels(groupset: GroupSet, multiple: int,
         fixed = {groupset.spaces[s].size - groupset.spaces[s].prunable_channels for s in spaces}
         offset = fixed.pop() if len(fixed) == 1 and all(units_per_space[s] == 1 for s in spaces) else 0
         n = len(members)
-        kept = {round_kept(offset + c, multiple, offset + n) - offset for c in range(n + 1)}
+        first = groupset.groups[members[0]].channels
+        if len(first) > len(spaces):
+            # several channels per space (a grouped conv's whole group, a chunk's positions): any
+            # count of groups; rounding group counts would not round the widths
+            kept = set(range(n + 1))
+        else:
+            kept = {round_kept(offset + c, multiple, offset + n) - offset for c in range(n + 1)}
         units.append(members)
         if remove_branches and offset == 0 and len(spaces) == 1 and spaces[0] in groupset.removable_spaces:
             kept.add(0)  # the residual branch may go whole

@@ -237,11 +237,12 @@ def _removable_branches(model: nn.Module, groupset: GroupSet) -> frozenset[str]:
                 continue
             module_name = role.param.rpartition(".")[0]
             module = modules[module_name]
-            plain = isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+            # exact types: a subclass's forward may need the input width it is left without
+            plain = type(module) is nn.Linear or (type(module) is nn.Conv2d and module.groups == 1)
             if not owners <= ids:  # the module also makes or reads other channels
                 ok = False
             elif role.kind == "producer":
-                ok = plain or isinstance(module, nn.modules.batchnorm._BatchNorm)
+                ok = plain or type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
             elif role.kind == "consumer":
                 ok = plain and module_name in coupled
                 consumers += 1

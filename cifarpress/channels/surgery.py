@@ -1,10 +1,11 @@
 """Physical channel surgery: turn zeroed groups into a smaller model that computes the same function.
 
-`compact_model` deep-copies the model and, for every conv, BatchNorm and linear that owns
-a cut row or column, builds a new module of the smaller width with the kept slices
-(depthwise convs shrink in, out and groups together) and puts it in place under each of
-its qualified names. The forward code, every other module and the training flags are the
-copy's own, so the result is still the user's model class.
+`compact_model` deep-copies the model and, in every module that owns a cut row or column
+(a conv, BatchNorm or linear, or a subclass of one, or any module whose forward calls
+F.conv2d / F.linear / F.batch_norm on its own parameters), keeps only the kept slices and
+updates the width settings (depthwise convs shrink in, out and groups together; grouped
+convs lose whole groups). The forward code, every other module and the training flags are
+the copy's own, so the result is still the user's model class.
 
 A space cut whole, which GroupSet allows only for a residual branch's inner width, leaves its
 producer without outputs and its consumer without inputs: they become the stand-ins of
@@ -54,7 +55,9 @@ def compact_model(model: nn.Module, groupset: GroupSet, zero_threshold: float = 
     compact = copy.deepcopy(model)
     for module_name, keep in _kept_positions(groupset, cut).items():
         old = compact.get_submodule(module_name)
-        _swap(compact, old, _rebuilt(old, keep))
+        new = _rebuilt(old, keep)
+        if new is not old:
+            _swap(compact, old, new)
     if check_input is not None:
         diff = verify_compact(model, compact, check_input)
         if not diff <= atol:
@@ -102,7 +105,9 @@ def _kept_positions(groupset: GroupSet, cut: torch.Tensor) -> dict[str, Keep]:
 
 
 def _rebuilt(old: nn.Module, keep: Keep) -> nn.Module:
-    """A new module of the same class and settings, at the kept width, holding the kept slices."""
+    """The module at the kept width: the same object with its slices kept and its width settings
+    updated, so a subclass (timm's BatchNormAct2d, a conv with its own padding) keeps its class,
+    its forward and everything else it holds; or a stand-in where a whole space is cut."""
 
     def width(dim: int, full: int) -> int:
         kept = keep.get(("weight", dim))
@@ -117,28 +122,22 @@ def _rebuilt(old: nn.Module, keep: Keep) -> nn.Module:
             return ConstantChannels.replacing(old, width(0, old.weight.shape[0]), bias).train(old.training)
     if isinstance(old, nn.modules.batchnorm._BatchNorm) and width(0, old.num_features) == 0:
         return nn.Identity()
-    # Built on the meta device: every parameter and buffer is replaced just below.
-    if isinstance(old, nn.modules.conv._ConvNd):
-        out = width(0, old.out_channels)
-        depthwise = old.groups > 1  # the tracer only passes groups == in == out
-        new = type(old)(out if depthwise else width(1, old.in_channels), out, old.kernel_size, stride=old.stride,
-                        padding=old.padding, dilation=old.dilation, groups=out if depthwise else 1,
-                        bias=old.bias is not None, padding_mode=old.padding_mode, device="meta")
-    elif isinstance(old, nn.modules.batchnorm._BatchNorm):
-        new = type(old)(width(0, old.num_features), eps=old.eps, momentum=old.momentum, affine=old.affine,
-                        track_running_stats=old.track_running_stats, device="meta")
-    elif isinstance(old, nn.Linear):
-        new = type(old)(width(1, old.in_features), width(0, old.out_features), bias=old.bias is not None,
-                        device="meta")
-    else:
-        raise TypeError(f"no surgery for {type(old).__name__}")  # the tracer never hands one over
     for attr, value in old._parameters.items():
-        new._parameters[attr] = None if value is None else nn.Parameter(
-            _sliced(value, attr, keep), requires_grad=value.requires_grad)
+        if value is not None and any(name == attr for name, _ in keep):
+            old._parameters[attr] = nn.Parameter(_sliced(value, attr, keep), requires_grad=value.requires_grad)
     for attr, value in old._buffers.items():
-        new._buffers[attr] = None if value is None else _sliced(value, attr, keep)
-    new.train(old.training)
-    return new
+        if value is not None and any(name == attr for name, _ in keep):
+            old._buffers[attr] = _sliced(value, attr, keep)
+    if isinstance(old, nn.modules.conv._ConvNd):
+        out = old.weight.shape[0]
+        # a grouped conv loses whole groups (the tracer couples them), a depthwise one channels
+        old.groups = old.groups * out // old.out_channels if old.groups > 1 else 1
+        old.in_channels, old.out_channels = old.groups * old.weight.shape[1], out
+    elif isinstance(old, nn.Linear):
+        old.out_features, old.in_features = old.weight.shape
+    elif isinstance(old, nn.modules.batchnorm._NormBase):
+        old.num_features = (old.weight if old.weight is not None else old.running_mean).shape[0]
+    return old  # any other holder of cut parameters (a module calling F.conv2d on its own) needs no settings
 
 
 def _sliced(value: torch.Tensor, attr: str, keep: Keep) -> torch.Tensor:

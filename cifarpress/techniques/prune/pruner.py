@@ -165,7 +165,7 @@ class GroupPruner(Plugin):
         self.model = unwrap(trainer.model)
         # one image's shape as the data has it (Trainer.fit sets it); the probes trace and check the cut on it
         self.input_shape = tuple(getattr(trainer, "input_shape", None) or self.input_shape)
-        x = self._probe_input(1)
+        x = self._probe_input(2)  # two images: a norm traced in training mode needs two values per channel
         self.groupset = discover_groups(self.model, x)
         self.budget = PruneBudget(self.model, self.groupset, self.target, x)
         self.rows = GroupParams(self.model, self.groupset)
