@@ -244,3 +244,12 @@ def test_import_is_light_and_lists_the_api():
     assert proc.stdout.split() == ["False", "True"], proc.stderr
     assert callable(cifarpress.export) and cifarpress.export.onnx.OPSET  # the subpackage stays a package
     assert Path(cifarpress.train.trainer.__file__).name == "trainer.py"
+
+
+def test_stage_config_merges_a_technique_config_with_options_and_names_a_bad_field():
+    body = cifarpress.stage_config("prune", cifarpress.HessoConfig(macs=0.5), epochs=3, distill={"method": "kd"})
+    assert body.method == "hesso" and body.macs == 0.5 and body.epochs == 3 and body.distill.method == "kd"
+    gating = cifarpress.stage_config("prune", {"method": "gating", "sparsity": 0.3})
+    assert isinstance(gating, cifarpress.GatingConfig) or gating.method == "gating"
+    with pytest.raises(CifarpressError, match="macs"):
+        cifarpress.stage_config("prune", method="hesso", macs=1.5)
