@@ -433,8 +433,8 @@ def export(
     data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
     check_images: int = typer.Option(1000, min=10, help="Real test images compared between PyTorch and onnxruntime."),
     tolerance: Optional[float] = typer.Option(
-        None, help="Max abs logit difference before the export counts as failed (default 1e-4; for a quantized "
-                   "model with int8 activations, 2% of the largest logit)."),
+        None, help="Max logit difference before the export counts as failed, relative: times max(1, the largest "
+                   "|logit|) (default 1e-4; for a quantized model with int8 activations, 2% of the largest logit)."),
     arch: Optional[str] = typer.Option(None, help="Architecture, for a plain state-dict checkpoint."),
     max_drop: Optional[float] = typer.Option(
         None, min=0.0, help="int8: fail when top-1 drops more than this many pp against the float model on the "

@@ -14,6 +14,7 @@ from torch import nn
 from cifarpress.data import CifarSplit, DatasetSpec
 from cifarpress.errors import CifarpressError
 from cifarpress.export.onnx import (
+    FLOAT_TOLERANCE,
     ExportCheck,
     check_indices,
     check_onnx,
@@ -39,14 +40,16 @@ def quantized_layer_rows(model: nn.Module) -> list[dict] | None:
 def export_model_checked(model: nn.Module, path: str | Path, spec: DatasetSpec, test: CifarSplit, *,
                          images: int = 1000, tolerance: float | None = None, threads: int | None = None,
                          metadata: dict | None = None) -> ExportCheck:
-    """The model's deployable ONNX at `path`, checked in onnxruntime on `images` test images. tolerance None:
-    1e-4 for a float model; for a quantized one check_qdq's own (2% of the largest logit with int8 inputs)."""
+    """The model's deployable ONNX at `path`, checked in onnxruntime on `images` test images. tolerance is
+    relative (times max(1, the largest |logit|)); None: 1e-4 for a float model, for a quantized one check_qdq's
+    own (2% of the largest logit with int8 inputs)."""
     if is_fake_quantized(model):  # the same class-balanced draw as a float model's check
         subset = test.subset(check_indices(test, images))
         return publish_checked(path, lambda tmp: export_qdq(model, tmp, spec, test.classes, metadata),
                                lambda tmp: check_qdq(model, tmp, subset, tolerance, threads))
+    float_tolerance = FLOAT_TOLERANCE if tolerance is None else tolerance
     return publish_checked(path, lambda tmp: export_onnx(model, tmp, spec, test.classes, metadata),
-                           lambda tmp: check_onnx(model, tmp, test, images, tolerance or 1e-4, threads))
+                           lambda tmp: check_onnx(model, tmp, test, images, float_tolerance, threads))
 
 
 def side_files(model: nn.Module, packed_path: Path, arch: str, num_classes: int, dataset: str) -> dict:

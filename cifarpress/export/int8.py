@@ -291,27 +291,44 @@ def quantize_int8_graph(proto: onnx.ModelProto, plan: Int8Plan, scales: dict[str
     scale_names = {t: writer.scale(t, scales[t]) for t in plan.calibrated}
     before, after, weight_nodes = defaultdict(list), defaultdict(list), []
 
+    # A layer called twice in the forward (one conv applied twice) gives ops that read one weight initializer:
+    # it is quantized once (a scale safe for every reader's bias) and each reader gets its own DequantizeLinear
+    # of those shared codes, so every op is the DQ -> Conv unit that TensorRT and onnxruntime fuse.
+    readers = defaultdict(list)
     for position in plan.weighted:
-        node = graph.node[position]
-        weight_name = node.input[1]
+        readers[graph.node[position].input[1]].append(graph.node[position])
+    for weight_name, nodes in readers.items():
         weight = numpy_helper.to_array(initializers[weight_name])
-        if node.op_type == "Gemm":
-            if _attribute(node, "transA", 0):
+        layouts = set()
+        for node in nodes:
+            if node.op_type == "Gemm" and _attribute(node, "transA", 0):
                 raise CifarpressError(f"Gemm {node.name!r} has transA=1; int8 export takes linear layers only")
-            if not _attribute(node, "transB", 0):  # put output channels on axis 0, as TensorRT wants
-                weight = weight.T
+            layouts.add((node.op_type, _attribute(node, "transB", 0)))
+        if len(layouts) > 1:
+            raise CifarpressError(f"layer {weight_name.removeprefix('model.').removesuffix('.weight')!r} reads its "
+                                  f"weight both as is and transposed; int8 export needs one layout per weight "
+                                  f"(keep it in float with exclude)")
+        if layouts == {("Gemm", 0)}:  # put output channels on axis 0, as TensorRT wants
+            weight = weight.T
+            for node in nodes:
                 _set_attribute(node, "transB", 1)
-        bias = numpy_helper.to_array(initializers[node.input[2]]) if len(node.input) > 2 and node.input[2] else None
-        codes, scale = quantize_weight(weight, per_channel, _bias_safe_scale(bias, scales[node.input[0]]))
-        graph.initializer.remove(initializers.pop(weight_name))
+        safe = [_bias_safe_scale(numpy_helper.to_array(initializers[node.input[2]]), scales[node.input[0]])
+                for node in nodes if len(node.input) > 2 and node.input[2]]
+        codes, scale = quantize_weight(weight, per_channel, np.max(safe, axis=0) if safe else None)
         quantized = f"{weight_name}_quantized"
         writer.initializers += [numpy_helper.from_array(codes, quantized),
                                 numpy_helper.from_array(scale, f"{weight_name}_scale"),
                                 numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{weight_name}_zero_point")]
-        node.input[1] = f"{weight_name}_dequantized"
-        weight_nodes.append(helper.make_node(
-            "DequantizeLinear", [quantized, f"{weight_name}_scale", f"{weight_name}_zero_point"],
-            [node.input[1]], name=f"{weight_name}_dequantize", axis=0))
+        for k, node in enumerate(nodes):
+            suffix = f"_{k + 1}" if k else ""
+            node.input[1] = f"{weight_name}_dequantized{suffix}"
+            weight_nodes.append(helper.make_node(
+                "DequantizeLinear", [quantized, f"{weight_name}_scale", f"{weight_name}_zero_point"],
+                [node.input[1]], name=f"{weight_name}_dequantize{suffix}", axis=0))
+    still_read = {name for node in graph.node for name in node.input}  # a reader kept in float (exclude) keeps it
+    replaced = [name for name in readers if name not in still_read]
+    for name in replaced:
+        graph.initializer.remove(initializers.pop(name))
 
     for position, slot in plan.edges:
         node = graph.node[position]
@@ -326,7 +343,7 @@ def quantize_int8_graph(proto: onnx.ModelProto, plan: Int8Plan, scales: dict[str
         nodes, graph.node[consumer].input[slot] = writer.pair(source, scale_names[activation_output])
         after[producers[source]] += nodes
 
-    for value in [v for v in graph.input if v.name in {graph.node[p].input[1] for p in plan.weighted}]:
+    for value in [v for v in graph.input if v.name in replaced]:
         graph.input.remove(value)  # older IRs list initializers as inputs too
     graph.initializer.extend(writer.initializers)
     ordered = list(weight_nodes)

@@ -2,8 +2,10 @@
 
 Every quantized layer's weight is stored as an int8 initializer with a float32
 scale per output channel (axis 0) and an int8 zero point of 0, and it reaches its
-Conv/Gemm through DequantizeLinear. TensorRT's explicit quantization accepts this
-form. Ternary layers hold only the integers -1, 0 and 1; a b-bit layer holds
+Conv/Gemm through DequantizeLinear. A Linear applied to token tensors (B, N, C)
+exports as MatMul with its weight transposed, (in, out): its codes keep that
+layout and the scale lies on axis 1, still one per output channel. TensorRT's
+explicit quantization accepts this form. Ternary layers hold only the integers -1, 0 and 1; a b-bit layer holds
 integers in [-qmax, qmax], qmax = 2^(b-1) - 1, so int8 storage fits every width up
 to 8 bits (kept int8 layers use all of [-127, 127]). Wider codes do not fit an
 int8 graph: a layer above 8 bits stays a float layer holding its dequantized
@@ -56,6 +58,7 @@ from cifarpress.export.onnx import (
     NormalizedClassifier,
     compare_with_onnxruntime,
     export_onnx,
+    relative_tolerance,
 )
 from cifarpress.runtime.onnx_file import read_onnx_metadata
 from cifarpress.runtime.ort import make_session
@@ -70,7 +73,7 @@ from cifarpress.utils.modules import unwrap
 
 WRAPPER_PREFIX = "model."  # export_onnx wraps the net as NormalizedClassifier(model=...)
 QDQ_MAX_BITS = 8  # the widest code an int8 initializer holds
-WEIGHT_ONLY_TOLERANCE = 1e-4  # max |logit difference| when activations stay float
+WEIGHT_ONLY_TOLERANCE = 1e-4  # max |logit difference| when activations stay float, x max(1, |logit|)
 ACT_RELATIVE_TOLERANCE = 0.02  # with int8 activations: share of the largest |logit| (see check_qdq)
 
 
@@ -132,12 +135,35 @@ def _weight_codes(layer: FakeQuantLayer, exported: np.ndarray) -> tuple[np.ndarr
     return codes.reshape(exported.shape).astype(np.int8), scale
 
 
-def _check_weight_consumers(name: str, weight: str, nodes: list) -> None:
+def _check_weight_consumers(name: str, weight: str, nodes: list, transposed: bool = False) -> None:
     for node in nodes:
         gemm_transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
-        if list(node.input).index(weight) != 1 or not (node.op_type == "Conv" or gemm_transposed):
-            raise CifarpressError(f"layer {name!r} exported as {node.op_type}, not Conv/Gemm(transB=1); "
+        plain = node.op_type == "MatMul" if transposed else node.op_type == "Conv" or gemm_transposed
+        if list(node.input).index(weight) != 1 or not plain:
+            raise CifarpressError(f"layer {name!r} exported as {node.op_type}, not Conv/Gemm(transB=1)/MatMul; "
                                   f"QDQ export needs plain conv and linear layers")
+
+
+def _transposed_weight(name: str, layer: FakeQuantLayer, initializers: dict, consumers: dict) -> str | None:
+    """The initializer holding the layer's weight transposed, read by MatMul as its weight; None if none.
+
+    An nn.Linear applied to a (B, N, C) token tensor exports as MatMul(x, W^T) + bias, with W^T folded into a
+    new initializer (named by the exporter, not by the layer), so it is recognised by its value: the exported
+    copy holds the dequantized weight (no BN folds into a MatMul; to float rounding, as the copy computed it
+    on the CPU). Where two layers hold the same values, the MatMul that the exporter's scope metadata places
+    in this layer wins."""
+    expected = layer.quantized_weight().detach().float().cpu().numpy().T
+    if expected.ndim != 2:
+        return None
+    close = 1e-6 * max(float(np.abs(expected).max()), 1e-30)
+    found = [tensor for tensor, t in initializers.items()
+             if tuple(t.dims) == expected.shape and consumers[tensor]
+             and all(n.op_type == "MatMul" and list(n.input).index(tensor) == 1 for n in consumers[tensor])
+             and np.allclose(numpy_helper.to_array(t), expected, rtol=0, atol=close)]
+    scope = f"/{WRAPPER_PREFIX}{name}:"
+    found.sort(key=lambda tensor: not any(scope in p.value for n in consumers[tensor] for p in n.metadata_props
+                                          if p.key == "namespace"))
+    return found[0] if found else None
 
 
 def _input_qdq(layer: FakeQuantLayer, name: str, node, graph) -> list:
@@ -180,33 +206,42 @@ def quantize_graph(proto: onnx.ModelProto, layers: dict[str, FakeQuantLayer]) ->
     for node in graph.node:
         for value in node.input:
             consumers[value].append(node)
-    weight_dequantizers, before_node = [], defaultdict(list)
+    weight_dequantizers, before_node, replaced = [], defaultdict(list), set()
     for name, layer in layers.items():
-        weight = WRAPPER_PREFIX + name + ".weight"
-        tensor = initializers.get(weight)
-        if tensor is None:
-            raise CifarpressError(f"the exported graph has no weight initializer for layer {name!r}; "
-                                  f"QDQ export needs torch.onnx's dynamo exporter to trace the model")
-        _check_weight_consumers(name, weight, consumers[weight])
+        stem = weight = WRAPPER_PREFIX + name + ".weight"
+        transposed = weight not in initializers
+        if transposed:  # a Linear on token tensors: MatMul reads W^T (see _transposed_weight)
+            weight = _transposed_weight(name, layer, {k: t for k, t in initializers.items() if k not in replaced},
+                                        consumers)
+        if weight is None:
+            dynamo = any(p.key == "namespace" for n in graph.node for p in n.metadata_props)  # the fallback has none
+            why = ("QDQ export needs conv and linear layers whose weights the graph stores" if dynamo else
+                   "torch.onnx's dynamo exporter could not trace the model, and its TorchScript fallback renames "
+                   "folded weights")
+            raise CifarpressError(f"layer {name!r} has no weight initializer in the exported graph (neither its "
+                                  f"own nor a transposed copy read by MatMul); {why}")
+        tensor = initializers[weight]
+        _check_weight_consumers(name, weight, consumers[weight], transposed)
         if layer.fixed_inputs:
             for i, node in enumerate(consumers[weight]):
                 before_node[id(node)] += _input_rounding(layer, name if i == 0 else f"{name}.{i}", node, graph)
         if not fits_int8(layer):
             continue
-        codes, scale = _weight_codes(layer, numpy_helper.to_array(tensor))
+        exported = numpy_helper.to_array(tensor)
+        codes, scale = _weight_codes(layer, exported.T if transposed else exported)
         graph.initializer.remove(tensor)
-        graph.initializer.extend([
-            numpy_helper.from_array(codes, weight + "_quantized"),
-            numpy_helper.from_array(scale, weight + "_scale"),
-            numpy_helper.from_array(np.zeros(len(scale), np.int8), weight + "_zero_point"),
+        replaced.add(weight)
+        graph.initializer.extend([  # a transposed weight keeps its (in, out) layout: output channels on axis 1
+            numpy_helper.from_array(np.ascontiguousarray(codes.T) if transposed else codes, stem + "_quantized"),
+            numpy_helper.from_array(scale, stem + "_scale"),
+            numpy_helper.from_array(np.zeros(len(scale), np.int8), stem + "_zero_point"),
         ])
         weight_dequantizers.append(helper.make_node(
-            "DequantizeLinear", [weight + "_quantized", weight + "_scale", weight + "_zero_point"], [weight],
-            name=weight + "_dequantize", axis=0))
+            "DequantizeLinear", [stem + "_quantized", stem + "_scale", stem + "_zero_point"], [weight],
+            name=stem + "_dequantize", axis=1 if transposed else 0))
         if layer.int8_inputs:
             for i, node in enumerate(consumers[weight]):
                 before_node[id(node)] += _input_qdq(layer, name if i == 0 else f"{name}.{i}", node, graph)
-    replaced = {WRAPPER_PREFIX + name + ".weight" for name, layer in layers.items() if fits_int8(layer)}
     for value in [v for v in graph.input if v.name in replaced]:  # older IRs also list initializers as inputs
         graph.input.remove(value)
     ordered = list(weight_dequantizers)
@@ -263,7 +298,8 @@ def check_qdq(model: nn.Module, path: str | Path, images: torch.Tensor | CifarSp
 
     `images`: uint8 NCHW (0-255), float NCHW in [0, 1], or a CifarSplit. The
     normalization is read from the file's metadata. Raises ExportCheckError when
-    the logits differ by more than `tolerance`.
+    the logits differ by more than `tolerance` x max(1, the largest |logit|) (relative,
+    as check_onnx's: float rounding grows with the logits).
 
     By default onnxruntime runs the graph as written (graph optimizations off),
     which checks the file's own semantics. runtime_optimizations=True runs it as
@@ -272,7 +308,7 @@ def check_qdq(model: nn.Module, path: str | Path, images: torch.Tensor | CifarSp
     by about 1% of their range and can flip near-tied predictions. With float
     inputs it changes nothing measurable.
 
-    Default tolerance: 1e-4 when the inputs stay float, where the graph computes
+    Default tolerance: 1e-4 (relative) when the inputs stay float, where the graph computes
     what PyTorch computes up to float rounding (about 1e-7 on resnet20). With int8
     inputs it is 2% of the largest |logit|. PyTorch applies BN after the conv, while
     the graph has BN folded into it, so the two differ by an ulp. That ulp can move
@@ -298,10 +334,13 @@ def check_qdq(model: nn.Module, path: str | Path, images: torch.Tensor | CifarSp
     if tolerance is None:
         # A rounded input (int8 or fixed point) can flip by one step where BN folding moves a value by an ulp.
         rounded_inputs = any(layer.int8_inputs or layer.fixed_inputs for layer in quantized_layers(model).values())
-        tolerance = ACT_RELATIVE_TOLERANCE * largest_logit if rounded_inputs else WEIGHT_ONLY_TOLERANCE
-    if max_diff > tolerance:
+        allowed = (ACT_RELATIVE_TOLERANCE * largest_logit if rounded_inputs
+                   else relative_tolerance(WEIGHT_ONLY_TOLERANCE, largest_logit))
+    else:
+        allowed = relative_tolerance(tolerance, largest_logit)
+    if max_diff > allowed:
         raise ExportCheckError(
             f"onnxruntime output of {path} differs from the PyTorch fake-quant model by {max_diff:.2e} "
-            f"(> {tolerance:.1e}) on {len(x)} images, top-1 agreement {check.top1_agreement:.2f}%; "
-            f"the QDQ export is not faithful")
+            f"(> {allowed:.1e}, largest |logit| {largest_logit:.3g}) on {len(x)} images, top-1 agreement "
+            f"{check.top1_agreement:.2f}%; the QDQ export is not faithful")
     return check

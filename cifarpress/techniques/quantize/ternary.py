@@ -34,6 +34,11 @@ back to ternary at any time, and the width is saved and restored with the state
 dict. TernaryConfig and config_from_model therefore describe the scale rules and
 which layers start non-ternary, not the widths themselves.
 
+Which layers: every nn.Conv2d and nn.Linear, and their subclasses that compute what the parent computes
+(computes_as_parent: no state beyond weight and bias, and the parent's forward, or one that matches it on a
+probe), such as timm's Linear. Other subclasses (a weight-standardized conv) keep their own forward and stay
+float, with a warning naming them.
+
 Warm-up: over `warmup_steps` optimizer steps the training forward moves from the
 float weights (blend 0) to the quantized ones (blend 1). Evaluation always sees
 the fully quantized weights, so every reported accuracy is the deployable one.
@@ -41,6 +46,7 @@ the fully quantized weights, so every reported accuracy is the deployable one.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Iterable
 
@@ -155,9 +161,76 @@ QUANTIZED_TYPES = {
 
 # -- swapping and inspecting a model ----------------------------------------------------
 
+FLOAT_BASES = (nn.Conv2d, nn.Linear)  # what QUANTIZED_TYPES swaps, by the parent a layer computes as
+
+
+def _float_base(layer: nn.Module) -> type | None:
+    """nn.Conv2d or nn.Linear where `layer` is one (or a subclass of one, not already quantized); else None."""
+    if isinstance(layer, FakeQuantLayer):
+        return None
+    return next((base for base in FLOAT_BASES if isinstance(layer, base)), None)
+
+
+def _probe(layer: nn.Module, base: type) -> torch.Tensor:
+    p = layer.weight
+    gen = torch.Generator().manual_seed(0)
+    if base is nn.Linear:
+        return torch.randn(3, 2, layer.in_features, generator=gen).to(p.device, p.dtype)  # tokens, as timm's are
+    reach = max(d * (k - 1) + 1 for d, k in zip(layer.dilation, layer.kernel_size))
+    size = reach + 2 * max(layer.stride) + 3
+    return torch.randn(2, layer.in_channels, size, size, generator=gen).to(p.device, p.dtype)
+
+
+@torch.no_grad()
+def computes_as_parent(layer: nn.Module, base: type) -> bool:
+    """Whether a subclass of nn.Conv2d/nn.Linear computes exactly what `base` computes with its weight and bias,
+    so that the quantized swap (the parent's computation on quantized weights) changes only the weights.
+
+    The rule: the subclass holds no parameters, buffers or submodules beyond weight and bias (the swap would
+    drop them), and either overrides neither forward nor Conv2d's _conv_forward, or overrides one and gives
+    the parent's output (to float rounding) on a fixed random probe, in training and in eval mode: timm's
+    Linear, whose forward is F.linear(x, self.weight, self.bias), passes; a weight-standardized conv, whose
+    forward transforms the weight, fails. The layer's hooks are not run. A probe cannot see a forward that
+    differs only on other inputs; such a layer is one no model here has."""
+    own = {n for n, _ in layer.named_parameters(recurse=False)} | {n for n, _ in layer.named_buffers(recurse=False)}
+    if own - {"weight", "bias"} or next(layer.children(), None) is not None:
+        return False
+    cls = type(layer)
+    if cls.forward is base.forward and (base is not nn.Conv2d or cls._conv_forward is base._conv_forward):
+        return True
+    x, was_training = _probe(layer, base), layer.training
+    try:
+        for mode in (True, False):
+            layer.train(mode)
+            got, expected = layer.forward(x), base.forward(layer, x)
+            if not (isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.allclose(
+                    got, expected, rtol=1e-5, atol=1e-6 * max(1.0, float(expected.abs().max())))):
+                return False
+    except Exception:  # a forward that cannot run on the probe is not the parent's
+        return False
+    finally:
+        layer.train(was_training)
+    return True
+
+
+def _float_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """(the layers the swap quantizes, {layer: class name} of the Conv2d/Linear subclasses it leaves float)."""
+    layers, left = {}, {}
+    for name, m in model.named_modules():
+        base = _float_base(m)
+        if base is None:
+            continue
+        if type(m) is base or computes_as_parent(m, base):
+            layers[name] = m
+        else:
+            left[name] = type(m).__name__
+    return layers, left
+
+
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Plain nn.Conv2d / nn.Linear modules by path. Exact types only: a subclass may have its own forward."""
-    return {name: m for name, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)}
+    """nn.Conv2d / nn.Linear modules by path, and their subclasses that compute as the parent does
+    (computes_as_parent: e.g. timm's Linear); other subclasses have their own forward and stay float."""
+    return _float_layers(model)[0]
 
 
 def quantized_layers(model: nn.Module) -> dict[str, FakeQuantLayer]:
@@ -166,8 +239,8 @@ def quantized_layers(model: nn.Module) -> dict[str, FakeQuantLayer]:
 
 def default_keep(layers: dict[str, nn.Module]) -> list[str]:
     """The first conv and the classifier (the last Linear, or the last conv of an all-conv net)."""
-    convs = [n for n, m in layers.items() if type(m) is nn.Conv2d]
-    linears = [n for n, m in layers.items() if type(m) is nn.Linear]
+    convs = [n for n, m in layers.items() if isinstance(m, nn.Conv2d)]
+    linears = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
     keep = convs[:1] + (linears[-1:] or convs[-1:])
     return list(dict.fromkeys(keep))  # a one-conv model names it once
 
@@ -186,7 +259,11 @@ def quantize_model(model: nn.Module, config: TernaryConfig | None = None) -> dic
     model = unwrap(model)
     if quantized_layers(model):
         raise CifarpressError("the model already holds quantized layers; pass the float model to quantize_model")
-    layers = quantizable_layers(model)
+    layers, left_float = _float_layers(model)
+    if left_float:  # a subclass with its own computation would lose it in the swap: say which stay float
+        warnings.warn("quantize_model leaves these Conv2d/Linear subclasses float (their forward computes something "
+                      "else than the parent's, or they hold more than weight and bias): "
+                      + ", ".join(f"{n!r} ({c})" for n, c in left_float.items()), stacklevel=2)
     if not layers or "" in layers:
         raise CifarpressError("the model has no Conv2d or Linear inside it to quantize; "
                               "pass a network, not a single layer")
@@ -198,7 +275,7 @@ def quantize_model(model: nn.Module, config: TernaryConfig | None = None) -> dic
     precisions = {}
     for name, layer in layers.items():
         precision = "int8" if name in keep else "ternary"
-        new = QUANTIZED_TYPES[precision, type(layer)].from_float(layer, config, name)
+        new = QUANTIZED_TYPES[precision, _float_base(layer)].from_float(layer, config, name)
         _replace_module(model, name, new)
         precisions[name] = precision
     return precisions
