@@ -140,8 +140,9 @@ class ExportStage(Strict):
     calibrator: Literal["minmax", "percentile", "entropy", "mse"] = "entropy"
     calib_images: int = Field(1024, ge=10, description="int8: class-balanced training images to calibrate on")
     check_images: int = Field(1000, ge=10, description="Test images compared between PyTorch and onnxruntime")
-    tolerance: float = Field(1e-4, gt=0, description="Max logit difference allowed (fp32), times max(1, the "
-                           "largest |logit|)")
+    tolerance: Optional[float] = Field(None, gt=0, description="Max logit difference allowed, times max(1, the "
+                                       "largest |logit|); default 1e-4 for a float model, 2% of the largest "
+                                       "logit for a quantized one with int8 activations")
     max_drop: Optional[float] = Field(None, ge=0, description="int8: fail the export when it loses more than this "
                                       "many pp of top-1 against the float model on the check images (the graph's "
                                       "own math), naming the layers that lose most")
