@@ -207,12 +207,12 @@ def test_a_shifted_tensor_read_as_channels_is_refused():
 class GroupedNet(nn.Module):
     """regnet's bottleneck (a grouped 3x3 between 1x1s) and a depthwise conv with a multiplier."""
 
-    def __init__(self):
+    def __init__(self, groups: int = 4):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
         self.expand = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(16))
         self.conv1 = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.conv2 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(32),
+        self.conv2 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(32),
                                    nn.ReLU())
         self.conv3 = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
         self.fc = nn.Linear(16, 10)
@@ -223,21 +223,27 @@ class GroupedNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_grouped_convs_lose_whole_groups():
-    model = realistic(GroupedNet())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UnsupportedOpWarning)
-        groupset = discover_groups(model)
-    grouped = [g for g in groupset.groups if {s for s, _ in g.channels} == {"conv1.0", "conv2.0"}]
-    assert len(grouped) == 4 and all(len(g.channels) == 16 for g in grouped)  # 8 in + 8 out per group
-    assert len([g for g in groupset.groups if g.space == "stem.0"]) == 8  # one input and its two outputs each
-    for seed in range(3):
-        _, compact, diff = cut_exactly(realistic(GroupedNet()), 0.5, seed)
-        assert diff <= 1e-5
-        conv2 = compact.conv2[0]
-        assert conv2.in_channels == conv2.out_channels == 8 * conv2.groups <= 32
-        assert compact.expand[0].out_channels == 2 * compact.expand[0].groups
-    # a budget over such groups needs no rounding of widths it cannot round
+def test_grouped_convs_lose_equal_counts_per_group_or_whole_groups():
+    # 4 groups of 8: position p of every group is one group (8 on each side); 16 groups of 2: whole groups
+    for groups, expected in ((4, {"conv1.0": (8, 4), "conv2.0": (8, 4)}), (16, {("conv1.0", "conv2.0"): (16, 4)})):
+        model = realistic(GroupedNet(groups))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UnsupportedOpWarning)
+            groupset = discover_groups(model)
+        for spaces, (count, size) in expected.items():
+            spaces = {spaces} if isinstance(spaces, str) else set(spaces)
+            found = [g for g in groupset.groups if {s for s, _ in g.channels} == spaces]
+            assert len(found) == count and all(len(g.channels) == size for g in found)
+        # the multiplier-depthwise expand: one input and its two outputs per group
+        assert len([g for g in groupset.groups if g.space == "stem.0"]) == 8
+        for seed in range(3):
+            _, compact, diff = cut_exactly(realistic(GroupedNet(groups)), 0.5, seed)
+            assert diff <= 1e-5
+            conv2 = compact.conv2[0]
+            assert conv2.in_channels == compact.conv1[0].out_channels and conv2.out_channels % conv2.groups == 0
+            assert conv2.groups == groups if groups == 4 else conv2.groups <= groups
+            assert compact.expand[0].out_channels == 2 * compact.expand[0].groups
+    # a budget over groups of several channels per space needs no rounding it cannot do
     budget = PruneBudget(model, groupset, PruneTarget(sparsity=0.3, channel_multiple=8))
     assert budget.capacity > 0
 

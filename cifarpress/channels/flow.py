@@ -17,7 +17,7 @@ calls fx meets inside everything else (a fused BatchNorm + activation, a Linear 
 they compute. Tensors that are per channel but not zero where their channels are (a sigmoid's
 output) are *shifted*: only a gate multiplying a stream may read them (squeeze-and-excitation),
 and a conv reading one keeps its input channels. Grouped convs couple each group's inputs and
-outputs (whole groups go), chunk couples the same position of its parts (they stay equal), and
+outputs (whole groups go) or each position across the groups (equal counts go), chunk couples the same position of its parts (they stay equal), and
 torch.split or a channel slice at fixed sizes is refused: its literals would be stale after a cut.
 The result is raw: groups.py turns it into ZIGs and a GroupSet (a marked space blocks every
 channel coupled to it) and warns about the unsupported ops. The tracer is kept apart from the
@@ -495,14 +495,22 @@ class _ChannelFlow:
         elif groups == len(layout) == out_channels:
             out = layout  # depthwise: channel k in, channel k out, its weights belong to channel k
         else:
-            # Grouped: output group j reads input group j alone, so a group's inputs and outputs are
-            # cut together, whole groups at a time (surgery lowers `groups`); the weight's columns
-            # index positions within a group, not channels, and stay.
+            # Grouped: output group j reads input group j alone, and the weight is one rectangle for
+            # all groups. Two exact ways to cut it; the finer one for this shape is taken:
+            #   whole groups: group j's inputs and outputs go together (surgery lowers `groups`);
+            #   equal counts: position p of every group goes together, on the input side (a weight
+            #   column) and on the output side (a row of every group), `groups` stays.
             out = self._produced(space, out_channels)
             per_in, per_out = len(layout) // groups, out_channels // groups
-            for j in range(groups):
-                block = layout[j * per_in:(j + 1) * per_in] + out[j * per_out:(j + 1) * per_out]
-                self._couple(block[:1] * len(block), block)
+            if groups >= per_in + per_out:  # more groups than channels per group: groups are finer
+                for j in range(groups):
+                    block = layout[j * per_in:(j + 1) * per_in] + out[j * per_out:(j + 1) * per_out]
+                    self._couple(block[:1] * len(block), block)
+            else:
+                for j in range(1, groups):
+                    self._couple(layout[:per_in], layout[j * per_in:(j + 1) * per_in])
+                    self._couple(out[:per_out], out[j * per_out:(j + 1) * per_out])
+                self._role("consumer", weight, 1, layout[:per_in])
         self._role("producer", weight, 0, out)
         if bias is not None:
             self._role("producer", bias, 0, out)

@@ -129,15 +129,25 @@ def _rebuilt(old: nn.Module, keep: Keep) -> nn.Module:
         if value is not None and any(name == attr for name, _ in keep):
             old._buffers[attr] = _sliced(value, attr, keep)
     if isinstance(old, nn.modules.conv._ConvNd):
-        out = old.weight.shape[0]
-        # a grouped conv loses whole groups (the tracer couples them), a depthwise one channels
-        old.groups = old.groups * out // old.out_channels if old.groups > 1 else 1
-        old.in_channels, old.out_channels = old.groups * old.weight.shape[1], out
+        old.groups = _kept_groups(old, keep.get(("weight", 0)))
+        old.in_channels, old.out_channels = old.groups * old.weight.shape[1], old.weight.shape[0]
     elif isinstance(old, nn.Linear):
         old.out_features, old.in_features = old.weight.shape
     elif isinstance(old, nn.modules.batchnorm._NormBase):
         old.num_features = (old.weight if old.weight is not None else old.running_mean).shape[0]
     return old  # any other holder of cut parameters (a module calling F.conv2d on its own) needs no settings
+
+
+def _kept_groups(conv: nn.modules.conv._ConvNd, kept_rows: torch.Tensor | None) -> int:
+    """`groups` after the cut. The tracer cuts a grouped conv either by whole groups (the kept rows
+    fill whole groups; a depthwise conv is one channel per group) or by equal counts per group (every
+    group keeps rows, `groups` stays)."""
+    if conv.groups == 1 or kept_rows is None:
+        return conv.groups
+    per_group = conv.out_channels // conv.groups
+    blocks = torch.bincount(kept_rows.cpu() // per_group, minlength=conv.groups)
+    whole = blocks[blocks > 0]
+    return int(len(whole)) if bool((whole == per_group).all()) and len(whole) < conv.groups else conv.groups
 
 
 def _sliced(value: torch.Tensor, attr: str, keep: Keep) -> torch.Tensor:
