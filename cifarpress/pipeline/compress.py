@@ -63,7 +63,10 @@ def _keyed_as_before(kind: str, body: dict) -> dict:
     """A stage body as the stage key saw it before the catalogue, so run folders made then still resume.
 
     A prune stage was one flat schema holding both methods' fields and no `ema`; it is now one class per
-    method, and every training stage may carry every add-on."""
+    method, and every training stage may carry every add-on. An export stage's tolerance defaulted to 1e-4
+    (now each check's own default, None), which any export checked then also passes."""
+    if kind == "export":
+        return {"tolerance": 1e-4, **body}
     if kind != "prune":
         return body
     body = {k: v for k, v in body.items() if not (k == "ema" and v is False)}
