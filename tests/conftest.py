@@ -75,3 +75,16 @@ torch.set_num_threads(1)
 def _few_threads():
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture
+def torchscript_only_export(monkeypatch):
+    """torch.onnx.export as on a model the dynamo exporter cannot trace: only the TorchScript fallback works."""
+    dynamo_export = torch.onnx.export
+
+    def torchscript_only(*args, **kwargs):
+        if kwargs.get("dynamo"):
+            raise RuntimeError("this model does not trace")
+        return dynamo_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", torchscript_only)

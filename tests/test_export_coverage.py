@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
-from cifarpress.data import dataset_spec, load_split
+from cifarpress.data import dataset_spec
 from cifarpress.errors import CifarpressError
 from cifarpress.export.int8 import check_int8_rules, export_int8_qdq, int8_layers, quantize_onnx_int8
 from cifarpress.export.onnx import ExportCheckError, NormalizedClassifier, check_onnx, export_onnx
@@ -31,15 +31,7 @@ SPEC = dataset_spec("cifar10")
 CLASSES = [str(i) for i in range(10)]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_cifar_root):
-    return (load_split("cifar10", "train", tiny_cifar_root, download_if_missing=False),
-            load_split("cifar10", "test", tiny_cifar_root, download_if_missing=False))
-
-
-def normalized(images: torch.Tensor) -> torch.Tensor:
-    mean, std = torch.tensor(SPEC.mean).view(1, 3, 1, 1), torch.tensor(SPEC.std).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+from test_ternary import normalized, tiny  # noqa: E402,F401  (the tiny splits fixture and input normalization)
 
 
 def centred_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -154,18 +146,10 @@ def test_ternary_qdq_of_token_linears(tiny, tmp_path, act_bits):
               tolerance=float("inf"))  # onnxruntime's fused kernels take the graph too
 
 
-def test_qdq_export_from_the_torchscript_fallback_names_the_layer(monkeypatch, tmp_path):
+def test_qdq_export_from_the_torchscript_fallback_names_the_layer(torchscript_only_export, tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
                           nn.Linear(8 * 30 * 30, 10))
     quantize_model(model, TernaryConfig(keep=[]))
-    dynamo_export = torch.onnx.export
-
-    def torchscript_only(*args, **kwargs):
-        if kwargs.get("dynamo"):
-            raise RuntimeError("this model does not trace")
-        return dynamo_export(*args, **kwargs)
-
-    monkeypatch.setattr(torch.onnx, "export", torchscript_only)
     with pytest.raises(CifarpressError, match=r"^layer '0' has no weight initializer .*dynamo exporter could not "
                                               r"trace the model[^\n]*$"):
         export_qdq(model.eval(), tmp_path / "x.onnx", SPEC, CLASSES)

@@ -238,7 +238,7 @@ def test_plain_tensorrt_placement_per_tensor_minmax(int8_export, tiny_train, tmp
     assert cosine(logits - logits.mean(0), reference - reference.mean(0)) > 0.99
 
 
-def test_torchscript_fallback_with_shared_weights_exports(tiny_train, monkeypatch, tmp_path):
+def test_torchscript_fallback_with_shared_weights_exports(tiny_train, torchscript_only_export, tmp_path):
     """Models only the TorchScript exporter takes get int8 too, though it shares identical tensors via Identity."""
     import cifarpress.export.onnx
 
@@ -246,14 +246,6 @@ def test_torchscript_fallback_with_shared_weights_exports(tiny_train, monkeypatc
     twin, source = model.layer1[1], model.layer1[0]
     twin.conv1.load_state_dict(source.conv1.state_dict())
     twin.bn1.load_state_dict(source.bn1.state_dict())
-    dynamo_export = torch.onnx.export
-
-    def torchscript_only(*args, **kwargs):
-        if kwargs.get("dynamo"):
-            raise RuntimeError("this model does not trace")
-        return dynamo_export(*args, **kwargs)
-
-    monkeypatch.setattr(torch.onnx, "export", torchscript_only)
     float_path = cifarpress.export.onnx.export_onnx(model, tmp_path / "float.onnx", SPEC, tiny_train.classes)
     assert unshare_initializers(onnx.load(str(float_path)).graph) >= 1  # the shape this test is about
     path = export_int8_qdq(model, tmp_path / "shared.onnx", SPEC, tiny_train.classes, tiny_train.images[:64],

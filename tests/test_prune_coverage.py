@@ -18,6 +18,7 @@ import cifarpress
 from cifarpress.channels.budget import PruneBudget, PruneTarget
 from cifarpress.channels.groups import UnsupportedOpWarning, discover_groups
 from cifarpress.channels.surgery import compact_model, verify_compact
+from test_prune_groups import realistic  # random BN affine parameters and statistics from one batch
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -67,22 +68,6 @@ class PaddedConv(nn.Conv2d):
 
     def forward(self, x):
         return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-
-
-def realistic(model: nn.Module, seed: int = 0, size: int = 32) -> nn.Module:
-    """Random BN affine parameters (nonzero biases show a forgotten cut) and running stats from one batch."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(4, 3, size, size, generator=gen))
-    return model.eval()
 
 
 def cut_exactly(model: nn.Module, fraction: float = 0.4, seed: int = 0, shape=(2, 3, 32, 32)):
