@@ -373,3 +373,32 @@ def test_linear_on_token_tensors_is_refused_with_its_name():
         groupset = discover_groups(TokenMLP())
     assert any("flatten" in str(w.message) and "left unprunable: conv" in str(w.message) for w in record)
     assert "conv" not in groupset.prunable_spaces  # nothing is cut on a guess
+
+
+class TwoWeights(nn.Module):
+    """One module calling F.conv2d on two weights of its own: two channel spaces, not one."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.w2 = nn.Parameter(torch.randn(12, 8, 3, 3) * 0.3)
+
+    def forward(self, x):
+        return F.conv2d(F.relu(F.conv2d(x, self.w1, padding=1)), self.w2, padding=1)
+
+
+class TwoWeightsNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = TwoWeights()
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.block(x)).mean((2, 3)))
+
+
+def test_functional_convs_on_a_module_s_own_weights_each_make_a_space():
+    groupset, compact, diff = cut_exactly(TwoWeightsNet())
+    assert {g.space for g in groupset.groups} == {"block.w1", "block.w2"}
+    assert len(groupset) == 8 + 12 and diff <= 1e-5
+    assert compact.block.w1.shape[0] == compact.block.w2.shape[1] < 8

@@ -417,7 +417,7 @@ class _ChannelFlow:
             return self._conv_call(node)
         if target is F.linear:
             weight = self._param(_arg(node, 1, "weight"), "weight")
-            return self._linear(node, weight.rpartition(".")[0], weight, self._param(_arg(node, 2, "bias"), "bias"),
+            return self._linear(node, _space_of(weight), weight, self._param(_arg(node, 2, "bias"), "bias"),
                                 source, self.params[weight].shape)
         if target is F.batch_norm:
             return self._batchnorm_call(node)
@@ -527,7 +527,7 @@ class _ChannelFlow:
         owner = weight.rpartition(".")[0]
         if groups > 1 and not isinstance(self.owners.get(owner), nn.modules.conv._ConvNd):
             raise _Unsupported("is a grouped conv outside an nn.Conv module, whose groups a cut cannot update")
-        return self._conv(owner, weight, bias, layout, groups, shape[0])
+        return self._conv(_space_of(weight), weight, bias, layout, groups, shape[0])
 
     def _batchnorm(self, weight: str, bias: str, stats: list[str], layout: Layout, features: int) -> Layout:
         """Per channel; zero where its weight and bias are, whatever it reads (so a shifted input is
@@ -713,6 +713,12 @@ class _ChannelFlow:
         """(space name, index in it) of global channel id `c`."""
         space = self.spaces[self.space_of[c]]
         return space.name, c - space.first
+
+
+def _space_of(weight: str) -> str:
+    """The channel space a functional conv/linear makes, named as a module's would be ("conv" for
+    "conv.weight"); a module calling two weights of its own ("blk.w1", "blk.w2") makes two spaces."""
+    return weight[: -len(".weight")] if weight.endswith(".weight") else weight
 
 
 def _aliased_parameters(model: nn.Module) -> set[str]:
