@@ -402,3 +402,62 @@ def test_functional_convs_on_a_module_s_own_weights_each_make_a_space():
     assert {g.space for g in groupset.groups} == {"block.w1", "block.w2"}
     assert len(groupset) == 8 + 12 and diff <= 1e-5
     assert compact.block.w1.shape[0] == compact.block.w2.shape[1] < 8
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block as timm writes it without conv_mlp: depthwise conv, then LayerNorm and an MLP of
+    nn.Linear on (B, H, W, C) between two permutes, a layer scale, and the residual add."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv_dw(x).permute(0, 2, 3, 1)
+        x = self.fc2(self.act(self.fc1(self.norm(x))))
+        x = x.permute(0, 3, 1, 2).mul(self.gamma.reshape(1, -1, 1, 1))
+        return x + shortcut
+
+
+class ConvNeXtNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)
+        self.block = ConvNeXtBlock()
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+def test_a_linear_mlp_between_permutes_is_cut_and_the_layernorm_stream_is_kept():
+    with pytest.warns(UnsupportedOpWarning, match="LayerNorm module 'block.norm'.*normalizes across channels"):
+        groupset = discover_groups(ConvNeXtNet())
+    assert groupset.prunable_spaces == ["block.fc1"]  # the MLP's hidden width, read by fc2 on the last dim
+    with pytest.warns(UnsupportedOpWarning):
+        _, compact, diff = cut_exactly(ConvNeXtNet())
+    assert diff <= 1e-5 and compact.block.fc1.out_features == compact.block.fc2.in_features < 64
+
+
+class PermutedConvInput(nn.Module):
+    """A conv reading a tensor whose channels a permute moved: refused, not misread."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.conv1(x).transpose(1, 3)  # (B, 32, 32, 8): dim 1 is now width
+        return self.fc(self.conv2(y).mean((2, 3)))
+
+
+def test_channels_moved_off_dim_one_are_not_read_as_channels():
+    with pytest.warns(UnsupportedOpWarning, match="conv2.*moved to dim 3"):
+        groupset = discover_groups(PermutedConvInput())
+    assert "conv1" not in groupset.prunable_spaces

@@ -19,6 +19,8 @@ output) are *shifted*: only a gate multiplying a stream may read them (squeeze-a
 and a conv reading one keeps its input channels. Grouped convs couple each group's inputs and
 outputs (whole groups go) or each position across the groups (equal counts go), chunk couples the same position of its parts (they stay equal), and
 torch.split or a channel slice at fixed sizes is refused: its literals would be stale after a cut.
+permute/transpose move the channel dim: elementwise ops and an nn.Linear reading it as its last dim
+follow it there (ConvNeXt's MLP on (B, H, W, C)); everything else refuses moved channels.
 The result is raw: groups.py turns it into ZIGs and a GroupSet (a marked space blocks every
 channel coupled to it) and warns about the unsupported ops. The tracer is kept apart from the
 group structures so that each reads on its own. eval_mode lives here because shape
@@ -171,6 +173,10 @@ _ADD_CALLS = {operator.add, operator.iadd, torch.add, "add", "add_", operator.su
 _MUL_CALLS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 _DIV_CALLS = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 _CAT_CALLS = {torch.cat, torch.concat, torch.concatenate}
+# Moving the channel dim (ConvNeXt's MLP runs nn.Linear on (B, H, W, C) between two permutes) is followed for
+# elementwise ops and for a Linear reading channels on the last dim; anything else wants them on dim 1.
+_PERMUTE_CALLS = {torch.permute, "permute"}
+_TRANSPOSE_CALLS = {torch.transpose, "transpose", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims"}
 _CHUNK_CALLS = {torch.chunk, "chunk"}
 _SPLIT_CALLS = {torch.split, "split"}
 _FLATTEN_CALLS = {torch.flatten, "flatten"}
@@ -221,6 +227,7 @@ class _ChannelFlow:
         self.layouts: dict[fx.Node, Layout] = {}
         self.parts: dict[fx.Node, list[Layout]] = {}  # a split's or chunk's tuple: each item's layout
         self.shifted: set[fx.Node] = set()  # per-channel tensors that are not zero where their channels are
+        self.channel_dim: dict[fx.Node, int] = {}  # tensors whose channels are not on dim 1 (after a permute)
         self.attrs: dict[fx.Node, str] = {}  # get_attr node -> qualified parameter or buffer name
         self.roles: dict[tuple[str, int], tuple[str, list[int]]] = {}  # (param, dim) -> (kind, channel ids)
         self.module_spaces: dict[str, Layout] = {}
@@ -294,7 +301,8 @@ class _ChannelFlow:
             shape = _shape(node)
             if layout is None and shape is not None:
                 raise _Unsupported("returns a tensor")
-            if layout is not None and (shape is None or len(shape) < 2 or shape[1] != len(layout)):
+            dim = self.channel_dim.get(node, 1)
+            if layout is not None and (shape is None or len(shape) <= max(dim, 1) or shape[dim] != len(layout)):
                 raise _Unsupported("its output channels do not match its input", layout)
         except _Unsupported as exc:
             self._give_up(node, touched, exc)
@@ -312,10 +320,12 @@ class _ChannelFlow:
             self.opaque[node] = source
             self._fresh_space(node, f"opaque:{node.name}", f"output of unsupported {source}")
 
-    def _fresh_space(self, node: fx.Node, name: str, reason: str) -> None:
+    def _fresh_space(self, node: fx.Node, name: str, reason: str, dim: int = 1) -> None:
         shape = _shape(node)
-        if shape is not None and len(shape) >= 2:
-            self.layouts[node] = self._new_space(name, shape[1], reason)
+        if shape is not None and len(shape) > max(dim, 1):
+            self.layouts[node] = self._new_space(name, shape[dim], reason)
+            if dim != 1:
+                self.channel_dim[node] = dim
 
     def _give_up(self, node: fx.Node, touched: list[fx.Node], exc: _Unsupported) -> None:
         why = exc.why
@@ -332,7 +342,13 @@ class _ChannelFlow:
         if names:  # ops on what an earlier unsupported op returned repeat its warning: left out
             self.unsupported.append(f"cannot follow channels through {what}; left unprunable: {', '.join(names)}")
         self.opaque[node] = what
-        self._fresh_space(node, f"opaque:{node.name}", f"output of unsupported {what}")
+        # what a per-position op (LayerNorm on (B, H, W, C)) returns has its channels where its input had them
+        dims = {self.channel_dim.get(n, 1) for n in touched if n in self.layouts}
+        dim = dims.pop() if len(dims) == 1 else 1
+        shape, first = _shape(node), next((n for n in touched if n in self.layouts), None)
+        if dim != 1 and not (shape and first is not None and len(shape) == len(_shape(first) or ())):
+            dim = 1
+        self._fresh_space(node, f"opaque:{node.name}", f"output of unsupported {what}", dim)
 
     def _describe(self, node: fx.Node) -> str:
         if node.op == "call_module":
@@ -345,18 +361,21 @@ class _ChannelFlow:
         path, kind = list(stack.values())[-1]
         return f"{call} in '{path}' ({getattr(kind, '__name__', kind)})"
 
-    def _layout(self, value, shifted_ok: bool = False) -> Layout:
+    def _layout(self, value, shifted_ok: bool = False, moved_ok: bool = False) -> Layout:
         if not isinstance(value, fx.Node) or value not in self.layouts:
             raise _Unsupported("takes an operand that is not a traced channel tensor")
+        if value in self.channel_dim and not moved_ok:
+            raise _Unsupported(f"reads channels moved to dim {self.channel_dim[value]} (by a permute), where it "
+                               "is not followed")
         if value in self.shifted and not shifted_ok:
             raise _Unsupported("reads channels that are not zero where their producers are (after a sigmoid, "
                                "an added constant or the like)")
         return self.layouts[value]
 
-    def _read(self, node: fx.Node, source) -> Layout:
+    def _read(self, node: fx.Node, source, moved_ok: bool = False) -> Layout:
         """The input layout of a conv or linear. A shifted input's columns cannot be cut (their
         channels are not zero); the layer's own outputs still can, so only the input is forbidden."""
-        layout = self._layout(source, shifted_ok=True)
+        layout = self._layout(source, shifted_ok=True, moved_ok=moved_ok)
         if source in self.shifted:
             what = f"{self._describe(node)}, which reads channels that are not zero where their producers are " \
                    "(after a sigmoid, an added constant or the like)"
@@ -364,11 +383,19 @@ class _ChannelFlow:
             self.unsupported.append(f"cannot cut the input channels of {what}; left unprunable: {', '.join(names)}")
         return layout
 
-    def _passed(self, node: fx.Node, source) -> Layout:
-        """The layout of a per-channel op with f(0) == 0: its input's, shifted if the input is."""
-        layout = self._layout(source, shifted_ok=True)
+    def _passed(self, node: fx.Node, source, moved_ok: bool = False) -> Layout:
+        """The layout of a per-channel op with f(0) == 0: its input's, shifted if the input is (and, for
+        an elementwise op, on the dim its input has them)."""
+        layout = self._layout(source, shifted_ok=True, moved_ok=moved_ok)
         if source in self.shifted:
             self.shifted.add(node)
+        if source in self.channel_dim:
+            self.channel_dim[node] = self.channel_dim[source]
+        return layout
+
+    def _shifting(self, node: fx.Node, source) -> Layout:
+        layout = self._passed(node, source, moved_ok=True)
+        self.shifted.add(node)
         return layout
 
     def _param(self, value, what: str) -> str | None:
@@ -395,7 +422,9 @@ class _ChannelFlow:
             return self._getitem(node)
         source = _arg(node, 0, "input")
         if target in _ZERO_PRESERVING_CALLS:
-            return self._passed(node, source)
+            return self._passed(node, source, moved_ok=True)
+        if target in _PERMUTE_CALLS or target in _TRANSPOSE_CALLS:
+            return self._permute(node)
         if target in _SPATIAL_CALLS:
             return self._spatial(node, source, _SPATIAL_CALLS[target])
         if target is F.pad:
@@ -408,9 +437,7 @@ class _ChannelFlow:
         if target is F.interpolate:
             return self._spatial(node, source, None)
         if target in _SHIFTING_CALLS:
-            layout = self._layout(source, shifted_ok=True)
-            self.shifted.add(node)
-            return layout
+            return self._shifting(node, source)
         if target in _CROSS_CHANNEL_NORM_CALLS:
             raise _Unsupported(_NORM_ACROSS)
         if target in _CONV_CALLS:
@@ -429,7 +456,7 @@ class _ChannelFlow:
             divisor = _arg(node, 1, "other")
             if not _is_number(divisor) or divisor == 0:
                 raise _Unsupported("divides by a tensor")
-            return self._passed(node, source)
+            return self._passed(node, source, moved_ok=True)
         if target in _CAT_CALLS:
             return self._cat(node)
         if target in _CHUNK_CALLS or target in _SPLIT_CALLS:
@@ -467,15 +494,13 @@ class _ChannelFlow:
         if type(m) is nn.Flatten:
             return self._flatten(node, source, m.start_dim, m.end_dim)
         if type(m) in _ZERO_PRESERVING_MODULES:
-            return self._passed(node, source)
+            return self._passed(node, source, moved_ok=True)
         if type(m) in _SPATIAL_MODULES:
             return self._spatial(node, source, _SPATIAL_MODULES[type(m)])
         if type(m) is nn.Upsample:
             return self._spatial(node, source, None)
         if type(m) in _SHIFTING_MODULES:
-            layout = self._layout(source, shifted_ok=True)
-            self.shifted.add(node)
-            return layout
+            return self._shifting(node, source)
         if isinstance(m, _CROSS_CHANNEL_NORMS):
             raise _Unsupported(_NORM_ACROSS)
         raise _Unsupported()
@@ -558,9 +583,13 @@ class _ChannelFlow:
                                self.params[weight].shape[0])
 
     def _linear(self, node: fx.Node, space: str, weight: str, bias: str | None, source, shape) -> Layout:
-        layout = self._read(node, source)
-        if len(_shape(source) or ()) != 2 or len(layout) != shape[1]:
-            raise _Unsupported("is applied to a tensor that is not (batch, features)")
+        layout = self._read(node, source, moved_ok=True)
+        ndim = len(_shape(source) or ())
+        # features on the last dim: (batch, features), or (B, H, W, C) channels moved there by a permute
+        if ndim < 2 or self.channel_dim.get(source, 1) != ndim - 1 or len(layout) != shape[1]:
+            raise _Unsupported("is applied to a tensor whose channels are not its last dim")
+        if ndim > 2:
+            self.channel_dim[node] = ndim - 1
         self._role("consumer", weight, 1, layout)
         out = self._produced(space, shape[0])
         self._role("producer", weight, 0, out)
@@ -583,11 +612,11 @@ class _ChannelFlow:
     def _add(self, node: fx.Node) -> Layout:
         a, b = self._operands(node)
         if _is_number(b):  # x + c is c where x is 0: the channels stay per channel but shifted
-            layout = self._layout(a, shifted_ok=True)
-            if b != 0 or a in self.shifted:
+            layout = self._passed(node, a, moved_ok=True)
+            if b != 0:
                 self.shifted.add(node)
             return layout
-        layout = self._pair(a, b)
+        layout = self._pair(node, a, b)
         if a in self.shifted or b in self.shifted:
             self.shifted.add(node)
         return layout
@@ -595,18 +624,21 @@ class _ChannelFlow:
     def _mul(self, node: fx.Node) -> Layout:
         a, b = self._operands(node)
         if _is_number(b):
-            return self._passed(node, a)
+            return self._passed(node, a, moved_ok=True)
         # x * g is zero where either is: a gate g (SE's sigmoid) may be shifted as long as x is not
-        layout = self._pair(a, b)
+        layout = self._pair(node, a, b)
         if a in self.shifted and b in self.shifted:
             self.shifted.add(node)
         return layout
 
-    def _pair(self, a, b) -> Layout:
+    def _pair(self, node: fx.Node, a, b) -> Layout:
         """Channel k of an elementwise op on two channel tensors is channel k of both: couple them."""
-        la, lb = self._layout(a, shifted_ok=True), self._layout(b, shifted_ok=True)
-        if len(la) != len(lb) or len(_shape(a)) != len(_shape(b)):
+        la, lb = self._layout(a, shifted_ok=True, moved_ok=True), self._layout(b, shifted_ok=True, moved_ok=True)
+        dim = self.channel_dim.get(a, 1)
+        if len(la) != len(lb) or len(_shape(a)) != len(_shape(b)) or dim != self.channel_dim.get(b, 1):
             raise _Unsupported("broadcasts across channels")
+        if dim != 1:
+            self.channel_dim[node] = dim
         self._couple(la, lb)
         return la
 
@@ -677,6 +709,29 @@ class _ChannelFlow:
             return layout  # keeps every channel; the bound stays past the end after a cut
         if len(items) > 1:
             raise _Unsupported("slices channels at fixed offsets, which a cut would leave stale")
+        return layout
+
+    def _permute(self, node: fx.Node) -> Layout:
+        """permute / transpose: the same channels, on the dim the channel dim moves to."""
+        source = node.args[0]
+        layout = self._passed(node, source, moved_ok=True)
+        ndim, dim = len(_shape(source)), self.channel_dim.get(source, 1)
+        if node.target in _PERMUTE_CALLS:
+            dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+            dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+            dims = dims or node.kwargs.get("dims", ())
+            if len(dims) != ndim or not all(isinstance(d, int) for d in dims):
+                raise _Unsupported("has arguments the tracer cannot read")
+            moved = [d % ndim for d in dims].index(dim)
+        else:
+            pair = [_arg(node, 1, "dim0"), _arg(node, 2, "dim1")]
+            if not all(isinstance(d, int) for d in pair):
+                raise _Unsupported("has arguments the tracer cannot read")
+            first, second = (d % ndim for d in pair)
+            moved = second if dim == first else first if dim == second else dim
+        self.channel_dim.pop(node, None)
+        if moved != 1:
+            self.channel_dim[node] = moved
         return layout
 
     def _flatten(self, node: fx.Node, source, start, end) -> Layout:
