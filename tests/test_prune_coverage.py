@@ -85,6 +85,13 @@ def cut_exactly(model: nn.Module, fraction: float = 0.4, seed: int = 0, shape=(2
     return groupset, compact, diff
 
 
+def groups_without_fallback(model: nn.Module):
+    """discover_groups, failing on any UnsupportedOpWarning: the construct must be followed, not refused."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnsupportedOpWarning)
+        return discover_groups(model)
+
+
 def buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: b.clone() for name, b in model.named_buffers()}
 
@@ -158,9 +165,7 @@ class SENet(nn.Module):
 @pytest.mark.parametrize("gate", [nn.Sigmoid, nn.Hardsigmoid])
 def test_squeeze_excite_couples_the_gate_rows_with_the_stream_it_multiplies(gate):
     model = realistic(SENet(gate))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UnsupportedOpWarning)
-        groupset = discover_groups(model)
+    groupset = groups_without_fallback(model)
     assert len(groupset) == 16 + 8  # the gated stream and SE's reduced width
     stream = next(g for g in groupset.groups if g.space == "conv1")
     assert {s.param for s in stream.producers} >= {"bn1.weight", "bn3.weight", "se.conv_expand.weight"}
@@ -212,9 +217,7 @@ def test_grouped_convs_lose_equal_counts_per_group_or_whole_groups():
     # 4 groups of 8: position p of every group is one group (8 on each side); 16 groups of 2: whole groups
     for groups, expected in ((4, {"conv1.0": (8, 4), "conv2.0": (8, 4)}), (16, {("conv1.0", "conv2.0"): (16, 4)})):
         model = realistic(GroupedNet(groups))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UnsupportedOpWarning)
-            groupset = discover_groups(model)
+        groupset = groups_without_fallback(model)
         for spaces, (count, size) in expected.items():
             spaces = {spaces} if isinstance(spaces, str) else set(spaces)
             found = [g for g in groupset.groups if {s for s, _ in g.channels} == spaces]
@@ -254,9 +257,7 @@ class ChunkNet(nn.Module):
 
 def test_chunk_keeps_its_parts_equal_and_fixed_splits_are_refused():
     model = ChunkNet()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UnsupportedOpWarning)
-        groupset = discover_groups(model)
+    groupset = groups_without_fallback(model)
     halves = [g for g in groupset.groups if g.space == "conv1"]
     assert len(halves) == 16 and all(len(g.channels) == 2 for g in halves)  # position p of both halves
     _, compact, diff = cut_exactly(ChunkNet())
