@@ -2,7 +2,8 @@
 
     python bench/adapt.py [--model builtin:resnet20-cifar10] [--epochs 3] [--threads 2] [--work wip/adapt]
 
-Training arms fine-tune the shipped baseline with the same budget (epochs, lr 0.01 cosine, batch 128) and
+Training arms fine-tune the shipped baseline with the same budget (epochs, lr 0.01 cosine, batch 128, weight
+EMA unless --no-ema) and
 resume from their folders; int8 PTQ is the int8 export of the same baseline, made in this run; fp32 and
 ternary are the shipped files in bench/results (ternary was trained by bench/ternary.py, so only its
 measuring is repeated here).
@@ -34,6 +35,7 @@ from cifarpress.techniques.quantize.adapt import AdaptQAT, bit_weighted_macs, la
 from cifarpress.techniques.quantize.config import AdaptQuantConfig
 from cifarpress.techniques.quantize.qat import TernaryQAT
 from cifarpress.techniques.quantize.ternary import TernaryConfig, layer_report, quantizable_layers
+from cifarpress.train.ema import WeightEMA
 from cifarpress.train.trainer import TrainConfig, Trainer
 from harness import Arms, utc_now, write_results
 
@@ -69,6 +71,9 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:resnet20-cifar10")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="evaluate and keep the weights' moving average in every training arm (the baselines "
+                        "shipped their EMA; a fine-tune's last raw weights lose a few tenths against it)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--arms", default="adapt-deploy,adapt-paper,int8-qat")
     parser.add_argument("--work", default="wip/adapt")
@@ -98,7 +103,8 @@ def main() -> None:
             plugin = TernaryQAT(TernaryConfig(keep=list(quantizable_layers(model)), act_bits=8))
         config = TrainConfig(epochs=args.epochs, lr=args.lr, schedule="cosine", batch_size=128,
                              max_steps_per_epoch=args.max_steps)
-        trainer = Trainer(model, config, [plugin], run_dir=folder, device=torch.device("cpu"))
+        plugins = [plugin, WeightEMA()] if args.ema else [plugin]
+        trainer = Trainer(model, config, plugins, run_dir=folder, device=torch.device("cpu"))
         result = trainer.fit(train, test)
         quantized = result.model.eval()
         model_path = save_model(folder / "model.pt", quantized, arch, 10, "cifar10")
@@ -147,7 +153,10 @@ def main() -> None:
     for name, path in files.items():
         predicted = onnx_predictions(path, pixels.numpy(), args.threads)
         rec = records.get(name, {})
+        official = slice(0, test.official_prefix)  # the images whose pixels are the official ones
         rows.append({"name": name, "top1_onnxruntime": 100.0 * float((predicted == labels).mean()),
+                     "top1_onnxruntime_official": (100.0 * float((predicted[official] == labels[official]).mean())
+                                                   if test.official_prefix else None),
                      "top1_torch": rec.get("top1_torch"), "onnx_bytes": path.stat().st_size,
                      "latency_ms_p50": latency["p50"][name], "bops_ratio": rec.get("cost", {}).get("bops_ratio"),
                      "mean_weight_bits": rec.get("cost", {}).get("mean_weight_bits"),
@@ -171,7 +180,7 @@ def main() -> None:
     result = {"model": args.model, "arch": arch, "test_images": len(test),
               "test_set": "cifar10 10,000 (images 0-999 official, 1000-9999 JPEG)",
               "budget": {"epochs": args.epochs, "lr": args.lr, "schedule": "cosine", "batch_size": 128,
-                         "max_steps_per_epoch": args.max_steps},
+                         "max_steps_per_epoch": args.max_steps, "ema": args.ema},
               "threads": args.threads, "arms": rows,
               "training": {n: {k: r[k] for k in ("history", "layers", "trajectory") if k in r}
                            for n, r in records.items()}, "onnxruntime": latency["onnxruntime"]}

@@ -9,7 +9,10 @@ under --work (default runs/bench-mesa/<model>-b<batch>-<epochs>ep/):
 - plain:      no hooks on the training steps; its bytes held for backward are measured by the
               same pack hook as Mesa's (compressing nothing) on the first 2 steps of each epoch;
 - mesa8:      `mesa: {bits: 8, relu_mask: false}`: every saved activation as 8-bit codes;
-- mesa8-mask: `mesa: {bits: 8, relu_mask: true}`: and ReLUs keep 1-bit masks.
+- mesa8-mask: `mesa: {bits: 8, relu_mask: true}`: and ReLUs keep 1-bit masks;
+- mesa8-release: `mesa: {bits: 8, relu_mask: false, release_memory: true}`: mesa8 with glibc told to hand
+              freed buffers back to the OS (utils/memory.release_freed_buffers), so that the resident set
+              follows live memory.
 
 What each arm records:
 - saved_bytes:   the most bytes one step holds for backward, summed in the pack hook (exact, the
@@ -22,7 +25,7 @@ What each arm records:
 - images_per_s:  training images per second (the epochs' train time; evaluation excluded);
 - top1:          torch top-1 on the full test set after the schedule.
 
-Then, for plain and mesa8-mask, the largest batch (a multiple of 32) whose first --probe-steps
+Then, for plain, mesa8 and mesa8-release, the largest batch (a multiple of 32) whose first --probe-steps
 steps stay under a fixed memory cap: plain's peak resident set at --batch-size in the same probe.
 Each probe is a process of its own.
 
@@ -43,7 +46,9 @@ from pathlib import Path
 from harness import REPO, Arms, machine, write_results  # bench/harness.py
 
 RESULTS = Path(__file__).parent / "results"
-ARMS = {"plain": None, "mesa8": {"bits": 8, "relu_mask": False}, "mesa8-mask": {"bits": 8, "relu_mask": True}}
+ARMS = {"plain": None, "mesa8": {"bits": 8, "relu_mask": False}, "mesa8-mask": {"bits": 8, "relu_mask": True},
+        "mesa8-release": {"bits": 8, "relu_mask": False, "release_memory": True}}
+CAP_ARMS = ("plain", "mesa8", "mesa8-release")  # the largest batch under plain's peak, for each of these
 BATCH_STEP = 32
 
 
@@ -188,12 +193,12 @@ def main() -> None:
     cap_probe = run_worker(args, "plain", args.batch_size, None, probe=True)
     cap = cap_probe["peak_rss_bytes"]
     largest = {}
-    for arm in ("plain", "mesa8-mask"):
+    for arm in CAP_ARMS:
         batch, probes = largest_batch_under(args, arm, cap, console.print)
         largest[arm] = {"batch_size": batch, "probes": probes}
     console.rule("[bold]live memory: the same arms' first steps with a fixed mmap threshold")
     live = {}
-    for arm in ARMS:
+    for arm in [a for a in ARMS if not (ARMS[a] or {}).get("release_memory")]:  # that arm releases already
         live[arm] = run_worker(args, arm, args.batch_size, None, probe=True, env=LIVE_MEMORY_ENV)
         console.print(f"  {arm}: +{live[arm]['rss_increase_bytes'] / 2**20:.0f} MiB over idle")
     for r in live.values():
@@ -226,8 +231,8 @@ def main() -> None:
                       f"step time {r['step_time_ratio']:.2f}x")
     console.print("live memory (fixed mmap threshold): " + ", ".join(
         f"{a} {r['rss_increase_ratio']:.3f}x" for a, r in live.items()))
-    console.print(f"largest batch under {cap / 2**20:.0f} MiB: plain {largest['plain']['batch_size']}, "
-                  f"mesa8-mask {largest['mesa8-mask']['batch_size']}; wrote {args.out}")
+    console.print(f"largest batch under {cap / 2**20:.0f} MiB: " + ", ".join(
+        f"{a} {largest[a]['batch_size']}" for a in CAP_ARMS) + f"; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,32 @@ def test_push_down_tolerance_allows_a_coarser_step():
     assert rules.information_loss(w, rules.fixed_point(w, *loose), 16) <= 0.003
 
 
+def test_sampling_floor_is_the_kl_a_histogram_shows_by_sampling_alone():
+    # N uniform samples in R equal bins against the true (flat) distribution: E[KL] -> (R - 1) / 2N.
+    generator = torch.Generator().manual_seed(0)
+    count, bins = 4000, 50
+    kls = []
+    for _ in range(200):
+        p = torch.histc(torch.rand(count, generator=generator, dtype=torch.float64), bins, 0, 1) / count
+        filled = p > 0
+        kls.append(float((p[filled] * (p[filled] * bins).log()).sum()))
+    assert sum(kls) / len(kls) == pytest.approx(rules.sampling_floor(count, bins), rel=0.1)
+
+
+def test_sampling_tolerance_passes_a_coarser_step_than_zero_but_scales_with_the_tensor():
+    w = torch.randn(20000, generator=torch.Generator().manual_seed(2)) * 0.1
+    exact = rules.push_down(w, 32, 24, bins=50, tolerance=0.0, min_bits=12, max_bits=32, buffer_bits=8)
+    floor = rules.push_down(w, 32, 24, bins=50, tolerance=rules.SAMPLING, min_bits=12, max_bits=32, buffer_bits=8)
+    assert floor[1] < exact[1]
+    assert rules.information_loss(w, rules.fixed_point(w, *floor), 50) <= rules.sampling_floor(w.numel(), 50)
+    # one step coarser than the chosen one is past the floor: the floor is a bound, not a pass for everything
+    assert not rules.lossless(w, floor[0], floor[1] - 1, 50, rules.SAMPLING)
+    # fewer weights, a higher floor: the same values subsampled tolerate at least as coarse a step
+    small = rules.push_down(w[:500], 32, 24, bins=50, tolerance=rules.SAMPLING, min_bits=12, max_bits=32,
+                            buffer_bits=8)
+    assert small[1] <= floor[1]
+
+
 def test_buffer_and_bounds():
     assert rules.enforce_buffer(10, 6, buffer_bits=8, min_bits=12, max_bits=32) == (14, 6)
     assert rules.enforce_buffer(32, 30, buffer_bits=8, min_bits=12, max_bits=32) == (32, 24)
@@ -228,6 +254,8 @@ def test_adapt_refuses_a_quantized_model():
     ({"max_bits": 40}, "max_bits"),
     ({"min_bits": 1}, "min_bits"),
     ({"buffer_bits": -1}, "buffer_bits"),
+    ({"tolerance": -1}, "tolerance=-1.0 is not a KL divergence"),
+    ({"tolerance": "loose"}, "use a number >= 0 (nats) or 'sampling'"),
 ])
 def test_bad_adapt_settings_fail_in_one_line(tmp_path, body, expected):
     raw = {"name": "r", "model": {"arch": "resnet20", "checkpoint": "builtin:resnet20-cifar10"},

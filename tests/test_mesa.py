@@ -7,6 +7,8 @@ Composition with HESSO, ternary and KD and resume are in test_technique_contract
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,3 +204,50 @@ def test_bad_config_in_a_recipe_is_one_line(tmp_path):
         load_recipe(path)
     message = str(info.value)
     assert "\n" not in message and "mesa" in message and "bits: 8" in message, message
+
+
+RELEASE_PROBE = """
+import sys, torch
+from cifarpress.utils.memory import release_freed_buffers, rss_bytes
+if sys.argv[1] == "release" and not release_freed_buffers():
+    print("skip"); raise SystemExit
+for _ in range(3):  # freeing a mapped 16 MiB buffer raises glibc's dynamic mmap threshold past 8 MiB
+    torch.ones(4 * 2**20)
+small = [torch.ones(2 * 2**20) for _ in range(8)]  # 8 MiB each: heap blocks, unless the threshold is fixed
+pins = []
+for block in small:
+    pins.append(torch.ones(16 * 1024))  # a 64 KiB long-lived heap block after each: the holes cannot be trimmed
+before = rss_bytes()
+del small
+print(before - rss_bytes())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc")
+def test_release_memory_hands_freed_activation_buffers_back_to_the_os():
+    import subprocess
+
+    def freed(mode: str) -> str:
+        return subprocess.run([sys.executable, "-c", RELEASE_PROBE, mode], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    released = freed("release")
+    if released == "skip":
+        pytest.skip("not glibc")
+    assert int(released) > 48 * 2**20  # most of the 64 MiB left the resident set at once
+    assert int(freed("default")) < 16 * 2**20  # glibc's default keeps the holes resident
+
+
+def test_release_memory_is_applied_at_setup_on_the_cpu(tiny_cifar_root, monkeypatch):
+    from cifarpress.data import load_split
+    from cifarpress.techniques.mesa import plugin as mesa_plugin
+
+    calls = []
+    monkeypatch.setattr(mesa_plugin, "release_freed_buffers", lambda: calls.append(1) or True)
+    train = load_split("cifar10", "train", tiny_cifar_root, download_if_missing=False)
+    config = TrainConfig(epochs=1, batch_size=16, lr=0.05, max_steps_per_epoch=1)
+    for release in (False, True):
+        mesa = Mesa.from_config(MesaConfig(release_memory=release))
+        Trainer(build_model("resnet20", 10), config, [mesa], device=torch.device("cpu"), quiet=True).fit(train, None)
+        assert mesa.released is release
+    assert calls == [1]

@@ -17,6 +17,11 @@ class MesaConfig(BaseModel):
         "stochastic", description="stochastic: unbiased codes, so errors average out in the weight gradients")
     relu_mask: bool = Field(True, description="ReLU and ReLU6 keep a 1-bit mask of where they pass gradient "
                             "instead of their output")
+    release_memory: bool = Field(
+        False, description="CPU, glibc: freed activation buffers go back to the OS at once, so the training "
+        "process's resident memory follows what is live (the saving then shows in RSS and in the batch that fits a "
+        "memory cap) at the cost of page faults: about 2x the step time on a 2-core CPU (bench/mesa.py). Off, "
+        "glibc keeps freed holes resident and the peak RSS stays near plain training's")
     min_elements: int = Field(4096, ge=0, description="Saved tensors smaller than this stay as they are "
                               "(BatchNorm statistics, biases: not worth a range)")
 

@@ -18,6 +18,7 @@ hook), the figure bench/mesa.py compares against plain training measured the sam
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -25,6 +26,7 @@ from cifarpress.techniques.mesa.config import MesaConfig
 from cifarpress.techniques.mesa.saved import SavedActivationStore
 from cifarpress.train.phases import Phase
 from cifarpress.train.trainer import Plugin
+from cifarpress.utils.memory import release_freed_buffers
 from cifarpress.utils.modules import unwrap
 
 
@@ -68,10 +70,24 @@ class SavedActivationPlugin(Plugin):
 class Mesa(SavedActivationPlugin):
     name = "mesa"
 
+    def __init__(self, store: SavedActivationStore, release_memory: bool = False):
+        super().__init__(store)
+        self.release_memory = release_memory
+        self.released = False
+
     @classmethod
     def from_config(cls, config: MesaConfig) -> "Mesa":
         return cls(SavedActivationStore(group_size=config.group_size, stochastic=config.rounding == "stochastic",
-                                        relu_mask=config.relu_mask, min_elements=config.min_elements))
+                                        relu_mask=config.relu_mask, min_elements=config.min_elements),
+                   release_memory=config.release_memory)
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        if self.release_memory and trainer.device.type == "cpu":
+            self.released = release_freed_buffers()
+            if not self.released:
+                warnings.warn("mesa release_memory: this C library is not glibc, so freed buffers stay with the "
+                              "allocator; the saved bytes are still cut, the resident peak may not be")
 
 
 class SavedBytesMeter(SavedActivationPlugin):

@@ -5,8 +5,13 @@ A layer holds its weights in fixed point <WL, FL>: WL-bit symmetric codes times 
 
 PushDown ("no information loss"): lower FL, then WL, as far as quantizing the
     full-precision master weights loses no information: the R-bin histogram of the
-    quantized copy equals that of the weights, i.e. KL(P || Q) = 0 (or at most a stated
-    tolerance). Both histograms span the range of both tensors, so a clipped weight is a
+    quantized copy equals that of the weights, KL(P || Q) = 0, up to a tolerance. The
+    default tolerance is the histogram's sampling floor (R - 1) / 2N nats, the KL that an
+    R-bin histogram of N weights shows against their own distribution by sampling alone
+    (E[KL(P_hat || P)] to first order): a smaller difference is not information the test
+    can see. A literal 0 asks every one of N weights to stay inside its bin, which forces
+    steps below about range / N (ResNet-20: 20-32-bit words where the paper reports
+    14-22). Both histograms span the range of both tensors, so a clipped weight is a
     loss too. Each bound is found by bisection that evaluates the midpoint, assuming the
     loss only grows as FL falls (a coarser grid, at a word wide enough not to clip) and as
     WL falls at a fixed FL (more clipping).
@@ -61,8 +66,20 @@ def information_loss(w: torch.Tensor, w_hat: torch.Tensor, bins: int) -> float:
     return max(0.0, float((p[filled] * (p[filled].log() - q[filled].log())).sum()))
 
 
-def lossless(w: torch.Tensor, word_bits: int, frac_bits: int, bins: int, tolerance: float = 0.0) -> bool:
-    return information_loss(w, fixed_point(w, word_bits, frac_bits), bins) <= tolerance
+SAMPLING = "sampling"  # the tolerance that is each tensor's histogram sampling floor
+
+
+def sampling_floor(count: int, bins: int) -> float:
+    """(bins - 1) / 2N nats: the expected KL of an N-sample, `bins`-bin histogram against its own distribution."""
+    return (bins - 1) / (2.0 * max(count, 1))
+
+
+def tolerance_for(w: torch.Tensor, bins: int, tolerance: float | str) -> float:
+    return sampling_floor(w.numel(), bins) if tolerance == SAMPLING else float(tolerance)
+
+
+def lossless(w: torch.Tensor, word_bits: int, frac_bits: int, bins: int, tolerance: float | str = 0.0) -> bool:
+    return information_loss(w, fixed_point(w, word_bits, frac_bits), bins) <= tolerance_for(w, bins, tolerance)
 
 
 def _smallest(low: int, high: int, passes) -> int:
@@ -90,13 +107,14 @@ def enforce_buffer(word_bits: int, frac_bits: int, buffer_bits: int, min_bits: i
     return word_bits, frac_bits
 
 
-def push_down(w: torch.Tensor, word_bits: int, frac_bits: int, *, bins: int, tolerance: float, min_bits: int,
-              max_bits: int, buffer_bits: int) -> tuple[int, int]:
+def push_down(w: torch.Tensor, word_bits: int, frac_bits: int, *, bins: int, tolerance: float | str,
+              min_bits: int, max_bits: int, buffer_bits: int) -> tuple[int, int]:
     """The narrowest <WL, FL> at or below the current one that still loses no information (PushDown).
 
     FL first, at the current word; then WL, at the new FL, down to max(min_bits, FL + RB). When the
     current format itself loses information, it stays: only PushUp raises precision.
     """
+    tolerance = tolerance_for(w, bins, tolerance)
     if not lossless(w, word_bits, frac_bits, bins, tolerance):
         return enforce_buffer(word_bits, frac_bits, buffer_bits, min_bits, max_bits)
     frac_bits = _smallest(0, frac_bits, lambda f: lossless(w, word_bits, f, bins, tolerance))

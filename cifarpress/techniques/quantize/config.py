@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class TernaryQuantConfig(BaseModel):
@@ -26,7 +26,7 @@ class TernaryQuantConfig(BaseModel):
 # left out takes its mode's value; one given overrides it.
 ADAPT_MODES = {
     "paper": {"min_bits": 12, "max_bits": 32, "buffer_bits": 8, "min_resolution": 50, "max_resolution": 150,
-              "tolerance": 0.0, "activations": "fixed", "settle_fraction": 0.0},
+              "tolerance": "sampling", "activations": "fixed", "settle_fraction": 0.0},
     "deploy": {"min_bits": 4, "max_bits": 16, "buffer_bits": 0, "min_resolution": 16, "max_resolution": 16,
                "tolerance": 0.003, "activations": "int8", "settle_fraction": 0.3},
 }
@@ -56,8 +56,9 @@ class AdaptQuantConfig(BaseModel):
                                           "deploy 16)")
     max_resolution: Optional[int] = Field(None, ge=2, description="adapt: most histogram bins (paper 150, "
                                           "deploy 16)")
-    tolerance: Optional[float] = Field(None, ge=0, description="adapt: KL divergence (nats) that still counts as "
-                                       "no information loss (paper 0, deploy 0.003)")
+    tolerance: Optional[Union[float, str]] = Field(
+        None, description="adapt: KL divergence (nats) that still counts as no information loss: a number, or "
+        "sampling (each tensor's histogram sampling floor, (bins - 1) / 2N for N weights; paper) (deploy 0.003)")
     settle_fraction: Optional[float] = Field(
         None, ge=0, le=1, description="adapt: last share of the steps with PushUp off, so the layers settle at "
         "their narrowest lossless format and train there (paper 0, deploy 0.3)")
@@ -71,6 +72,13 @@ class AdaptQuantConfig(BaseModel):
     normalize_gradients: bool = Field(False, description="adapt: train on unit-norm gradients per tensor (the "
                                       "paper's optimizer; needs its own lr). The rules always use unit gradients")
     l1: float = Field(1e-8, ge=0, description="adapt: L1 weight added to the gradients (the paper's 1e-8)")
+
+    @field_validator("tolerance")
+    @classmethod
+    def _tolerance(cls, value):
+        if value is None or value == "sampling" or (isinstance(value, (int, float)) and value >= 0):
+            return value
+        raise ValueError(f"tolerance={value!r} is not a KL divergence; use a number >= 0 (nats) or 'sampling'")
 
     @model_validator(mode="after")
     def _fill_mode(self) -> "AdaptQuantConfig":
