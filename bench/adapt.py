@@ -25,8 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 from cifarpress.data import Normalizer, dataset_spec, load_split
-from cifarpress.export.fixed_point import export_fixed_point_int8_checked, is_fixed_point_int8
+from cifarpress.export.fixed_point import TRAINED_RANGE_CALIBRATOR, export_fixed_point_int8_checked, is_fixed_point_int8
 from cifarpress.export.int8 import export_int8_checked
+from cifarpress.export.packed import save_packed
 from cifarpress.export.qdq import check_qdq, export_qdq
 from cifarpress.model_file import load_model, save_model
 from cifarpress.runtime.latency import interleaved_latency
@@ -134,11 +135,20 @@ def main() -> None:
             check = exported.check
             rec["tensorrt_rule_violations"] = exported.violations
             rec["graph_top1_drop_pp"] = exported.top1_drop_pp
+            # the same export with the int8 export's own default calibrator, for the record
+            other = export_fixed_point_int8_checked(quantized, arms.folder(name) / f"{name}-entropy.onnx", train,
+                                                    test, calibrator="entropy", threads=args.threads)
+            rec["top1_onnxruntime_by_calibrator"] = {
+                calibrator: 100.0 * float((onnx_predictions(path, pixels.numpy(), args.threads) == labels).mean())
+                for calibrator, path in ((TRAINED_RANGE_CALIBRATOR, exported.path), ("entropy", other.path))}
         else:  # the fake-quant math as written: float layers above 8 bits, fixed-point input rounding
             files[name] = export_qdq(quantized, target, spec, test.classes)
             # measured, not enforced here: the pipeline's export stage enforces check_qdq's tolerance
             check = check_qdq(quantized, files[name], test.images[:500], tolerance=float("inf"), threads=args.threads)
         rec["export_check"] = {"max_abs_diff": check.max_abs_diff, "top1_agreement": check.top1_agreement}
+        if name.startswith("adapt"):  # every layer at its own width, reloaded bit-exactly by load_packed
+            packed = save_packed(quantized, arms.folder(name) / f"{name}.packed", arch, 10, "cifar10")
+            rec["packed_bytes"] = Path(packed).stat().st_size
     # int8 PTQ of the same baseline, made in this run by the int8 export (entropy calibration, 1024 images)
     baseline, _ = load_model(args.model)
     files["int8-ptq"] = export_int8_checked(baseline.eval(), Path(args.work) / "int8-ptq.onnx", train, test,
@@ -163,6 +173,8 @@ def main() -> None:
                      "int8_macs_fraction": rec.get("cost", {}).get("int8_macs_fraction"),
                      "formats": rec.get("formats"), "export_check": rec.get("export_check"),
                      "tensorrt_rule_violations": rec.get("tensorrt_rule_violations"),
+                     "packed_bytes": rec.get("packed_bytes"),
+                     "top1_onnxruntime_by_calibrator": rec.get("top1_onnxruntime_by_calibrator"),
                      "file": str(path)})
     reference = {r["name"]: r for r in rows}
     for row in rows:
@@ -170,6 +182,8 @@ def main() -> None:
             row["latency_vs_int8_ptq"] = {b: row["latency_ms_p50"][b] / reference["int8-ptq"]["latency_ms_p50"][b]
                                           for b in ("1", "64")}
             row["bytes_vs_int8_ptq"] = row["onnx_bytes"] / reference["int8-ptq"]["onnx_bytes"]
+            if row.get("packed_bytes"):
+                row["packed_vs_int8_ptq"] = row["packed_bytes"] / reference["int8-ptq"]["onnx_bytes"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name, rec in records.items():
         if "trajectory" in rec:

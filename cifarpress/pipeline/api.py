@@ -532,7 +532,7 @@ def export(model: Union[nn.Module, str, Path], path: Union[str, Path, None] = No
            data: Optional[Data] = None, calibration: Optional[Calibration] = None,
            input_shape: Optional[Sequence[int]] = None, normalization: Optional[tuple] = None,
            classes: Optional[Sequence[str]] = None, check_images: int = 1000, calib_images: int = 1024,
-           calibrator: str = "entropy", tolerance: Optional[float] = None, max_drop: Optional[float] = None,
+           calibrator: Optional[str] = None, tolerance: Optional[float] = None, max_drop: Optional[float] = None,
            exclude: Sequence[str] = (), max_batch: int = 256, opt_batch: Optional[int] = None,
            engine: Union[str, Path, None] = None, threads: Optional[int] = None,
            metadata: Optional[dict] = None, data_root: Union[str, Path, None] = None) -> Exported:
@@ -547,7 +547,8 @@ def export(model: Union[nn.Module, str, Path], path: Union[str, Path, None] = No
     or a dataset name (default: data's training split when data names one). normalization: (mean, std) per
     channel that your transform applied: the graph then takes pixels in [0, 1] and normalizes inside; without
     it the graph takes the model's inputs as they are. input_shape: (C, H, W) when there is no data.
-    calibrator (minmax | percentile | entropy | mse), max_drop (fail above this many pp lost), exclude (layers
+    calibrator (minmax | percentile | entropy | mse; default entropy, and minmax for an AdaPT deploy-mode model,
+    whose int8 inputs trained on absmax ranges), max_drop (fail above this many pp lost), exclude (layers
     kept in float): int8 only. engine: the TensorRT engine's path (default beside the ONNX).
 
         out = cifarpress.export(model, "model.int8.onnx", precision="int8", data=test_loader,
@@ -561,7 +562,7 @@ def export(model: Union[nn.Module, str, Path], path: Union[str, Path, None] = No
     if precision == "int8":
         from cifarpress.export.calibrate import CALIBRATORS
 
-        if calibrator not in CALIBRATORS:  # before any data is read
+        if calibrator is not None and calibrator not in CALIBRATORS:  # before any data is read
             raise CifarpressError(f"unknown calibrator '{calibrator}'; choose one of {', '.join(CALIBRATORS)}")
     if format == "tensorrt":
         from cifarpress.runtime.tensorrt import require_tensorrt
@@ -569,7 +570,7 @@ def export(model: Union[nn.Module, str, Path], path: Union[str, Path, None] = No
         require_tensorrt()  # one sentence on a machine without TensorRT or a GPU, before any work
     if isinstance(model, (str, Path)):
         exported = _export_onnx_file(Path(model), path, format, precision, data, calibration, check_images,
-                                     calib_images, calibrator, max_drop, exclude, threads, data_root)
+                                     calib_images, calibrator or "entropy", max_drop, exclude, threads, data_root)
     elif isinstance(model, nn.Module):
         if path is None:
             raise CifarpressError("cifarpress.export(): give the path of the ONNX file to write")
@@ -604,7 +605,7 @@ def export(model: Union[nn.Module, str, Path], path: Union[str, Path, None] = No
             if max_drop is not None and not labelled:
                 raise CifarpressError("max_drop compares top-1 before and after int8; give labelled data= (a "
                                       "DataLoader of (images, labels))")
-            done = export_int8_checked(model, path, calib, check, calibrator, calib_images, check_images,
+            done = export_int8_checked(model, path, calib, check, calibrator or "entropy", calib_images, check_images,
                                        extra_metadata=meta, threads=threads, exclude=exclude, max_drop=max_drop)
             exported = Exported(done.path, "onnx", "int8", done.path, done.check, done.graph_check,
                                 done.top1_drop_pp if labelled else None, done.violations, done.manifest)
