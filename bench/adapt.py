@@ -3,7 +3,7 @@
     python bench/adapt.py [--model builtin:resnet20-cifar10] [--epochs 3] [--threads 2] [--work wip/adapt]
 
 Training arms fine-tune the shipped baseline with the same budget (epochs, lr 0.01 cosine, batch 128, weight
-EMA unless --no-ema) and
+label smoothing 0.1 as the baselines trained, --ema to average) and
 resume from their folders; int8 PTQ is the int8 export of the same baseline, made in this run; fp32 and
 ternary are the shipped files in bench/results (ternary was trained by bench/ternary.py, so only its
 measuring is repeated here).
@@ -27,6 +27,7 @@ from rich.table import Table
 from cifarpress.data import Normalizer, dataset_spec, load_split
 from cifarpress.export.fixed_point import TRAINED_RANGE_CALIBRATOR, export_fixed_point_int8_checked, is_fixed_point_int8
 from cifarpress.export.int8 import export_int8_checked
+from cifarpress.export.onnx import check_onnx, export_onnx
 from cifarpress.export.packed import save_packed
 from cifarpress.export.qdq import check_qdq, export_qdq
 from cifarpress.model_file import load_model, save_model
@@ -72,11 +73,12 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:resnet20-cifar10")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                        help="evaluate and keep the weights' moving average in every training arm (the baselines "
-                        "shipped their EMA; a fine-tune's last raw weights lose a few tenths against it)")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=False,
+                        help="evaluate and keep the weights' moving average in every training arm")
+    parser.add_argument("--label-smoothing", type=float, default=0.1,
+                        help="the shipped baselines' own training loss (cifarpress train --label-smoothing 0.1)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--arms", default="adapt-deploy,adapt-paper,int8-qat")
+    parser.add_argument("--arms", default="fp32-finetune,adapt-deploy,adapt-paper,int8-qat")
     parser.add_argument("--work", default="wip/adapt")
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
@@ -100,11 +102,13 @@ def main() -> None:
         macs = layer_macs(model)
         if name.startswith("adapt"):
             plugin = AdaptQAT(AdaptQuantConfig(mode=name.removeprefix("adapt-")))
+        elif name == "fp32-finetune":  # the control: the same fine-tune with no quantizer
+            plugin = None
         else:  # uniform int8 QAT: every layer's weights and inputs at int8, per-channel absmax
             plugin = TernaryQAT(TernaryConfig(keep=list(quantizable_layers(model)), act_bits=8))
         config = TrainConfig(epochs=args.epochs, lr=args.lr, schedule="cosine", batch_size=128,
-                             max_steps_per_epoch=args.max_steps)
-        plugins = [plugin, WeightEMA()] if args.ema else [plugin]
+                             label_smoothing=args.label_smoothing, max_steps_per_epoch=args.max_steps)
+        plugins = [p for p in (plugin, WeightEMA() if args.ema else None) if p is not None]
         trainer = Trainer(model, config, plugins, run_dir=folder, device=torch.device("cpu"))
         result = trainer.fit(train, test)
         quantized = result.model.eval()
@@ -129,7 +133,10 @@ def main() -> None:
         quantized, _ = load_model(rec["model"])
         quantized.eval()
         target = arms.folder(name) / f"{name}.onnx"
-        if is_fixed_point_int8(quantized):  # deploy mode: the int8 engine, the model's own codes
+        if name == "fp32-finetune":
+            files[name] = export_onnx(quantized, target, spec, test.classes)
+            check = check_onnx(quantized, files[name], test, 500, float("inf"), args.threads)
+        elif is_fixed_point_int8(quantized):  # deploy mode: the int8 engine, the model's own codes
             exported = export_fixed_point_int8_checked(quantized, target, train, test, threads=args.threads)
             files[name] = exported.path
             check = exported.check
@@ -194,7 +201,8 @@ def main() -> None:
     result = {"model": args.model, "arch": arch, "test_images": len(test),
               "test_set": "cifar10 10,000 (images 0-999 official, 1000-9999 JPEG)",
               "budget": {"epochs": args.epochs, "lr": args.lr, "schedule": "cosine", "batch_size": 128,
-                         "max_steps_per_epoch": args.max_steps, "ema": args.ema},
+                         "max_steps_per_epoch": args.max_steps, "ema": args.ema,
+                         "label_smoothing": args.label_smoothing},
               "threads": args.threads, "arms": rows,
               "training": {n: {k: r[k] for k in ("history", "layers", "trajectory") if k in r}
                            for n, r in records.items()}, "onnxruntime": latency["onnxruntime"]}

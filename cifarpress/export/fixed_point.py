@@ -89,9 +89,9 @@ def export_fixed_point_int8_checked(model: nn.Module, onnx_path: str | Path, tra
     layers = quantized_layers(model)
     wide = [name for name, layer in layers.items() if not fits_int8(layer)]
     reference = dequantized_copy(model).eval()  # quantized weights, float inputs: what calibration starts from
-    # Per-layer <WL, FL> are in the model file, the packed file and the report; the graph says which layers run in
-    # float (their scales already are the formats' steps), so the file costs no more than the int8 export's.
-    metadata = {**(extra_metadata or {}), "fixed_point": {"int8_layers": len(layers) - len(wide), "float_layers": wide}}
+    # Per-layer <WL, FL> are in the model file, the packed file and the report, and the graph's scales are the
+    # formats' steps: the ONNX names only the layers kept in float, so it costs no more than the int8 export's.
+    metadata = {**(extra_metadata or {}), **({"fixed_point_float_layers": wide} if wide else {})}
     manifest = calibration_draw(train, calib_images)
     calib = _calibration_pixels(manifest_images(manifest, train), train.spec.normalizes)
     with tempfile.TemporaryDirectory() as tmp:
