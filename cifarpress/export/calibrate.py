@@ -288,6 +288,7 @@ def mse_threshold(hist: AbsHistogram) -> float:
 
 CALIBRATORS = {"minmax": minmax_threshold, "percentile": percentile_threshold,
                "entropy": entropy_threshold, "mse": mse_threshold}
+DEFAULT_CALIBRATOR = "entropy"  # a float model's int8 export (AdaPT deploy mode has its own, fixed_point.py)
 
 
 def calibrator_threshold(hist: AbsHistogram, calibrator: str) -> float:

@@ -556,12 +556,11 @@ def export(model: Union[nn.Module, str, Path], path: Union[str, Path, None] = No
         out.check.top1_agreement, out.top1_drop_pp
     """
     from cifarpress.export import api as exports
+    from cifarpress.export.calibrate import CALIBRATORS, DEFAULT_CALIBRATOR
 
     precision = export_precision(format, precision, "max_drop and exclude" if exclude or max_drop is not None
                                  else None)
     if precision == "int8":
-        from cifarpress.export.calibrate import CALIBRATORS
-
         if calibrator is not None and calibrator not in CALIBRATORS:  # before any data is read
             raise CifarpressError(f"unknown calibrator '{calibrator}'; choose one of {', '.join(CALIBRATORS)}")
     if format == "tensorrt":
@@ -570,7 +569,8 @@ def export(model: Union[nn.Module, str, Path], path: Union[str, Path, None] = No
         require_tensorrt()  # one sentence on a machine without TensorRT or a GPU, before any work
     if isinstance(model, (str, Path)):
         exported = _export_onnx_file(Path(model), path, format, precision, data, calibration, check_images,
-                                     calib_images, calibrator or "entropy", max_drop, exclude, threads, data_root)
+                                     calib_images, calibrator or DEFAULT_CALIBRATOR, max_drop, exclude, threads,
+                                     data_root)
     elif isinstance(model, nn.Module):
         if path is None:
             raise CifarpressError("cifarpress.export(): give the path of the ONNX file to write")
@@ -605,8 +605,9 @@ def export(model: Union[nn.Module, str, Path], path: Union[str, Path, None] = No
             if max_drop is not None and not labelled:
                 raise CifarpressError("max_drop compares top-1 before and after int8; give labelled data= (a "
                                       "DataLoader of (images, labels))")
-            done = export_int8_checked(model, path, calib, check, calibrator or "entropy", calib_images, check_images,
-                                       extra_metadata=meta, threads=threads, exclude=exclude, max_drop=max_drop)
+            done = export_int8_checked(model, path, calib, check, calibrator or DEFAULT_CALIBRATOR, calib_images,
+                                       check_images, extra_metadata=meta, threads=threads, exclude=exclude,
+                                       max_drop=max_drop)
             exported = Exported(done.path, "onnx", "int8", done.path, done.check, done.graph_check,
                                 done.top1_drop_pp if labelled else None, done.violations, done.manifest)
         else:

@@ -20,8 +20,8 @@ class MesaConfig(BaseModel):
     release_memory: bool = Field(
         False, description="CPU, glibc: freed activation buffers go back to the OS at once, so the training "
         "process's resident memory follows what is live (the saving then shows in RSS and in the batch that fits a "
-        "memory cap) at the cost of page faults: 2.5x the step time of plain training on ResNet-56, 2-core CPU (bench/mesa.py). Off, "
-        "glibc keeps freed holes resident and the peak RSS stays near plain training's")
+        "memory cap) at the cost of page faults: 2.5x the step time of plain training on ResNet-56, 2-core CPU "
+        "(bench/mesa.py). Off, glibc keeps freed holes resident and the peak RSS stays near plain training's")
     min_elements: int = Field(4096, ge=0, description="Saved tensors smaller than this stay as they are "
                               "(BatchNorm statistics, biases: not worth a range)")
 
