@@ -21,4 +21,4 @@ train() {  # model epochs
     --threads "${THREADS:-2}" --out "$RUNS/$1-$2ep-ls" --data-root "$DATA"
 }
 if [ "$WHICH" != resnet56 ]; then train resnet20 50; fi
-if [ "$WHICH" != resnet20 ]; then train resnet56 30; fi
+if [ "$WHICH" != resnet20 ]; then train resnet56 50; fi
