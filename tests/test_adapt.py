@@ -349,6 +349,10 @@ def test_deploy_export_is_the_int8_engine_with_the_models_own_codes(tiny_cifar_r
     test = load_split("cifar10", "test", tiny_cifar_root, download_if_missing=False)
     model, formats = mixed_fixed_point_net(fixed_inputs=False)
     assert is_fixed_point_int8(model)
+    from cifarpress.techniques.quantize.ternary import calibrate_activations
+    from test_ternary import normalized
+
+    calibrate_activations(model, normalized(test.images[:50]))
     exported = export_fixed_point_int8_checked(model, tmp_path / "m.onnx", train, test, calib_images=100,
                                                check_images=100, threads=1)
     assert exported.violations == [] and exported.check.top1_agreement >= 90.0
@@ -361,3 +365,11 @@ def test_deploy_export_is_the_int8_engine_with_the_models_own_codes(tiny_cifar_r
         mine = layers[name].weight_codes().numpy().reshape(codes.shape[0], -1)
         assert np.array_equal(np.abs(codes), np.abs(mine)) and np.abs(codes).max() < 127
     assert "QuantizeLinear" in {n.op_type for n in graph.node}
+    # each int8 layer's input keeps the scale it trained with (not a recalibrated one)
+    made = {o: n for n in graph.node for o in n.output}
+    for name in ("0", "8"):
+        layer_node = next(n for n in graph.node if n.op_type in ("Conv", "Gemm")
+                          and n.input[1] in made and made[n.input[1]].input[0] == f"model.{name}.weight_quantized")
+        input_dq = made[layer_node.input[0]]
+        assert input_dq.op_type == "DequantizeLinear"
+        assert inits[input_dq.input[1]] == np.float32(layers[name].static_input_scale().item())

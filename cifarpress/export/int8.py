@@ -410,7 +410,8 @@ def quantize_onnx_int8(float_path: str | Path, onnx_path: str | Path,
                        calib_images: torch.Tensor | CifarSplit | np.ndarray, calibrator: str = "entropy",
                        per_channel: bool = True, manifest: dict | None = None, source: str | None = None,
                        statistics: dict[str, AbsHistogram] | None = None, fuse_for_onnxruntime: bool = True,
-                       threads: int | None = None, exclude: Collection[str] = ()) -> Path:
+                       threads: int | None = None, exclude: Collection[str] = (),
+                       pinned_scales: dict[str, float] | None = None) -> Path:
     """Post-training int8 of a float cifarpress ONNX file (pixels in [0, 1] in, normalization inside) into a
     QDQ file at `onnx_path`, atomically; the file's metadata is kept and the quantization recorded beside it.
 
@@ -422,7 +423,9 @@ def quantize_onnx_int8(float_path: str | Path, onnx_path: str | Path,
     without observing again. fuse_for_onnxruntime=False leaves out the exact
     pre-ReLU Q/DQ pairs (module doc): the plain TensorRT placement, which
     onnxruntime runs mostly in float. exclude: layers kept in float, by op type,
-    layer name or module prefix (int8_layers names them; `check_exclude`).
+    layer name or module prefix (int8_layers names them; `check_exclude`). pinned_scales: activation
+    scales fixed in advance for some calibrated tensors (a quantization-aware model's trained ranges),
+    used instead of the calibrator's for those tensors.
     """
     if calibrator not in CALIBRATORS:
         raise CifarpressError(f"unknown calibrator '{calibrator}'; choose one of {', '.join(CALIBRATORS)}")
@@ -453,7 +456,12 @@ def quantize_onnx_int8(float_path: str | Path, onnx_path: str | Path,
     if statistics is None or any(t not in statistics for t in plan.calibrated):
         statistics = collect_statistics(float_path, plan.calibrated, pixels,
                                         histograms=calibrator != "minmax", threads=threads)
-    scales = {t: activation_scale(calibrator_threshold(statistics[t], calibrator)) for t in plan.calibrated}
+    pinned = {t: v for t, v in (pinned_scales or {}).items() if t in plan.calibrated}
+    scales = {t: pinned[t] if t in pinned else activation_scale(calibrator_threshold(statistics[t], calibrator))
+              for t in plan.calibrated}
+    if pinned:
+        quantization["pinned_scales"] = len(pinned)
+        entry.value = json.dumps(quantization)
     quantize_int8_graph(proto, plan, scales, per_channel)
     onnx.checker.check_model(proto)
     return atomic_write(onnx_path, lambda tmp: onnx.save(proto, tmp))
