@@ -2,9 +2,9 @@
 
     python bench/adapt.py [--model builtin:resnet20-cifar10] [--epochs 3] [--threads 2] [--work wip/adapt]
 
-Training arms fine-tune the shipped baseline with the same budget (epochs, lr 0.01 cosine, batch 128, label
-smoothing 0.1 as the baselines trained, --ema to average) and
-resume from their folders; int8 PTQ is the int8 export of the same baseline, made in this run; fp32 and
+Training arms (fp32-finetune, the control; adapt-paper; adapt-deploy; int8-qat; ternary-qat, BitNet b1.58 with
+the quantize stage's defaults) fine-tune the shipped baseline with the same budget (epochs, --lr, default 0.01,
+cosine, batch 128, label smoothing 0.1 as the baselines trained, --ema to average) and resume from their folders; int8 PTQ is the int8 export of the same baseline, made in this run; fp32 and
 ternary are the shipped files in bench/results (ternary was trained by bench/ternary.py, so only its
 measuring is repeated here).
 Per arm: top-1 on the full test set in PyTorch (fake quant) and through onnxruntime on the exported file,
@@ -105,6 +105,8 @@ def main() -> None:
             plugin = AdaptQAT(AdaptQuantConfig(mode=name.removeprefix("adapt-")))
         elif name == "fp32-finetune":  # the control: the same fine-tune with no quantizer
             plugin = None
+        elif name == "ternary-qat":  # BitNet b1.58 with the quantize stage's defaults, on the same budget
+            plugin = TernaryQAT(TernaryConfig())
         else:  # uniform int8 QAT: every layer's weights and inputs at int8, per-channel absmax
             plugin = TernaryQAT(TernaryConfig(keep=list(quantizable_layers(model)), act_bits=8))
         config = TrainConfig(epochs=args.epochs, lr=args.lr, schedule="cosine", batch_size=128,
