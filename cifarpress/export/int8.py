@@ -459,9 +459,6 @@ def quantize_onnx_int8(float_path: str | Path, onnx_path: str | Path,
     pinned = {t: v for t, v in (pinned_scales or {}).items() if t in plan.calibrated}
     scales = {t: pinned[t] if t in pinned else activation_scale(calibrator_threshold(statistics[t], calibrator))
               for t in plan.calibrated}
-    if pinned:
-        quantization["pinned_scales"] = len(pinned)
-        entry.value = json.dumps(quantization)
     quantize_int8_graph(proto, plan, scales, per_channel)
     onnx.checker.check_model(proto)
     return atomic_write(onnx_path, lambda tmp: onnx.save(proto, tmp))
