@@ -460,8 +460,10 @@ class Trainer:
                     for p in self.plugins:
                         p.after_step(self)
                     n = len(labels)
-                    sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
-                                         torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+                    # in place with a Python count: torch.tensor(n, device=cuda) would be a host sync every step
+                    sums[0] += loss.detach().double() * n
+                    sums[1] += (logits.argmax(1) == labels).sum()
+                    sums[2] += n
                     if not progress.disable and (i % 10 == 0 or i + 1 == steps_per_epoch):
                         s = sums.tolist()
                         progress.update(task, completed=i + 1, loss=s[0] / s[2], acc=100 * s[1] / s[2],

@@ -59,6 +59,10 @@ class GateBank(nn.Module):
         # which head output each of those positions takes), fixed when the head is added
         self.head_slots: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.sharpness = 1.0  # annealed form's gamma; set by the plug-in every step
+        # (data_ptr of `frozen`, its value) as the plug-in noted it: reading a CUDA buffer is a host sync, and every
+        # hooked module asks on every forward. Keyed on the storage, so a copy or a move (an EMA's deepcopy) reads
+        # its own buffer instead.
+        self._frozen_note: tuple[int, bool] | None = None
         self.samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # (group ids, per-sample p) of this forward
 
     def add_head(self, key: str, index: torch.Tensor, group_ids: torch.Tensor) -> None:
@@ -71,6 +75,16 @@ class GateBank(nn.Module):
         self.heads[key] = head
         positions = torch.isin(index, group_ids).nonzero().flatten()
         self.head_slots[key] = (group_ids.clone(), positions, torch.searchsorted(group_ids, index[positions]))
+
+    def note_frozen(self, value: bool | None = None) -> None:
+        """Remember `frozen`'s value (read once when not given); whoever writes the buffer in place must note again."""
+        self._frozen_note = (self.frozen.data_ptr(), bool(self.frozen) if value is None else bool(value))
+
+    def has_frozen_note(self) -> bool:
+        return self._frozen_note is not None and self._frozen_note[0] == self.frozen.data_ptr()
+
+    def is_frozen(self) -> bool:
+        return self._frozen_note[1] if self.has_frozen_note() else bool(self.frozen)
 
     # -- probabilities --------------------------------------------------------------------------
     def branch_probs(self) -> torch.Tensor:
@@ -103,7 +117,7 @@ class GateBank(nn.Module):
         return sum(p.sum() for p in self.parameters()) * 0.0
 
     def group_gates(self) -> torch.Tensor:
-        if bool(self.frozen):
+        if self.is_frozen():
             return self.keep.to(self.logits.dtype) + self._anchor()
         return self._value(self.probs())
 
@@ -111,9 +125,12 @@ class GateBank(nn.Module):
         """The multiplier of a hooked module's output channels: (C,), or (B, C) with a dynamic head."""
         gates = torch.cat([self.group_gates(), self.logits.new_ones(1)])
         vec = gates[index]
-        if key is None or key not in self.heads or bool(self.frozen):
+        if key is None or key not in self.heads or self.is_frozen():
             return vec
-        ids, positions, order = (t.to(output.device) for t in self.head_slots[key])
+        slots = self.head_slots[key]
+        if slots[0].device != output.device:  # moved once, not copied (a host sync) on every forward
+            slots = self.head_slots[key] = tuple(t.to(output.device) for t in slots)
+        ids, positions, order = slots
         pooled = output.float().mean(dim=(2, 3), keepdim=True)  # heads sit on BatchNorm2d outputs only
         extra = self.heads[key](pooled).flatten(1)  # (B, groups of this module)
         p = torch.sigmoid(self.logits[ids] + extra) * self.branch_probs()[ids]

@@ -57,9 +57,10 @@ class SoftMacs(nn.Module):
 
     def forward(self, keep: torch.Tensor) -> torch.Tensor:
         lost = self.counts.to(keep) @ (1.0 - keep)
-        total = keep.new_tensor(float(self.fixed))
+        # new_zeros/new_ones + Python numbers: new_tensor(x) on CUDA is a host-to-device copy, a sync per layer
+        total = keep.new_zeros(()) + float(self.fixed)
         for macs, slots in self.layers:
-            share = keep.new_tensor(1.0)
+            share = keep.new_ones(())
             for slot, width in slots:
                 share = share * (1.0 - lost[slot] / width)
             total = total + macs * share
@@ -120,9 +121,11 @@ class GatingPruner(GroupPruner):
         return optimizer
 
     def _in_window(self, step: int) -> bool:
-        return self.start_step <= step < self.end_step and not bool(self.bank.frozen)
+        return self.start_step <= step < self.end_step and not self.bank.is_frozen()
 
     def before_step(self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if not self.bank.has_frozen_note():  # once (after a resume's load too): forwards then skip the device read
+            self.bank.note_frozen()
         if self.form == "annealed":  # gamma from 1 to 1000, geometrically over the window
             span = max(1, self.end_step - self.start_step)
             progress = min(1.0, max(0.0, (trainer.step - self.start_step) / span))
@@ -169,7 +172,7 @@ class GatingPruner(GroupPruner):
 
     @torch.no_grad()
     def after_step(self, trainer: Trainer) -> None:
-        if trainer.step >= self.end_step and not bool(self.bank.frozen):
+        if trainer.step >= self.end_step and not self.bank.is_frozen():
             self.freeze_mask()
         self.hold_frozen_at_zero()
 
@@ -177,13 +180,13 @@ class GatingPruner(GroupPruner):
         super().on_epoch_end(trainer, epoch, metrics)
         with torch.no_grad():
             p = self.bank.agreed_probs()
-            closed = (p <= 0.5).nonzero().flatten().tolist() if not bool(self.bank.frozen) else self.pruned_ids
+            closed = (p <= 0.5).nonzero().flatten().tolist() if not self.bank.is_frozen() else self.pruned_ids
             metrics["gate_sparsity"] = len(closed) / len(self.groupset)
             metrics["gate_polarization"] = float(((p < 0.05) | (p > 0.95)).float().mean())
             metrics["macs_kept"] = self.budget.compact_macs(self.budget.levelled(closed)) / self.budget.mac_counter.full
 
     def finalize(self, trainer: Trainer, model: nn.Module) -> nn.Module:
-        if not bool(self.bank.frozen):  # a run shorter than the window: freeze what the gates say now
+        if not self.bank.is_frozen():  # a run shorter than the window: freeze what the gates say now
             with torch.no_grad():
                 self.freeze_mask()
         remove_gates(model)  # the live model's, or an EMA copy's own bank and hooks
@@ -198,5 +201,6 @@ class GatingPruner(GroupPruner):
         self.freeze(chosen)  # held at zero from this step on (after_step); finalize zeroes the model it cuts
         self.bank.keep.copy_(~self.group_mask(chosen))
         self.bank.frozen.fill_(True)
+        self.bank.note_frozen(True)
 
 

@@ -54,6 +54,7 @@ class HessoPruner(GroupPruner):
         self.saliency = saliency
         self.fisher: torch.Tensor | None = None  # summed squared group Taylor terms since the last selection
         self.fisher_steps = 0
+        self._redundant_mask: tuple[tuple[int, ...], torch.Tensor] | None = None  # (ids, bool mask on the device)
         if isinstance(pruning_periods, bool) or not isinstance(pruning_periods, int) or pruning_periods < 1:
             raise CifarpressError(f"pruning_periods must be an integer >= 1, got {pruning_periods!r}")
         self.pruning_periods = pruning_periods
@@ -86,8 +87,12 @@ class HessoPruner(GroupPruner):
                 chosen = self.budget.select(saliency(self.rows, fisher), self.frozen, progress)
                 self.redundant = set(chosen) - self.frozen
             if self.redundant:
+                # the mask is built once per period: indexing with a list copies it to the device, a host sync
+                ids = tuple(sorted(self.redundant))
+                if self._redundant_mask is None or self._redundant_mask[0] != ids:
+                    self._redundant_mask = (ids, self.group_mask(ids))
                 factor = torch.ones(len(self.groupset), device=self.rows.entries[0][0].device)
-                factor[sorted(self.redundant)] = (self.period_steps - t - 1) / (self.period_steps - t)
+                factor.masked_fill_(self._redundant_mask[1], (self.period_steps - t - 1) / (self.period_steps - t))
                 self.rows.scale(factor)
             if t == self.period_steps - 1:
                 self.freeze(self.redundant)  # now exactly zero: the last factor was 0
