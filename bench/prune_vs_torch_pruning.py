@@ -30,6 +30,7 @@ runs/bench-prune/<arch>-macs<M>-<E>ep/<arm>/):
   gating-x16-rb, gating-dynamic-x16-rb  consensus gating (`method: gating`) with the
                 headline's widths and branch removal: static gates, or per-sample gates pushed
                 to a consensus and frozen (`gates: dynamic`).
+  gating-rb, gating-dynamic-rb  the same at --channel-multiple's widths.
   (--reuse ARM=DIR takes a finished prune stage of the same budget as one of these,
   e.g. a `cifarpress prune` run with the same options.)
   tp-magnitude  Torch-Pruning one-shot with GroupMagnitudeImportance (L2), then E
@@ -98,6 +99,9 @@ OUR_ARMS["hesso-fisher-x16-kd"] = {**OUR_ARMS["hesso-fisher-x16"], "distill": Di
 # logit per group, or per-sample heads pushed to agree (the two variants)
 OUR_ARMS["gating-x16-rb"] = {"method": "gating", "channel_multiple": 16, "remove_branches": True}
 OUR_ARMS["gating-dynamic-x16-rb"] = {**OUR_ARMS["gating-x16-rb"], "gates": "dynamic"}
+# ... and at --channel-multiple's rounding (ResNet-20, whose 16-wide first stage a multiple of 16 cannot thin)
+OUR_ARMS["gating-rb"] = {"method": "gating", "remove_branches": True}
+OUR_ARMS["gating-dynamic-rb"] = {**OUR_ARMS["gating-rb"], "gates": "dynamic"}
 ARMS = (*OUR_ARMS, "tp-magnitude", "tp-taylor")
 BUDGET_KEYS = ("epochs", "lr", "schedule", "batch_size", "weight_decay", "warmup_fraction")
 
