@@ -102,6 +102,30 @@ def test_sampling_tolerance_passes_a_coarser_step_than_zero_but_scales_with_the_
     assert small[1] <= floor[1]
 
 
+def test_floored_tolerance_lets_a_small_tensor_past_histogram_noise_but_not_a_large_one():
+    # the first conv of a CIFAR ResNet has 432 weights: at 16 bins its sampling floor, 15/864 nats, is far
+    # above a fixed 0.003, and a format whose KL lies between the two is one the histogram cannot tell apart
+    w = torch.randn(432, generator=torch.Generator().manual_seed(3)) * 0.3
+    floor = rules.sampling_floor(432, 16)
+    assert rules.tolerance_for(w, 16, 0.003, floored=True) == pytest.approx(floor)
+    assert rules.tolerance_for(w, 16, 0.003) == 0.003
+    start = rules.initial_format(w, 16, 0, 4)
+    fixed = rules.push_down(w, *start, bins=16, tolerance=0.003, min_bits=4, max_bits=16, buffer_bits=0)
+    floored = rules.push_down(w, *start, bins=16, tolerance=0.003, min_bits=4, max_bits=16, buffer_bits=0,
+                              floored=True)
+    assert floored[0] < fixed[0]
+    assert 0.003 < rules.information_loss(w, rules.fixed_point(w, *floored), 16) <= floor
+    # a large tensor's floor is under 0.003: flooring changes nothing there
+    big = torch.randn(36864, generator=torch.Generator().manual_seed(3)) * 0.05
+    assert rules.tolerance_for(big, 16, 0.003, floored=True) == 0.003
+
+
+def test_deploy_mode_floors_its_tolerance_and_the_paper_mode_needs_no_floor():
+    assert AdaptQuantConfig(mode="deploy").sampling_floor is True
+    assert AdaptQuantConfig(mode="paper").sampling_floor is False
+    assert AdaptQuantConfig(mode="deploy", sampling_floor=False).sampling_floor is False
+
+
 def test_buffer_and_bounds():
     assert rules.enforce_buffer(10, 6, buffer_bits=8, min_bits=12, max_bits=32) == (14, 6)
     assert rules.enforce_buffer(32, 30, buffer_bits=8, min_bits=12, max_bits=32) == (32, 24)

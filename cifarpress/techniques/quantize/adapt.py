@@ -93,7 +93,7 @@ class AdaptQAT(Plugin):
         for name, layer in self.layers.items():
             word, frac = rules.initial_format(layer.weight, c.max_bits, c.buffer_bits, c.min_bits)
             word, frac = rules.push_down(layer.weight.detach(), word, frac, bins=c.min_resolution,
-                                         tolerance=c.tolerance, min_bits=c.min_bits, max_bits=c.max_bits,
+                                         tolerance=c.tolerance, floored=c.sampling_floor, min_bits=c.min_bits, max_bits=c.max_bits,
                                          buffer_bits=c.buffer_bits)
             layer.set_fixed_point(word, frac)
             if c.activations == "fixed":
@@ -145,7 +145,7 @@ class AdaptQAT(Plugin):
             self._adapt_strategy(window["lookback"])
         bounds = dict(min_bits=c.min_bits, max_bits=c.max_bits, buffer_bits=c.buffer_bits)
         word, frac = rules.push_down(layer.weight.detach(), layer.bits, layer.frac_bits, bins=window["resolution"],
-                                     tolerance=c.tolerance, **bounds)
+                                     tolerance=c.tolerance, floored=c.sampling_floor, **bounds)
         settling = trainer.step >= (1.0 - c.settle_fraction) * trainer.total_steps
         if not settling:
             word, frac = rules.push_up(word, frac, diversity, self.strategy, **bounds)

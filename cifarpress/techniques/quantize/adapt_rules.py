@@ -74,8 +74,13 @@ def sampling_floor(count: int, bins: int) -> float:
     return (bins - 1) / (2.0 * max(count, 1))
 
 
-def tolerance_for(w: torch.Tensor, bins: int, tolerance: float | str) -> float:
-    return sampling_floor(w.numel(), bins) if tolerance == SAMPLING else float(tolerance)
+def tolerance_for(w: torch.Tensor, bins: int, tolerance: float | str, floored: bool = False) -> float:
+    """The KL that still counts as no loss for w; floored: never below w's sampling floor (a KL the histogram's
+    own noise explains is no evidence of loss, which a fixed tolerance would hold against small tensors)."""
+    floor = sampling_floor(w.numel(), bins)
+    if tolerance == SAMPLING:
+        return floor
+    return max(float(tolerance), floor) if floored else float(tolerance)
 
 
 def lossless(w: torch.Tensor, word_bits: int, frac_bits: int, bins: int, tolerance: float | str = 0.0) -> bool:
@@ -108,13 +113,13 @@ def enforce_buffer(word_bits: int, frac_bits: int, buffer_bits: int, min_bits: i
 
 
 def push_down(w: torch.Tensor, word_bits: int, frac_bits: int, *, bins: int, tolerance: float | str,
-              min_bits: int, max_bits: int, buffer_bits: int) -> tuple[int, int]:
+              min_bits: int, max_bits: int, buffer_bits: int, floored: bool = False) -> tuple[int, int]:
     """The narrowest <WL, FL> at or below the current one that still loses no information (PushDown).
 
     FL first, at the current word; then WL, at the new FL, down to max(min_bits, FL + RB). When the
     current format itself loses information, it stays: only PushUp raises precision.
     """
-    tolerance = tolerance_for(w, bins, tolerance)
+    tolerance = tolerance_for(w, bins, tolerance, floored)
     if not lossless(w, word_bits, frac_bits, bins, tolerance):
         return enforce_buffer(word_bits, frac_bits, buffer_bits, min_bits, max_bits)
     frac_bits = _smallest(0, frac_bits, lambda f: lossless(w, word_bits, f, bins, tolerance))

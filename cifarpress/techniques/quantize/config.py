@@ -26,9 +26,9 @@ class TernaryQuantConfig(BaseModel):
 # left out takes its mode's value; one given overrides it.
 ADAPT_MODES = {
     "paper": {"min_bits": 12, "max_bits": 32, "buffer_bits": 8, "min_resolution": 50, "max_resolution": 150,
-              "tolerance": "sampling", "activations": "fixed", "settle_fraction": 0.0},
+              "tolerance": "sampling", "sampling_floor": False, "activations": "fixed", "settle_fraction": 0.0},
     "deploy": {"min_bits": 4, "max_bits": 16, "buffer_bits": 0, "min_resolution": 16, "max_resolution": 16,
-               "tolerance": 0.003, "activations": "int8", "settle_fraction": 0.3},
+               "tolerance": 0.003, "sampling_floor": True, "activations": "int8", "settle_fraction": 0.3},
 }
 
 
@@ -41,8 +41,8 @@ class AdaptQuantConfig(BaseModel):
     method: Literal["adapt"] = "adapt"
     mode: Literal["paper", "deploy"] = Field(
         "paper", description="adapt: the paper's rule (words >= 12 bits: an 8-bit result buffer) or deploy (no "
-        "buffer, 4-16 bits, coarse 16-bin histograms with a 0.003-nat tolerance, int8 inputs), so layers can "
-        "reach int8")
+        "buffer, 4-16 bits, coarse 16-bin histograms with a 0.003-nat tolerance, never below the sampling floor, "
+        "int8 inputs), so layers can reach int8")
     min_bits: Optional[int] = Field(None, ge=2, le=32, description="adapt: narrowest word (paper 12, deploy 4)")
     max_bits: Optional[int] = Field(None, ge=2, le=32, description="adapt: widest word, the start (paper 32, "
                                     "deploy 16)")
@@ -59,6 +59,10 @@ class AdaptQuantConfig(BaseModel):
     tolerance: Optional[Union[float, str]] = Field(
         None, description="adapt: KL divergence (nats) that still counts as no information loss: a number, or "
         "sampling (each tensor's histogram sampling floor, (bins - 1) / 2N for N weights; paper) (deploy 0.003)")
+    sampling_floor: Optional[bool] = Field(
+        None, description="adapt: a KL under the tensor's histogram sampling floor always counts as no loss, "
+        "whatever tolerance says, so small layers (the first conv, the classifier) are not held wide by histogram "
+        "noise (paper false: its tolerance is the floor; deploy true)")
     settle_fraction: Optional[float] = Field(
         None, ge=0, le=1, description="adapt: last share of the steps with PushUp off, so the layers settle at "
         "their narrowest lossless format and train there (paper 0, deploy 0.3)")
