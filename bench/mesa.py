@@ -111,7 +111,9 @@ def run_worker(args, arm: str, batch_size: int, folder: Path | None, probe: bool
     for flag, value in (("--data-root", args.data_root), ("--max-steps-per-epoch", args.max_steps_per_epoch)):
         if value is not None:
             cmd += [flag, str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO), **(env or {})}
+    # the repo first, the caller's path kept (packages installed beside the interpreter's, e.g. with --target)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": path, **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{arm} (batch {batch_size}) failed:\n{proc.stderr[-3000:]}")
