@@ -55,7 +55,8 @@ def plot_trajectory(trajectory: list, total_steps: int, path: Path, title: str) 
     layers: dict[str, list] = {}
     for step, name, word, _ in trajectory:
         layers.setdefault(name, []).append((step, word))
-    fig, ax = plt.subplots(figsize=(9, 5))
+    columns = -(-len(layers) // 32)  # the legend beside the plot, 32 names a column: it hides no step
+    fig, ax = plt.subplots(figsize=(8 + 1.9 * columns, 5))
     for name, points in layers.items():
         points.append((total_steps, points[-1][1]))
         steps, words = zip(*points)
@@ -63,7 +64,7 @@ def plot_trajectory(trajectory: list, total_steps: int, path: Path, title: str) 
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("word length WL (bits)")
     ax.set_title(title)
-    ax.legend(fontsize=6, ncol=3)
+    ax.legend(fontsize=6, ncol=columns, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
