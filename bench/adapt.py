@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
     parser.add_argument("--out", default=None, help="results file (default bench/results/adapt.json for resnet20, else adapt-<arch>.json)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7, help="latency rounds, files interleaved (3 proved too few on a 2-core VM)")
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
     started = utc_now()
