@@ -8,7 +8,7 @@ here=$(dirname "$0")
 mkdir -p "$W/logs" "$W/pvt56/tp-taylor"
 [ -f .device-data/B/tp-taylor-resnet56.pt ] && cp -n .device-data/B/tp-taylor-resnet56.pt "$W/pvt56/tp-taylor/pruned-before-finetune.pt"
 nvidia-smi > "$W/logs/nvidia-smi.txt" 2>&1
-declare -A pids
+declare -A pids rcs
 while IFS=$'\t' read -r name args; do
   PYTHONUNBUFFERED=1 python3 $args > "$W/logs/$name.log" 2>&1 &
   pids[$name]=$!
@@ -17,7 +17,9 @@ end=$((SECONDS + T)); next_pack=$((SECONDS + 120))
 status() {
   : > "$W/status.tsv"
   for n in "${!pids[@]}"; do
-    if kill -0 ${pids[$n]} 2>/dev/null; then st=running; else wait ${pids[$n]}; st="rc=$?"; fi
+    if [ -n "${rcs[$n]:-}" ]; then st="rc=${rcs[$n]}"  # reaped at an earlier call: a second wait says 127
+    elif kill -0 ${pids[$n]} 2>/dev/null; then st=running
+    else wait ${pids[$n]}; rcs[$n]=$?; st="rc=${rcs[$n]}"; fi
     printf '%s\t%s\t%s\n' "$n" "$st" "$(grep -ao 'epoch [0-9]*/[0-9]*' "$W/logs/$n.log" | tail -1)" >> "$W/status.tsv"
   done
 }
