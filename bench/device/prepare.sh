@@ -13,5 +13,6 @@ cp "$SHARED/cifar10_batch_50.png" $D/A/
 .venv/bin/python bench/device/sheets.py "$SHARED" $D $(seq 0 2 49) &
 .venv/bin/python bench/device/sheets.py "$SHARED" $D $(seq 1 2 49)
 wait
+.venv/bin/pip install -q --no-deps torch-pruning==1.6.1  # the arm's pruning runs here
 .venv/bin/python bench/device/tp_prune.py $D/B/tp-taylor-resnet56.pt builtin:resnet56-cifar10
 du -sh $D/*
