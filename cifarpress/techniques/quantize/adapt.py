@@ -92,9 +92,7 @@ class AdaptQAT(Plugin):
         self.generator = torch.Generator(device=trainer.device)
         for name, layer in self.layers.items():
             word, frac = rules.initial_format(layer.weight, c.max_bits, c.buffer_bits, c.min_bits)
-            word, frac = rules.push_down(layer.weight.detach(), word, frac, bins=c.min_resolution,
-                                         tolerance=c.tolerance, floored=c.sampling_floor, min_bits=c.min_bits, max_bits=c.max_bits,
-                                         buffer_bits=c.buffer_bits)
+            word, frac = self._push_down(layer, word, frac, c.min_resolution)
             layer.set_fixed_point(word, frac)
             if c.activations == "fixed":
                 layer.set_fixed_inputs(True)
@@ -139,13 +137,18 @@ class AdaptQAT(Plugin):
             if c.l1:
                 grad.add_(layer.weight.sign(), alpha=c.l1)
 
+    def _push_down(self, layer: FakeQuantLayer, word: int, frac: int, bins: int) -> tuple[int, int]:
+        c = self.config
+        return rules.push_down(layer.weight.detach(), word, frac, bins=bins, tolerance=c.tolerance,
+                               floored=c.sampling_floor, min_bits=c.min_bits, max_bits=c.max_bits,
+                               buffer_bits=c.buffer_bits)
+
     def _switch(self, trainer: Trainer, name: str, layer: FakeQuantLayer, window: dict, diversity: float) -> None:
         c = self.config
         if c.adaptive_strategy:
             self._adapt_strategy(window["lookback"])
         bounds = dict(min_bits=c.min_bits, max_bits=c.max_bits, buffer_bits=c.buffer_bits)
-        word, frac = rules.push_down(layer.weight.detach(), layer.bits, layer.frac_bits, bins=window["resolution"],
-                                     tolerance=c.tolerance, floored=c.sampling_floor, **bounds)
+        word, frac = self._push_down(layer, layer.bits, layer.frac_bits, window["resolution"])
         settling = trainer.step >= (1.0 - c.settle_fraction) * trainer.total_steps
         if not settling:
             word, frac = rules.push_up(word, frac, diversity, self.strategy, **bounds)
