@@ -5,6 +5,7 @@
 # (ONLY: the arms whose names match, e.g. ONLY='^pvt56-')
 W=$1; D=$2; T=$3; O=$4; shift 4
 here=$(dirname "$0")
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # cifarpress is not installed on the device: the repo is
 mkdir -p "$W/logs" "$W/pvt56/tp-taylor"
 [ -f .device-data/B/tp-taylor-resnet56.pt ] && cp -n .device-data/B/tp-taylor-resnet56.pt "$W/pvt56/tp-taylor/pruned-before-finetune.pt"
 nvidia-smi > "$W/logs/nvidia-smi.txt" 2>&1
