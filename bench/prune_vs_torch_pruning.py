@@ -31,6 +31,9 @@ runs/bench-prune/<arch>-macs<M>-<E>ep/<arm>/):
                 headline's widths and branch removal: static gates, or per-sample gates pushed
                 to a consensus and frozen (`gates: dynamic`).
   gating-rb, gating-dynamic-rb  the same at --channel-multiple's widths.
+  gating-annealed-rb, gating-annealed-x16-rb  static gates in ChipNet's continuous Heaviside
+                form (`form: annealed`, sharpness raised over the gating window) instead of
+                hard 0/1 with a straight-through gradient: the issue's other gate form.
   (--reuse ARM=DIR takes a finished prune stage of the same budget as one of these,
   e.g. a `cifarpress prune` run with the same options.)
   tp-magnitude  Torch-Pruning one-shot with GroupMagnitudeImportance (L2), then E
@@ -102,6 +105,9 @@ OUR_ARMS["gating-dynamic-x16-rb"] = {**OUR_ARMS["gating-x16-rb"], "gates": "dyna
 # ... and at --channel-multiple's rounding (ResNet-20, whose 16-wide first stage a multiple of 16 cannot thin)
 OUR_ARMS["gating-rb"] = {"method": "gating", "remove_branches": True}
 OUR_ARMS["gating-dynamic-rb"] = {**OUR_ARMS["gating-rb"], "gates": "dynamic"}
+# ... and with ChipNet's annealed continuous Heaviside in place of hard gates: which form is the default is measured
+OUR_ARMS["gating-annealed-rb"] = {**OUR_ARMS["gating-rb"], "form": "annealed"}
+OUR_ARMS["gating-annealed-x16-rb"] = {**OUR_ARMS["gating-x16-rb"], "form": "annealed"}
 ARMS = (*OUR_ARMS, "tp-magnitude", "tp-taylor")
 BUDGET_KEYS = ("epochs", "lr", "schedule", "batch_size", "weight_decay", "warmup_fraction")
 
