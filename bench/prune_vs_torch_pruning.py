@@ -53,7 +53,8 @@ Comparison, in one run: top-1 through onnxruntime on the full test set, params
 and MACs (cifarpress.profile), ONNX bytes, and onnxruntime latency p50 at batch 1
 and 64 with the baseline and all arms timed in turn (cifarpress.runtime.latency.compare_onnx,
 fixed threads, median over rounds). Writes bench/results/prune_vs_torch_pruning-<arch>.json
-and keeps our most accurate equal-budget arm (or --headline ARM) as bench/results/<arch>-hesso.onnx.
+and keeps each method's most accurate equal-budget arm (or --headline ARM) as bench/results/<arch>-<method>.onnx
+(resnet56-hesso.onnx, resnet56-gating.onnx); --no-headline keeps none.
 """
 from __future__ import annotations
 
@@ -168,6 +169,11 @@ def torch_pruning_prune(baseline: nn.Module, importance: str, macs_fraction: flo
                    "torch_pruning": tp.__version__}
 
 
+def method_of(arm: str) -> str:
+    """Our arm's prune method (hesso unless it says otherwise): names its headline file."""
+    return OUR_ARMS[arm].get("method", "hesso")
+
+
 def distilled(arm: str) -> bool:
     """Our arm trains with a teacher (extra compute per step, so outside the equal-budget verdict)."""
     return "distill" in OUR_ARMS[arm]
@@ -247,9 +253,11 @@ def main() -> None:
                         help="finished prune stage folder (same budget) to use as one of our arms; repeatable")
     parser.add_argument("--keep", action="append", default=[], metavar="ARM",
                         help="also keep this arm's ONNX as bench/results/<arch>-<arm>.onnx; repeatable")
-    parser.add_argument("--headline", default=None, metavar="ARM",
-                        help="our arm kept as bench/results/<arch>-hesso.onnx (default: the most accurate "
-                             "equal-budget arm)")
+    parser.add_argument("--headline", action="append", default=[], metavar="ARM",
+                        help="our arm kept as bench/results/<arch>-<method>.onnx (hesso or gating; default: "
+                             "each method's most accurate equal-budget arm); one per method, repeatable")
+    parser.add_argument("--no-headline", action="store_true",
+                        help="keep no headline file (a side comparison that must not replace the shipped ones)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="latency rounds")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per batch size and round")
@@ -268,8 +276,10 @@ def main() -> None:
     ours_listed = set(arms) & set(OUR_ARMS)
     if not set(args.keep) <= ours_listed:
         parser.error("--keep takes one of our arms that --arms lists")
-    if args.headline is not None and args.headline not in ours_listed:
+    if not set(args.headline) <= ours_listed:
         parser.error("--headline takes one of our arms that --arms lists")
+    if len({method_of(a) for a in args.headline}) < len(args.headline):
+        parser.error("--headline takes one arm per method (hesso, gating)")
     if any(a.startswith("tp-") for a in arms):
         import_torch_pruning()
     stage = stage_body("prune", method="hesso", macs=args.macs, epochs=args.epochs, lr=args.lr,
@@ -329,12 +339,19 @@ def main() -> None:
     our_arms = [a for a in arms if a in OUR_ARMS and not distilled(a)]  # equal budget only
     best_ours = max(our_arms, key=lambda a: results[a]["top1_onnxruntime"]) if our_arms else None
 
+    best_by_method = {method: max((a for a in our_arms if method_of(a) == method),
+                                  key=lambda a: results[a]["top1_onnxruntime"])
+                      for method in dict.fromkeys(method_of(a) for a in our_arms)}
+
     RESULTS.mkdir(parents=True, exist_ok=True)
-    kept = None
-    headline = args.headline or best_ours
-    if headline and args.max_steps_per_epoch is None:
-        kept = RESULTS / f"{arch}-hesso.onnx"
-        kept.write_bytes(files[headline].read_bytes())
+    # one headline file per method: the shipped HESSO and gating models are compared, neither replaces the other
+    headlines = {} if args.no_headline or args.max_steps_per_epoch is not None else {
+        method: next((a for a in args.headline if method_of(a) == method), best)
+        for method, best in best_by_method.items()}
+    kept = {}
+    for method, arm in headlines.items():
+        kept[arm] = RESULTS / f"{arch}-{method}.onnx"
+        kept[arm].write_bytes(files[arm].read_bytes())
     also_kept = {}
     for arm in args.keep if args.max_steps_per_epoch is None else ():
         also_kept[arm] = RESULTS / f"{arch}-{arm}.onnx"
@@ -347,11 +364,14 @@ def main() -> None:
         "arms": results, "test_images": len(test), "threads": args.threads,
         "latency_rounds": {name: row["latency_rounds"] for name, row in zip(files, compared["models"])},
         "latency_seconds": args.seconds,
-        "best_ours": best_ours, "best_torch_pruning": best_tp,
+        "best_ours": best_ours, "best_torch_pruning": best_tp, "best_by_method": best_by_method,
+        "gating_minus_hesso_pp":
+            results[best_by_method["gating"]]["top1_onnxruntime"] - results[best_by_method["hesso"]]["top1_onnxruntime"]
+            if {"gating", "hesso"} <= set(best_by_method) else None,
         "ours_minus_torch_pruning_pp":
             results[best_ours]["top1_onnxruntime"] - results[best_tp]["top1_onnxruntime"]
             if best_tp and best_ours else None,
-        "kept_onnx": str(kept.relative_to(REPO)) if kept else None, "kept_arm": headline if kept else None,
+        "kept_onnx": {arm: str(path.relative_to(REPO)) for arm, path in kept.items()},
         "also_kept_onnx": {arm: str(path.relative_to(REPO)) for arm, path in also_kept.items()},
         "machine": compared["machine"], "torch": torch.__version__, "onnxruntime": compared["onnxruntime"],
     }
@@ -369,7 +389,7 @@ def main() -> None:
                       f"{r['macs_vs_baseline']:.3f}", f"{r['onnx_bytes'] / 1e6:.2f}", f"{lat['1']:.3f}",
                       f"{lat['64']:.2f}", f"{ratio['1']:.2f}", f"{ratio['64']:.2f}",
                       f"{r['train_s'] / 60:.1f}" if r["train_s"] else "-")
-    table.caption = f"wrote {out_path}" + (f" and {kept}" if kept else "")
+    table.caption = f"wrote {out_path}" + "".join(f" and {path}" for path in kept.values())
     console.print(table)
 
 
