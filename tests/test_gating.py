@@ -168,3 +168,65 @@ def test_bad_input_gets_one_line(data):
     with pytest.raises(CifarpressError, match="already carries gates"):
         fit(GatingPruner(PruneTarget(sparsity=0.5)), data, epochs=1, steps=1, model=gated)
     assert BANK_NAME == "cifarpress_gates"
+
+
+def test_saturated_gates_stay_movable_and_bounded():
+    """The logit is latent: a gate at the bound gets the gradient an undecided one gets, and steps keep it
+    inside +-LOGIT_BOUND (with sigmoid's own slope, polarized gates froze where they first landed)."""
+    from cifarpress.techniques.prune.gates import LOGIT_BOUND, latent_sigmoid
+    logits = torch.tensor([-LOGIT_BOUND, 0.0, 9.0], requires_grad=True)
+    p = latent_sigmoid(logits)
+    assert torch.allclose(p.detach(), torch.sigmoid(logits.detach()))
+    p.sum().backward()
+    assert torch.allclose(logits.grad, torch.full((3,), 0.25))
+    model = build_model("resnet20", 10)
+    bank = attach_gates(model, discover_groups(model), branches=True)
+    with torch.no_grad():
+        bank.logits.fill_(20.0)
+        bank.branch_logits.fill_(-20.0)
+    bank.bound_logits()
+    assert float(bank.logits.detach().max()) == LOGIT_BOUND and float(bank.branch_logits.detach().min()) == -LOGIT_BOUND
+
+
+def test_hard_gates_are_sampled_in_the_window_with_the_step_seed():
+    """Inside the window a hard gate is 1 with probability p, so the soft budget is the expected MACs of the
+    network that runs; a seed gives the same draw again (resume), eval and no draw threshold at 0.5."""
+    model = build_model("resnet20", 10)
+    bank = attach_gates(model, discover_groups(model), init_logit=float(torch.logit(torch.tensor(0.3))))
+    bank.train()
+    bank.draw(7)
+    first = bank.group_gates().detach()
+    assert set(first.unique().tolist()) <= {0.0, 1.0}
+    assert 0.15 < float(first.mean()) < 0.45  # ~0.3 of several hundred groups open
+    bank.draw(7)
+    assert torch.equal(bank.group_gates().detach(), first)
+    bank.draw(8)
+    assert not torch.equal(bank.group_gates().detach(), first)
+    bank.draw(None)
+    assert float(bank.group_gates().detach().max()) == 0.0  # p = 0.3 < 0.5: all closed when thresholded
+    bank.draw(7)
+    bank.eval()
+    assert float(bank.group_gates().detach().max()) == 0.0
+
+
+def test_budget_multiplier_integrates_the_gap_and_resumes(data):
+    """While the soft MACs stay above the target the multiplier grows by BUDGET_ASCENT * budget_weight * gap
+    each step (so the budget keeps its pull where the squared gap fades); it is saved with the plug-in."""
+    from cifarpress.techniques.prune.gating import BUDGET_ASCENT
+    pruner = GatingPruner(PruneTarget(macs=0.6, channel_multiple=1), end_fraction=1.0)
+    seen = []
+
+    class Probe(Plugin):
+        def after_step(self, trainer):
+            ratio = float(SoftMacs(pruner.budget.mac_counter)(pruner.bank.probs().detach()))
+            seen.append((ratio, float(pruner.multiplier)))
+
+    fit(pruner, data, epochs=1, steps=6, plugins=[Probe()])
+    ratios, multipliers = zip(*seen)
+    assert ratios[0] > 0.8 and multipliers[0] > 0  # started open (sigmoid(3)), far above 0.6
+    steps = [b - a for a, b in zip(multipliers, multipliers[1:])]
+    for step, ratio in zip(steps, ratios):
+        assert step == pytest.approx(BUDGET_ASCENT * 30.0 * (ratio - 0.6), abs=0.05)
+    other = GatingPruner(PruneTarget(macs=0.6, channel_multiple=1))
+    other.load_state_dict(pruner.state_dict())
+    assert other.multiplier == pytest.approx(multipliers[-1])
