@@ -81,7 +81,7 @@ class GatingPruner(GroupPruner):
 
     def __init__(self, target: PruneTarget, *, start_fraction: float = 0.0, end_fraction: float = 0.5,
                  gates: str = "static", form: str = "hard", polarization: str = "zhuang",
-                 polarization_weight: float = 10.0, polarization_t: float = 1.4, budget_weight: float = 30.0,
+                 polarization_weight: float = 1.0, polarization_t: float = 1.4, budget_weight: float = 30.0,
                  consensus_weight: float = 1.0, gate_lr: float = 0.01, init_logit: float = 3.0):
         super().__init__(replace(target, selection="score"), start_fraction=start_fraction,
                          end_fraction=end_fraction)
@@ -161,8 +161,8 @@ class GatingPruner(GroupPruner):
         ratio = self.soft_macs(keep) if self.soft_macs is not None else keep.mean()
         gap = ratio - self.goal
         # ChipNet's squared gap, plus a multiplier that integrates the gap (dual ascent): the squared term alone
-        # fades near the target, where the polarization's pull towards closing then overshot it (ResNet-20 kept
-        # 0.36 of the MACs for a 0.5 target at polarization_weight 10)
+        # fades near the target, where a strong polarization's pull towards closing overshot it (ResNet-20 kept
+        # 0.36 of the MACs for a 0.5 target at polarization_weight 10, 400 steps)
         extra = extra + self.budget_weight * gap ** 2 + self.multiplier * gap
         with torch.no_grad():
             self.multiplier = self.multiplier + BUDGET_ASCENT * self.budget_weight * gap.detach()
