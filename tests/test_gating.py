@@ -209,24 +209,28 @@ def test_hard_gates_are_sampled_in_the_window_with_the_step_seed():
     assert float(bank.group_gates().detach().max()) == 0.0
 
 
-def test_budget_multiplier_integrates_the_gap_and_resumes(data):
-    """While the soft MACs stay above the target the multiplier grows by BUDGET_ASCENT * budget_weight * gap
-    each step (so the budget keeps its pull where the squared gap fades); it is saved with the plug-in."""
-    from cifarpress.techniques.prune.gating import BUDGET_ASCENT
-    pruner = GatingPruner(PruneTarget(macs=0.6, channel_multiple=1), end_fraction=1.0)
+def test_budget_multiplier_integrates_the_real_gap_and_resumes(data):
+    """The multiplier grows by BUDGET_ASCENT * budget_weight * gap each step, the gap being the real mask's
+    (thresholded, widths levelled, read every REAL_RATIO_EVERY steps), not the soft MACs' (rounding hid
+    0.2 of the MACs from those); it is saved with the plug-in."""
+    from cifarpress.techniques.prune.gating import BUDGET_ASCENT, REAL_RATIO_EVERY
+    pruner = GatingPruner(PruneTarget(macs=0.6, channel_multiple=8), end_fraction=1.0)
     seen = []
 
     class Probe(Plugin):
         def after_step(self, trainer):
-            ratio = float(SoftMacs(pruner.budget.mac_counter)(pruner.bank.probs().detach()))
-            seen.append((ratio, float(pruner.multiplier)))
+            seen.append((pruner.real_gap, pruner.multiplier, pruner.real_ratio()))
 
-    fit(pruner, data, epochs=1, steps=6, plugins=[Probe()])
-    ratios, multipliers = zip(*seen)
-    assert ratios[0] > 0.8 and multipliers[0] > 0  # started open (sigmoid(3)), far above 0.6
-    steps = [b - a for a, b in zip(multipliers, multipliers[1:])]
-    for step, ratio in zip(steps, ratios):
-        assert step == pytest.approx(BUDGET_ASCENT * 30.0 * (ratio - 0.6), abs=0.05)
-    other = GatingPruner(PruneTarget(macs=0.6, channel_multiple=1))
+    fit(pruner, data, epochs=4, steps=REAL_RATIO_EVERY, plugins=[Probe()])  # the tiny split has 10 batches
+    gaps, multipliers, ratios = zip(*seen)
+    first = next(i for i, gap in enumerate(gaps) if gap != 0.0)  # the first reading
+    assert first < REAL_RATIO_EVERY + 1 and not any(multipliers[:first + 1])
+    assert gaps[first] > 0.3  # every gate open (sigmoid(3)): about all of the MACs kept, against 0.6
+    assert gaps[first] == pytest.approx(ratios[first] - pruner.goal, abs=0.05)
+    assert len(set(gaps)) <= 4  # read every REAL_RATIO_EVERY steps only
+    for i in range(len(seen) - 1):
+        assert multipliers[i + 1] - multipliers[i] == pytest.approx(BUDGET_ASCENT * 30.0 * gaps[i])
+    assert multipliers[-1] > 0
+    other = GatingPruner(PruneTarget(macs=0.6, channel_multiple=8))
     other.load_state_dict(pruner.state_dict())
-    assert other.multiplier == pytest.approx(multipliers[-1])
+    assert (other.multiplier, other.real_gap) == (pytest.approx(multipliers[-1]), gaps[-1])

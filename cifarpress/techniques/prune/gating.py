@@ -13,8 +13,9 @@ nearest published forms:
                   gate to 0 or 1 while t > 1 keeps a pull towards closing; or `bimodal`, 4 mean p(1-p);
     budget        ChipNet's (ratio - target)^2 on the MACs the soft gates keep, counted exactly with
                   input-channel coupling (a conv loses p_in * p_out of its products), or on the share
-                  of groups kept for a `sparsity` target, plus a multiplier that integrates the gap
-                  (dual ascent), so the soft budget reaches the target whatever pulls on the gates.
+                  of groups kept for a `sparsity` target, plus a multiplier that integrates the gap of
+                  the real mask (dual ascent: widths levelled to `channel_multiple`, read every 10
+                  steps), so the mask reaches the target whatever rounds it or pulls on the gates.
 
 Schedule over the run's optimizer steps: the gates and their losses train from `start_fraction`
 to `end_fraction`; then the mask freezes: gates ranked by probability (dynamic ones by their
@@ -39,9 +40,11 @@ from cifarpress.train.trainer import Trainer
 from cifarpress.utils.modules import unwrap
 
 POLARIZATIONS = ("zhuang", "bimodal")
-# the budget multiplier's step per unit of (kept ratio - target), times budget_weight: at 30, a gap of 0.1
-# held for 20 steps gives it the weight of a squared gap of 0.5
-BUDGET_ASCENT = 0.05
+# the budget multiplier's step per unit of real gap, times budget_weight: at 30, a real gap of 0.2 held for
+# 100 steps gives the budget about the pull of ResNet-20's label loss on its gates
+BUDGET_ASCENT = 0.005
+# steps between two readings of the real kept ratio (the mask the freeze would cut now, widths levelled)
+REAL_RATIO_EVERY = 10
 
 
 class SoftMacs(nn.Module):
@@ -102,7 +105,8 @@ class GatingPruner(GroupPruner):
         self.gate_lr, self.init_logit = float(gate_lr), float(init_logit)
         self.bank: GateBank | None = None
         self.soft_macs: SoftMacs | None = None
-        self.multiplier: torch.Tensor | float = 0.0  # the budget's dual variable (loss), a tensor once updated
+        self.multiplier = 0.0  # the budget's dual variable
+        self.real_gap = 0.0  # real kept ratio - target, read every REAL_RATIO_EVERY steps (real_ratio)
 
     # -- hooks ------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> None:
@@ -160,12 +164,11 @@ class GatingPruner(GroupPruner):
             keep = self.bank.value(keep)
         ratio = self.soft_macs(keep) if self.soft_macs is not None else keep.mean()
         gap = ratio - self.goal
-        # ChipNet's squared gap, plus a multiplier that integrates the gap (dual ascent): the squared term alone
-        # fades near the target, where a strong polarization's pull towards closing overshot it (ResNet-20 kept
-        # 0.36 of the MACs for a 0.5 target at polarization_weight 10, 400 steps)
-        extra = extra + self.budget_weight * gap ** 2 + self.multiplier * gap
-        with torch.no_grad():
-            self.multiplier = self.multiplier + BUDGET_ASCENT * self.budget_weight * gap.detach()
+        # ChipNet's squared gap on the soft MACs, plus a multiplier (dual ascent) that integrates the gap of the
+        # real mask: the widths the cut allows round the soft MACs up (ResNet-20, multiples of 8: soft 0.50 of
+        # the MACs was 0.70 once levelled), and the squared term alone fades near its own target
+        extra = extra + self.budget_weight * gap ** 2 + self.multiplier * ratio
+        self.multiplier = self.multiplier + BUDGET_ASCENT * self.budget_weight * self.real_gap
         gates = torch.cat([latent_sigmoid(self.bank.logits), latent_sigmoid(self.bank.branch_logits)])
         if self.polarization == "zhuang":
             polar = self.polarization_t * gates.mean() - (gates - gates.mean()).abs().mean()
@@ -188,7 +191,17 @@ class GatingPruner(GroupPruner):
                 g.div_(rms)
 
     @torch.no_grad()
+    def real_ratio(self) -> float:
+        """The share of MACs (or of groups, for a sparsity target) the mask the freeze would cut now keeps."""
+        closed = self.budget.levelled((self.bank.agreed_probs() <= 0.5).nonzero().flatten().tolist())
+        if self.soft_macs is not None:
+            return self.budget.compact_macs(closed) / self.budget.mac_counter.full
+        return 1.0 - len(closed) / len(self.groupset)
+
+    @torch.no_grad()
     def after_step(self, trainer: Trainer) -> None:
+        if self._in_window(trainer.step) and trainer.step % REAL_RATIO_EVERY == 0:
+            self.real_gap = self.real_ratio() - self.goal
         if not self.bank.is_frozen():
             self.bank.bound_logits()
         if trainer.step >= self.end_step and not self.bank.is_frozen():
@@ -213,11 +226,12 @@ class GatingPruner(GroupPruner):
         return super().finalize(trainer, model)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "budget_multiplier": float(self.multiplier)}
+        return {**super().state_dict(), "budget_multiplier": float(self.multiplier), "real_gap": self.real_gap}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.multiplier = float(state.get("budget_multiplier", 0.0))
+        self.real_gap = float(state.get("real_gap", 0.0))
 
     # -- the freeze -------------------------------------------------------------------------------
     @torch.no_grad()
