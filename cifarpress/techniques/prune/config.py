@@ -87,8 +87,7 @@ class GatingConfig(PruneTargetOptions):
         "Heaviside sharpened over the window (annealed)")
     polarization: Literal["zhuang", "bimodal"] = Field(
         "zhuang", description="gating: t*mean(p) - mean|p - mean p| (Zhuang et al. 2020) or 4*mean p(1-p)")
-    polarization_weight: float = Field(1.0, ge=0, description="gating: weight of the polarization loss, >= 0 "
-                                       "(10 broke ResNet-20: 19.7% train accuracy after one epoch)")
+    polarization_weight: float = Field(1.0, ge=0, description="gating: weight of the polarization loss, >= 0")
     polarization_t: float = Field(1.4, ge=0, description="gating: zhuang's t (1.4 for ResNet-56 in the paper)")
     budget_weight: float = Field(30.0, ge=0, description="gating: weight of (kept ratio - target)^2, >= 0")
     consensus_weight: float = Field(1.0, ge=0, description="gating, dynamic: weight of the gates' batch variance")

@@ -11,8 +11,7 @@ gate that multiplies all of its groups' gates: y = x + g * F(x) for a closed bra
 by the surgery's branch removal.
 
 Gate values (GateBank.group_gates):
-    hard      forward 1[p > u], u ~ U(0, 1) drawn per step inside the gating window (1[p > 0.5] outside it
-              and in eval), with p = sigmoid(logit), backward through p (straight-through);
+    hard      forward 1[p > 0.5] with p = sigmoid(logit), backward through p (straight-through);
     annealed  ChipNet's continuous Heaviside h(p) = 1 - exp(-gamma p) + p exp(-gamma), gamma raised
               over the gating window so the gates end crisp (Tiwari et al., ICLR 2021);
     dynamic   `consensus` mode: a head (global average pool, two 1x1 convs) on a gated BatchNorm's
@@ -34,27 +33,6 @@ from cifarpress.channels.groups import GroupSet
 
 BANK_NAME = "cifarpress_gates"
 GATE_FORMS = ("hard", "annealed")
-# |logit| bound, held after every step (gating.py): p stays in [0.0025, 0.9975], so a closed gate can reopen
-LOGIT_BOUND = 6.0
-
-
-class _LatentSigmoid(torch.autograd.Function):
-    """sigmoid forward, its slope at 0 (1/4) backward: the logit is a latent variable (as in BinaryConnect),
-    so a saturated gate moves as fast as an undecided one. With the true slope, polarized gates froze where
-    they first landed: ResNet-20 stalled at 0.68 of the MACs against a 0.5 target, 97% of its gates within
-    0.05 of 0 or 1, until the freeze cut the rest at once."""
-
-    @staticmethod
-    def forward(ctx, logits):
-        return torch.sigmoid(logits)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * 0.25
-
-
-def latent_sigmoid(logits: torch.Tensor) -> torch.Tensor:
-    return _LatentSigmoid.apply(logits)
 
 
 def _key(module_name: str) -> str:
@@ -81,9 +59,6 @@ class GateBank(nn.Module):
         # which head output each of those positions takes), fixed when the head is added
         self.head_slots: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.sharpness = 1.0  # annealed form's gamma; set by the plug-in every step
-        # hard form inside the gating window: this step's uniform draw per group (draw()); None = deterministic
-        self.noise: torch.Tensor | None = None
-        self._seed: int | None = None
         # (data_ptr of `frozen`, its value) as the plug-in noted it: reading a CUDA buffer is a host sync, and every
         # hooked module asks on every forward. Keyed on the storage, so a copy or a move (an EMA's deepcopy) reads
         # its own buffer instead.
@@ -114,12 +89,12 @@ class GateBank(nn.Module):
     # -- probabilities --------------------------------------------------------------------------
     def branch_probs(self) -> torch.Tensor:
         """Each group's branch gate probability (1 for groups outside removable branches)."""
-        padded = torch.cat([latent_sigmoid(self.branch_logits), self.branch_logits.new_ones(1)])
+        padded = torch.cat([torch.sigmoid(self.branch_logits), self.branch_logits.new_ones(1)])
         return padded[self.branch_of]  # -1 picks the padding
 
     def probs(self) -> torch.Tensor:
         """p_group * p_branch, the static probability that each group stays."""
-        return latent_sigmoid(self.logits) * self.branch_probs()
+        return torch.sigmoid(self.logits) * self.branch_probs()
 
     def agreed_probs(self) -> torch.Tensor:
         """probs() with each dynamic group's running batch mean in its place: what the freeze cuts by."""
@@ -129,30 +104,12 @@ class GateBank(nn.Module):
             p[ids] = self.agreed[ids]
         return p
 
-    def draw(self, seed: int | None) -> None:
-        """Sample the hard gates from now on (one draw per group for the next forward), or stop (None).
-
-        A hard gate is then 1 with probability p: the soft MACs the budget counts are the expected MACs
-        of the network the forward pass runs. Thresholded at 0.5 instead, the budget was met with every p
-        near 0.7 while the applied gates kept 0.72 of the MACs (ResNet-20, 0.5 target, 400 steps).
-        Seeded per step, so a resumed run draws what the uninterrupted one drew."""
-        self._seed = seed
-        self.noise = None if seed is None else self._uniform(self.logits.shape, 0)
-
-    def _uniform(self, shape, stream: int) -> torch.Tensor:
-        # a fresh generator per draw: a torch.Generator on the bank would not survive an EMA's deepcopy
-        generator = torch.Generator(device=self.logits.device)
-        generator.manual_seed(self._seed * 1009 + stream)
-        return torch.rand(shape, device=self.logits.device, generator=generator)
-
-    def _value(self, p: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def _value(self, p: torch.Tensor) -> torch.Tensor:
         if self.form == "annealed" and self.training:
             g = self.sharpness
             return 1 - torch.exp(-g * p) + p * math.exp(-g)
-        if not self.training:
-            return (p > 0.5).to(p.dtype)
-        hard = (p > (0.5 if noise is None else noise)).to(p.dtype)
-        return hard + (p - p.detach())  # straight-through, exactly 0 or 1 forward
+        hard = (p > 0.5).to(p.dtype)
+        return hard + (p - p.detach()) if self.training else hard  # straight-through, exactly 0 or 1 forward
 
     def _anchor(self) -> torch.Tensor:
         """0, but depending on every gate parameter: after the freeze they no longer shape the output,
@@ -162,16 +119,7 @@ class GateBank(nn.Module):
     def group_gates(self) -> torch.Tensor:
         if self.is_frozen():
             return self.keep.to(self.logits.dtype) + self._anchor()
-        return self._value(self.probs(), self.noise)
-
-    def value(self, p: torch.Tensor) -> torch.Tensor:
-        """The gate the forward pass applies for keep probability p (with its training-time gradient)."""
-        return self._value(p)
-
-    @torch.no_grad()
-    def bound_logits(self) -> None:
-        self.logits.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
-        self.branch_logits.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
+        return self._value(self.probs())
 
     def channel_gates(self, index: torch.Tensor, key: str | None, output: torch.Tensor) -> torch.Tensor:
         """The multiplier of a hooked module's output channels: (C,), or (B, C) with a dynamic head."""
@@ -185,14 +133,11 @@ class GateBank(nn.Module):
         ids, positions, order = slots
         pooled = output.float().mean(dim=(2, 3), keepdim=True)  # heads sit on BatchNorm2d outputs only
         extra = self.heads[key](pooled).flatten(1)  # (B, groups of this module)
-        p = latent_sigmoid(self.logits[ids] + extra) * self.branch_probs()[ids]
+        p = torch.sigmoid(self.logits[ids] + extra) * self.branch_probs()[ids]
         if self.training:
             self.samples.append((ids, p))
         per_sample = vec.unsqueeze(0).expand(output.shape[0], -1).clone()
-        noise = None
-        if self.noise is not None and self.training:  # each sample its own draw (these groups are gated here alone)
-            noise = self._uniform(p.shape, 1 + list(self.head_slots).index(key))
-        per_sample[:, positions] = self._value(p, noise)[:, order]
+        per_sample[:, positions] = self._value(p)[:, order]
         return per_sample
 
 

@@ -5,17 +5,14 @@ Training" (Zhi et al., arXiv 2302.10798), whose code and exact formulas are not 
 nearest published forms:
 
     gates         one per zero-invariant group and one per removable residual branch (gates.py), hard
-                  0/1 with a straight-through gradient, or ChipNet's annealed continuous Heaviside, on
-                  bounded latent logits that stay movable however polarized;
+                  0/1 with a straight-through gradient, or ChipNet's annealed continuous Heaviside;
                   `gates: dynamic` adds per-sample heads and a consensus term (the variance of each
                   gate across the batch) so every input agrees on one static sub-network;
     polarization  Zhuang et al. (NeurIPS 2020): t * mean(p) - mean|p - mean(p)|, which pushes each
                   gate to 0 or 1 while t > 1 keeps a pull towards closing; or `bimodal`, 4 mean p(1-p);
     budget        ChipNet's (ratio - target)^2 on the MACs the soft gates keep, counted exactly with
                   input-channel coupling (a conv loses p_in * p_out of its products), or on the share
-                  of groups kept for a `sparsity` target, plus a multiplier that integrates the gap of
-                  the real mask (dual ascent: widths levelled to `channel_multiple`, read every 10
-                  steps), so the mask reaches the target whatever rounds it or pulls on the gates.
+                  of groups kept for a `sparsity` target.
 
 Schedule over the run's optimizer steps: the gates and their losses train from `start_fraction`
 to `end_fraction`; then the mask freezes: gates ranked by probability (dynamic ones by their
@@ -33,18 +30,12 @@ from torch import nn
 
 from cifarpress.channels.budget import PruneTarget
 from cifarpress.errors import CifarpressError
-from cifarpress.techniques.prune.gates import (GATE_FORMS, GateBank, attach_gates, bank_of, latent_sigmoid,
-                                               remove_gates)
+from cifarpress.techniques.prune.gates import GATE_FORMS, GateBank, attach_gates, bank_of, remove_gates
 from cifarpress.techniques.prune.pruner import GroupPruner
 from cifarpress.train.trainer import Trainer
 from cifarpress.utils.modules import unwrap
 
 POLARIZATIONS = ("zhuang", "bimodal")
-# the budget multiplier's step per unit of real gap, times budget_weight: at 30, a real gap of 0.2 held for
-# 100 steps gives the budget about the pull of ResNet-20's label loss on its gates
-BUDGET_ASCENT = 0.005
-# steps between two readings of the real kept ratio (the mask the freeze would cut now, widths levelled)
-REAL_RATIO_EVERY = 10
 
 
 class SoftMacs(nn.Module):
@@ -105,8 +96,6 @@ class GatingPruner(GroupPruner):
         self.gate_lr, self.init_logit = float(gate_lr), float(init_logit)
         self.bank: GateBank | None = None
         self.soft_macs: SoftMacs | None = None
-        self.multiplier = 0.0  # the budget's dual variable
-        self.real_gap = 0.0  # real kept ratio - target, read every REAL_RATIO_EVERY steps (real_ratio)
 
     # -- hooks ------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> None:
@@ -137,8 +126,6 @@ class GatingPruner(GroupPruner):
     def before_step(self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor) -> None:
         if not self.bank.has_frozen_note():  # once (after a resume's load too): forwards then skip the device read
             self.bank.note_frozen()
-        if self.form == "hard":  # sampled gates inside the window, seeded by the step (resume draws the same)
-            self.bank.draw(trainer.config.seed * 1_000_003 + trainer.step if self._in_window(trainer.step) else None)
         if self.form == "annealed":  # gamma from 1 to 1000, geometrically over the window
             span = max(1, self.end_step - self.start_step)
             progress = min(1.0, max(0.0, (trainer.step - self.start_step) / span))
@@ -160,16 +147,9 @@ class GatingPruner(GroupPruner):
                 with torch.no_grad():
                     self.bank.agreed[ids] = 0.9 * self.bank.agreed[ids] + 0.1 * mean.detach()
             extra = extra + self.consensus_weight * torch.cat(spread).mean()
-        if self.form == "annealed":  # the budget counts what the forward applies: h(p) there, p's mean when sampled
-            keep = self.bank.value(keep)
         ratio = self.soft_macs(keep) if self.soft_macs is not None else keep.mean()
-        gap = ratio - self.goal
-        # ChipNet's squared gap on the soft MACs, plus a multiplier (dual ascent) that integrates the gap of the
-        # real mask: the widths the cut allows round the soft MACs up (ResNet-20, multiples of 8: soft 0.50 of
-        # the MACs was 0.70 once levelled), and the squared term alone fades near its own target
-        extra = extra + self.budget_weight * gap ** 2 + self.multiplier * ratio
-        self.multiplier = self.multiplier + BUDGET_ASCENT * self.budget_weight * self.real_gap
-        gates = torch.cat([latent_sigmoid(self.bank.logits), latent_sigmoid(self.bank.branch_logits)])
+        extra = extra + self.budget_weight * (ratio - self.goal) ** 2
+        gates = torch.cat([torch.sigmoid(self.bank.logits), torch.sigmoid(self.bank.branch_logits)])
         if self.polarization == "zhuang":
             polar = self.polarization_t * gates.mean() - (gates - gates.mean()).abs().mean()
         else:
@@ -191,19 +171,7 @@ class GatingPruner(GroupPruner):
                 g.div_(rms)
 
     @torch.no_grad()
-    def real_ratio(self) -> float:
-        """The share of MACs (or of groups, for a sparsity target) the mask the freeze would cut now keeps."""
-        closed = self.budget.levelled((self.bank.agreed_probs() <= 0.5).nonzero().flatten().tolist())
-        if self.soft_macs is not None:
-            return self.budget.compact_macs(closed) / self.budget.mac_counter.full
-        return 1.0 - len(closed) / len(self.groupset)
-
-    @torch.no_grad()
     def after_step(self, trainer: Trainer) -> None:
-        if self._in_window(trainer.step) and trainer.step % REAL_RATIO_EVERY == 0:
-            self.real_gap = self.real_ratio() - self.goal
-        if not self.bank.is_frozen():
-            self.bank.bound_logits()
         if trainer.step >= self.end_step and not self.bank.is_frozen():
             self.freeze_mask()
         self.hold_frozen_at_zero()
@@ -224,14 +192,6 @@ class GatingPruner(GroupPruner):
         remove_gates(model)  # the live model's, or an EMA copy's own bank and hooks
         remove_gates(self.model)
         return super().finalize(trainer, model)
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "budget_multiplier": float(self.multiplier), "real_gap": self.real_gap}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.multiplier = float(state.get("budget_multiplier", 0.0))
-        self.real_gap = float(state.get("real_gap", 0.0))
 
     # -- the freeze -------------------------------------------------------------------------------
     @torch.no_grad()
