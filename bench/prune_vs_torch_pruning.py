@@ -334,13 +334,13 @@ def main() -> None:
                          "train_provenance": record.get("provenance")}
     for r in results.values():
         r["macs_vs_baseline"] = r["macs"] / results["baseline"]["macs"]
-    tp_arms = [a for a in arms if a.startswith("tp-")]
-    best_tp = max(tp_arms, key=lambda a: results[a]["top1_onnxruntime"]) if tp_arms else None
-    our_arms = [a for a in arms if a in OUR_ARMS and not distilled(a)]  # equal budget only
-    best_ours = max(our_arms, key=lambda a: results[a]["top1_onnxruntime"]) if our_arms else None
+    def most_accurate(candidates: list[str]) -> str | None:
+        return max(candidates, key=lambda a: results[a]["top1_onnxruntime"]) if candidates else None
 
-    best_by_method = {method: max((a for a in our_arms if method_of(a) == method),
-                                  key=lambda a: results[a]["top1_onnxruntime"])
+    best_tp = most_accurate([a for a in arms if a.startswith("tp-")])
+    our_arms = [a for a in arms if a in OUR_ARMS and not distilled(a)]  # equal budget only
+    best_ours = most_accurate(our_arms)
+    best_by_method = {method: most_accurate([a for a in our_arms if method_of(a) == method])
                       for method in dict.fromkeys(method_of(a) for a in our_arms)}
 
     RESULTS.mkdir(parents=True, exist_ok=True)
