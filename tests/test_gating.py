@@ -82,6 +82,31 @@ def test_open_gates_change_nothing_and_closed_gates_equal_zeroed_groups():
                                              for h in m._forward_hooks.values())
 
 
+def test_chunk_gates_close_only_widths_the_cut_keeps():
+    """One gate per step between allowed widths: whatever the gates close is a cut the budget allows,
+    so the MACs the soft gates count are the compact model's."""
+    model = build_model("resnet20", 10)
+    groupset = discover_groups(model)
+    budget = PruneBudget(model, groupset, PruneTarget(macs=0.5, channel_multiple=8, remove_branches=True))
+    chunks = budget.gate_chunks(torch.rand(len(groupset), generator=torch.Generator().manual_seed(1)))
+    assert {len(c) for c in chunks} == {8}  # ResNet-20's widths 16/32/64 in steps of 8
+    bank = attach_gates(model, groupset, branches=True, chunks=chunks)
+    assert len(bank.logits) == len(chunks) < len(groupset) // 4
+    never = sorted(set(range(len(groupset))) - {g for c in chunks for g in c})
+    assert never and (bank.probs()[never] > 0.9).all()  # the stream's last 8 channels have no gate to close
+    soft = SoftMacs(budget.mac_counter)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        bank.branch_logits.fill_(9.0)
+        for _ in range(5):
+            bank.logits.copy_(torch.where(torch.rand(len(chunks), generator=generator) < 0.4, -9.0, 9.0))
+            keep = bank.probs()
+            closed = (keep <= 0.5).nonzero().flatten().tolist()
+            assert closed and budget.levelled(closed) == closed
+            assert float(soft(keep)) == pytest.approx(budget.compact_macs(closed) / budget.mac_counter.full,
+                                                      abs=1e-3)
+
+
 def test_branch_gates_close_whole_blocks():
     model = build_model("resnet20", 10)
     groupset = discover_groups(model)
@@ -146,7 +171,7 @@ def test_gate_losses_drive_the_soft_budget_to_the_target(data):
         label_weight = 0.0
 
     fit(pruner, data, epochs=1, steps=40, plugins=[NoLabels()])
-    ratio = float(SoftMacs(pruner.budget.mac_counter)(torch.sigmoid(pruner.bank.logits.detach())))
+    ratio = float(SoftMacs(pruner.budget.mac_counter)(pruner.bank.probs().detach()))
     assert ratio < 0.8  # started at sigmoid(3) ~ 0.95 of every group, i.e. ~0.9 of the MACs
 
 

@@ -188,6 +188,18 @@ class PruneBudget:
             low, high = (low, mid) if self.reached(cut(mid), progress) else (mid, high)
         return cut(low)
 
+    def gate_chunks(self, scores: torch.Tensor) -> list[list[int]]:
+        """The groups of every unit split at its levels, lowest-scoring first: cutting any set of
+        whole chunks leaves every width on an allowed multiple (exactly so where a unit's width is
+        itself a multiple, as in the zoo's models; otherwise its first chunk is the remainder).
+        Groups past a unit's last level can never be cut and belong to no chunk."""
+        score = scores.detach().float().cpu().tolist()
+        chunks = []
+        for members, levels in zip(self.units, self.levels):
+            ranked = sorted(members, key=lambda g: (score[g], g))
+            chunks += [ranked[a:b] for a, b in zip(levels, levels[1:])]
+        return chunks
+
     def levelled(self, ids) -> list[int]:
         """The largest subset of `ids` that leaves every unit on a level: per unit, the lowest ids
         of the largest allowed count. For zero groups found by a projection (DHSPG), where some

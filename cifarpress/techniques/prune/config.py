@@ -73,14 +73,14 @@ class DhspgConfig(PruneTargetOptions):
 
 
 class GatingConfig(PruneTargetOptions):
-    """Consensus gating: a learned 0/1 gate per group (and per removable residual branch) with a polarization
-    and a MACs budget loss, frozen into a static mask that meets the target exactly, then cut (one pass)."""
+    """Consensus gating: a learned 0/1 gate per channel_multiple step of each width (and per removable residual
+    branch) with a polarization and a MACs budget loss, frozen into a static mask that meets the target exactly, then cut (one pass)."""
 
     method: Literal["gating"] = "gating"
     selection: Literal["score"] = Field("score", description="gating: the final cut takes the gates with the "
                                         "lowest keep probability first (the only order gating uses)")
     gates: Literal["static", "dynamic"] = Field(
-        "static", description="gating: one learnable logit per group (static), or per-sample heads pushed to a "
+        "static", description="gating: one learnable logit per gate (static), or per-sample heads pushed to a "
         "consensus by the batch variance of each gate, frozen into the static mask (dynamic)")
     form: Literal["hard", "annealed"] = Field(
         "hard", description="gating: 0/1 forward with a straight-through gradient (hard), or ChipNet's continuous "

@@ -1,10 +1,16 @@
 """Learned gates on zero-invariant groups: the layer that consensus gating (gating.py) trains.
 
-One gate per group multiplies the group's channels right after every BatchNorm that produces them
-(after the conv or linear itself where a group has no BatchNorm). Since a group's channels are
-exactly zero wherever its producers are, a closed gate (0) is the same network as the cut one, and
-an open gate (1) changes nothing, so the gates fold away: the cut zeroes the closed groups'
-producers and the gates are removed, with no gate op left for export.
+A gate multiplies its groups' channels right after every BatchNorm that produces them (after the
+conv or linear itself where a group has no BatchNorm). Since a group's channels are exactly zero
+wherever its producers are, a closed gate (0) is the same network as the cut one, and an open gate
+(1) changes nothing, so the gates fold away: the cut zeroes the closed groups' producers and the
+gates are removed, with no gate op left for export.
+
+One gate serves a whole *chunk* of groups (`chunks`, by default one group each): the pruner gives
+it the step between two allowed widths of a unit (PruneBudget.gate_chunks), so any mix of closed
+gates is a width the cut can keep, and the MACs the gates count are the MACs the cut keeps. With a
+gate per group, ResNet-20's gates met 0.50 of the MACs while the mask rounded to multiples of 8
+kept 0.70, and the freeze then cut the difference at once. Groups in no chunk keep a gate of 1.
 
 A residual branch whose inner width may go whole (GroupSet.removable_spaces) also gets a branch
 gate that multiplies all of its groups' gates: y = x + g * F(x) for a closed branch, cut exactly
@@ -40,13 +46,17 @@ def _key(module_name: str) -> str:
 
 
 class GateBank(nn.Module):
-    def __init__(self, n_groups: int, branch_of: torch.Tensor, form: str = "hard", init_logit: float = 3.0):
+    def __init__(self, n_groups: int, branch_of: torch.Tensor, form: str = "hard", init_logit: float = 3.0,
+                 chunk_of: torch.Tensor | None = None):
         super().__init__()
         if form not in GATE_FORMS:
             raise ValueError(f"gate form must be one of {', '.join(GATE_FORMS)}, got {form!r}")
         self.form = form
         n_branches = int(branch_of.max().item()) + 1 if len(branch_of) else 0
-        self.logits = nn.Parameter(torch.full((n_groups,), float(init_logit)))
+        chunk_of = torch.arange(n_groups) if chunk_of is None else chunk_of
+        n_chunks = int(chunk_of.max().item()) + 1 if len(chunk_of) else 0
+        self.logits = nn.Parameter(torch.full((n_chunks,), float(init_logit)))  # one per chunk
+        self.register_buffer("chunk_of", chunk_of.clone().long())  # -1: a group no gate closes
         self.branch_logits = nn.Parameter(torch.full((n_branches,), float(init_logit)))
         # integer and bool buffers: an EMA copies them instead of averaging them
         self.register_buffer("branch_of", branch_of.clone().long())
@@ -92,9 +102,13 @@ class GateBank(nn.Module):
         padded = torch.cat([torch.sigmoid(self.branch_logits), self.branch_logits.new_ones(1)])
         return padded[self.branch_of]  # -1 picks the padding
 
+    def group_logits(self) -> torch.Tensor:
+        """Each group's gate logit: its chunk's (+inf for a group in no chunk)."""
+        return torch.cat([self.logits, self.logits.new_full((1,), math.inf)])[self.chunk_of]
+
     def probs(self) -> torch.Tensor:
-        """p_group * p_branch, the static probability that each group stays."""
-        return torch.sigmoid(self.logits) * self.branch_probs()
+        """p_chunk * p_branch, the static probability that each group stays."""
+        return torch.sigmoid(self.group_logits()) * self.branch_probs()
 
     def agreed_probs(self) -> torch.Tensor:
         """probs() with each dynamic group's running batch mean in its place: what the freeze cuts by."""
@@ -133,7 +147,7 @@ class GateBank(nn.Module):
         ids, positions, order = slots
         pooled = output.float().mean(dim=(2, 3), keepdim=True)  # heads sit on BatchNorm2d outputs only
         extra = self.heads[key](pooled).flatten(1)  # (B, groups of this module)
-        p = torch.sigmoid(self.logits[ids] + extra) * self.branch_probs()[ids]
+        p = torch.sigmoid(self.group_logits()[ids] + extra) * self.branch_probs()[ids]
         if self.training:
             self.samples.append((ids, p))
         per_sample = vec.unsqueeze(0).expand(output.shape[0], -1).clone()
@@ -183,9 +197,17 @@ def gated_modules(model: nn.Module, groupset: GroupSet) -> dict[str, torch.Tenso
 
 
 def attach_gates(model: nn.Module, groupset: GroupSet, *, form: str = "hard", dynamic: bool = False,
-                 branches: bool = False, init_logit: float = 3.0) -> GateBank:
-    """Put a GateBank on `model` and hook every gated module; returns the bank."""
+                 branches: bool = False, init_logit: float = 3.0,
+                 chunks: list[list[int]] | None = None) -> GateBank:
+    """Put a GateBank on `model` and hook every gated module; returns the bank.
+
+    `chunks` lists the groups each gate serves (default: one gate per group)."""
     n = len(groupset)
+    chunk_of = None
+    if chunks is not None:
+        chunk_of = torch.full((n,), -1, dtype=torch.long)
+        for c, members in enumerate(chunks):
+            chunk_of[members] = c
     branch_of = torch.full((n,), -1, dtype=torch.long)
     if branches:
         spaces = sorted(groupset.removable_spaces)
@@ -194,7 +216,7 @@ def attach_gates(model: nn.Module, groupset: GroupSet, *, form: str = "hard", dy
             if len(names) == 1 and (space := names.pop()) in groupset.removable_spaces:
                 branch_of[g.id] = spaces.index(space)
     first = next(model.parameters())
-    bank = GateBank(n, branch_of, form, init_logit)
+    bank = GateBank(n, branch_of, form, init_logit, chunk_of)
     hooked = gated_modules(model, groupset)
     modules = dict(model.named_modules())
     seen = torch.bincount(torch.cat([i[i < n] for i in hooked.values()]), minlength=n) if hooked else None
@@ -202,7 +224,8 @@ def attach_gates(model: nn.Module, groupset: GroupSet, *, form: str = "hard", dy
         key = None
         if dynamic and isinstance(modules[name], nn.BatchNorm2d):
             own = index[index < n].unique()
-            local = own[seen[own] == 1]  # groups gated here alone: a per-sample gate stays exact (sorted)
+            # groups gated here alone (a per-sample gate stays exact) that a gate may close; sorted
+            local = own[(seen[own] == 1) & (bank.chunk_of[own] >= 0)]
             if len(local):
                 key = _key(name)
                 bank.add_head(key, index, local)

@@ -4,8 +4,10 @@ A reconstruction of "Learning a Consensus Sub-Network with Polarization Regulari
 Training" (Zhi et al., arXiv 2302.10798), whose code and exact formulas are not published, from the
 nearest published forms:
 
-    gates         one per zero-invariant group and one per removable residual branch (gates.py), hard
-                  0/1 with a straight-through gradient, or ChipNet's annealed continuous Heaviside;
+    gates         one per chunk of zero-invariant groups (the step between two allowed widths, the
+                  least important groups of the starting model first) and one per removable residual
+                  branch (gates.py), hard 0/1 with a straight-through gradient, or ChipNet's annealed
+                  continuous Heaviside;
                   `gates: dynamic` adds per-sample heads and a consensus term (the variance of each
                   gate across the batch) so every input agrees on one static sub-network;
     polarization  Zhuang et al. (NeurIPS 2020): t * mean(p) - mean|p - mean(p)|, which pushes each
@@ -31,7 +33,7 @@ from torch import nn
 from cifarpress.channels.budget import PruneTarget
 from cifarpress.errors import CifarpressError
 from cifarpress.techniques.prune.gates import GATE_FORMS, GateBank, attach_gates, bank_of, remove_gates
-from cifarpress.techniques.prune.pruner import GroupPruner
+from cifarpress.techniques.prune.pruner import GroupPruner, saliency
 from cifarpress.train.trainer import Trainer
 from cifarpress.utils.modules import unwrap
 
@@ -102,8 +104,10 @@ class GatingPruner(GroupPruner):
         if bank_of(unwrap(trainer.model)) is not None:
             raise CifarpressError("this model already carries gates (cifarpress_gates); use one gating plug-in")
         super().setup(trainer)
+        # chunks ranked by the starting weights' magnitude; a resume's load then restores the bank's own
+        chunks = self.budget.gate_chunks(saliency(self.rows))
         self.bank = attach_gates(self.model, self.groupset, form=self.form, dynamic=self.gates == "dynamic",
-                                 branches=self.target.remove_branches, init_logit=self.init_logit)
+                                 branches=self.target.remove_branches, init_logit=self.init_logit, chunks=chunks)
         if self.target.macs is not None:
             self.soft_macs = SoftMacs(self.budget.mac_counter).to(self.bank.logits.device)
             self.goal = self.budget.goal_macs / self.budget.mac_counter.full
