@@ -193,3 +193,28 @@ def test_bad_input_gets_one_line(data):
     with pytest.raises(CifarpressError, match="already carries gates"):
         fit(GatingPruner(PruneTarget(sparsity=0.5)), data, epochs=1, steps=1, model=gated)
     assert BANK_NAME == "cifarpress_gates"
+
+
+def test_gating_ternary_and_kd_in_one_pass(data):
+    """One Trainer run gates, ternarizes and distills: the hand-on is compact and ternary, its cut exact."""
+    from cifarpress.techniques.distill.plugin import Distillation
+    from cifarpress.techniques.quantize.qat import TernaryQAT
+    from cifarpress.techniques.quantize.ternary import quantized_layers
+
+    torch.manual_seed(0)
+    teacher = realistic(build_model("resnet20", 10)).eval()
+    pruner = GatingPruner(PruneTarget(macs=0.6, channel_multiple=4, remove_branches=True), end_fraction=0.5)
+    result = fit(pruner, data, epochs=2, steps=5, model=copy.deepcopy(teacher),
+                 plugins=[TernaryQAT(), Distillation(copy.deepcopy(teacher))])
+    compact = result.model.eval()
+    kept = pruner.budget.compact_macs(pruner.pruned_ids)
+    assert kept <= pruner.budget.goal_macs and bank_of(compact) is None
+    layers = quantized_layers(compact)
+    assert layers and all(layer.ternary for name, layer in layers.items() if name not in ("conv1", "fc"))
+    for layer in layers.values():
+        if layer.ternary:
+            assert set(layer.weight_codes().unique().tolist()) <= {-1, 0, 1}
+    assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in teacher.parameters())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.isfinite(compact(x)).all()

@@ -432,3 +432,18 @@ def test_packed_file_errors(tmp_path):
         load_packed(bad)
     with pytest.raises(CifarpressError, match="not quantized|no ternary or int8 layers"):
         save_packed(small_net(), tmp_path / "f.cpt", "resnet20", 10, "cifar10")
+
+
+@pytest.mark.parametrize("method", ["absmean", "absmedian"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_ternary_scale_is_the_same_with_the_cut_channels_zeroed_or_gone(method, per_channel):
+    """A pruner in the same pass zeroes channels, then cuts them: the scale must not move in between."""
+    from cifarpress.techniques.quantize.fake_quant import ternary_scale
+
+    w = torch.randn(6, 5, 3, 3, generator=torch.Generator().manual_seed(0))
+    padded = torch.zeros(8, 7, 3, 3)
+    padded[:6, :5] = w  # two zeroed output rows and two zeroed input columns around the same weights
+    kept, zeroed = ternary_scale(w, method, per_channel), ternary_scale(padded, method, per_channel)
+    assert torch.allclose(zeroed[:6] if per_channel else zeroed, kept)
+    reference = w.abs().mean() if method == "absmean" else w.abs().median()
+    assert per_channel or float(kept) == pytest.approx(float(reference), rel=1e-6)

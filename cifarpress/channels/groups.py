@@ -168,11 +168,14 @@ class GroupSet:
         return (self.group_max_abs(model) <= threshold).nonzero().flatten().tolist()
 
     @torch.no_grad()
-    def zero_groups(self, model: nn.Module, group_ids) -> None:
-        """Set every producer slice of these groups to exactly zero (their channels then output 0)."""
+    def zero_groups(self, model: nn.Module, group_ids, consumers: bool = True) -> None:
+        """Set every producer slice of these groups to exactly zero (their channels then output 0), and the
+        consumer slices that read them: they only ever multiply those zeros, and zeroed, a statistic over the
+        consumer's weight (a ternary scale skips zeros) is the same before and after the cut."""
         ids = self._checked_ids(group_ids)
+        kinds = ("producer", "consumer") if consumers else ("producer",)
         for role in self.roles:
-            if role.kind == "producer":
+            if role.kind in kinds:
                 p = model.get_parameter(role.param)
                 rows = torch.isin(role.group_of, ids).nonzero().flatten()
                 p.index_fill_(role.dim, rows.to(p.device), 0.0)

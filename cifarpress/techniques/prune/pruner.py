@@ -48,12 +48,14 @@ class GroupParams:
     def __init__(self, model: nn.Module, groupset: GroupSet):
         self.n = len(groupset)
         self.entries = []  # (param, dim, group_of incl. -1, rows inside groups, their owners)
+        self.consumers = []  # the same for the slices that read the groups' channels; only zero() touches them
         for role in groupset.roles:
-            if role.kind == "producer":
+            if role.kind in ("producer", "consumer"):
                 p = model.get_parameter(role.param)
                 group_of = role.group_of.to(p.device)
                 inside = (group_of >= 0).nonzero().flatten()
-                self.entries.append((p, role.dim, group_of, inside, group_of[inside]))
+                entry = (p, role.dim, group_of, inside, group_of[inside])
+                (self.entries if role.kind == "producer" else self.consumers).append(entry)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -67,9 +69,9 @@ class GroupParams:
             out.index_add_(0, owner, rows[inside])
         return out
 
-    def expand(self, i: int, per_group: torch.Tensor, outside) -> torch.Tensor:
+    def expand(self, i: int, per_group: torch.Tensor, outside, entry=None) -> torch.Tensor:
         """`per_group` laid on entry i's rows (`outside` for rows no group owns), broadcastable to it."""
-        p, dim, group_of, _, _ = self.entries[i]
+        p, dim, group_of, _, _ = entry or self.entries[i]
         padded = torch.cat([per_group, per_group.new_full((1,), outside)])
         shape = [1] * p.dim()
         shape[dim] = p.shape[dim]
@@ -83,9 +85,11 @@ class GroupParams:
     @torch.no_grad()
     def zero(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
         """Rows of the masked groups to exactly 0 in the weights, the gradients and every optimizer
-        state shaped like the weight (SGD momentum; Adam's moments), so nothing regrows them."""
-        for i, (p, *_rest) in enumerate(self.entries):
-            rows = self.expand(i, mask, False)
+        state shaped like the weight (SGD momentum; Adam's moments), so nothing regrows them; and the
+        consumer slices reading them, which multiply zeros (GroupSet.zero_groups says why)."""
+        for entry in self.entries + self.consumers:
+            p = entry[0]
+            rows = self.expand(0, mask, False, entry)
             p.masked_fill_(rows, 0.0)
             if p.grad is not None:
                 p.grad.masked_fill_(rows, 0.0)

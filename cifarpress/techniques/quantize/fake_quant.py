@@ -106,14 +106,19 @@ def precision_name(bits: int) -> str:
 
 def ternary_scale(weight: torch.Tensor, method: str = "absmean", per_channel: bool = False,
                   eps: float = EPS) -> torch.Tensor:
-    """mean|W| or median|W|: a 0-d tensor, or one value per output channel shaped to broadcast."""
-    magnitude = weight.detach().abs()
-    if per_channel:
-        rows = magnitude.flatten(1)
-        stat = rows.mean(1) if method == "absmean" else rows.median(1).values
-        stat = _per_channel_view(stat, weight.dim())
-    else:
-        stat = magnitude.mean() if method == "absmean" else magnitude.median()
+    """mean|W| or median|W| over the nonzero weights: a 0-d tensor, or one value per output channel shaped to
+    broadcast.
+
+    Exact zeros are left out so that the scale is the same before and after a pruner cuts its zeroed channels
+    out: gating or HESSO in the same pass as the ternary QAT would otherwise hand on a cut model whose scales,
+    and so whose function, differ from the trained one. (Trained float weights are never exactly zero else.)"""
+    rows = weight.detach().abs().flatten(1) if per_channel else weight.detach().abs().reshape(1, -1)
+    nonzero = rows != 0
+    if method == "absmean":
+        stat = rows.sum(1) / nonzero.sum(1).clamp_min(1)
+    else:  # nanmedian skips the zeros; a row of zeros gives nan, then the floor
+        stat = torch.nan_to_num(rows.masked_fill(~nonzero, float("nan")).nanmedian(1).values, nan=0.0)
+    stat = _per_channel_view(stat, weight.dim()) if per_channel else stat.reshape(())
     return stat.clamp_min(eps)
 
 
