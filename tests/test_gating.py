@@ -107,6 +107,26 @@ def test_chunk_gates_close_only_widths_the_cut_keeps():
                                                       abs=1e-3)
 
 
+def test_dynamic_heads_open_and_close_whole_chunks_per_sample():
+    model = build_model("resnet20", 10)
+    groupset = discover_groups(model)
+    budget = PruneBudget(model, groupset, PruneTarget(macs=0.5, channel_multiple=8, remove_branches=True))
+    chunks = budget.gate_chunks(torch.zeros(len(groupset)))
+    bank = attach_gates(model, groupset, dynamic=True, branches=True, chunks=chunks)
+    assert bank.heads
+    with torch.no_grad():
+        for head in bank.heads.values():
+            head[2].bias.normal_(0, 3)  # a per-sample term that differs between chunks
+            head[2].weight.normal_(0, 1)
+    model.train()(torch.randn(6, 3, 32, 32))
+    chunk_of = bank.chunk_of
+    for ids, p in bank.samples:
+        for c in chunk_of[ids].unique():
+            same = p[:, chunk_of[ids] == c]
+            assert torch.equal(same, same[:, :1].expand_as(same))  # one value per chunk and sample ...
+        assert not torch.equal(p, p[:1].expand_as(p))  # ... that differs between samples
+
+
 def test_branch_gates_close_whole_blocks():
     model = build_model("resnet20", 10)
     groupset = discover_groups(model)

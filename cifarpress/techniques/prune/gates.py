@@ -66,8 +66,9 @@ class GateBank(nn.Module):
         self.register_buffer("agreed", torch.ones(n_groups))
         self.heads = nn.ModuleDict()
         # head key -> (the group ids it predicts, sorted; the channel positions they hold in the hooked output;
-        # which head output each of those positions takes), fixed when the head is added
-        self.head_slots: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # which of those groups each position belongs to; which head output, one per chunk, each group takes),
+        # fixed when the head is added
+        self.head_slots: dict[str, tuple[torch.Tensor, ...]] = {}
         self.sharpness = 1.0  # annealed form's gamma; set by the plug-in every step
         # (data_ptr of `frozen`, its value) as the plug-in noted it: reading a CUDA buffer is a host sync, and every
         # hooked module asks on every forward. Keyed on the storage, so a copy or a move (an EMA's deepcopy) reads
@@ -76,15 +77,20 @@ class GateBank(nn.Module):
         self.samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # (group ids, per-sample p) of this forward
 
     def add_head(self, key: str, index: torch.Tensor, group_ids: torch.Tensor) -> None:
-        """A per-sample head for `group_ids` (sorted) of the module whose channels `index` maps to groups."""
+        """A per-sample head for `group_ids` (sorted) of the module whose channels `index` maps to groups.
+
+        It predicts one term per chunk, not per group: a chunk's groups open and close together, per sample
+        as in the static gates, so the agreed mask the freeze cuts by is the one the samples were trained on."""
         channels = len(index)
         hidden = max(4, channels // 4)
-        head = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, len(group_ids), 1))
+        chunks, chunk_pos = torch.unique(self.chunk_of[group_ids], return_inverse=True)
+        head = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, len(chunks), 1))
         nn.init.zeros_(head[2].weight)  # starts as the static gate: the head learns only a per-sample correction
         nn.init.zeros_(head[2].bias)
         self.heads[key] = head
         positions = torch.isin(index, group_ids).nonzero().flatten()
-        self.head_slots[key] = (group_ids.clone(), positions, torch.searchsorted(group_ids, index[positions]))
+        self.head_slots[key] = (group_ids.clone(), positions, torch.searchsorted(group_ids, index[positions]),
+                                chunk_pos)
 
     def note_frozen(self, value: bool | None = None) -> None:
         """Remember `frozen`'s value (read once when not given); whoever writes the buffer in place must note again."""
@@ -113,7 +119,7 @@ class GateBank(nn.Module):
     def agreed_probs(self) -> torch.Tensor:
         """probs() with each dynamic group's running batch mean in its place: what the freeze cuts by."""
         p = self.probs().detach().clone()
-        for ids, _, _ in self.head_slots.values():
+        for ids, *_ in self.head_slots.values():
             ids = ids.to(p.device)
             p[ids] = self.agreed[ids]
         return p
@@ -144,9 +150,9 @@ class GateBank(nn.Module):
         slots = self.head_slots[key]
         if slots[0].device != output.device:  # moved once, not copied (a host sync) on every forward
             slots = self.head_slots[key] = tuple(t.to(output.device) for t in slots)
-        ids, positions, order = slots
+        ids, positions, order, chunk_pos = slots
         pooled = output.float().mean(dim=(2, 3), keepdim=True)  # heads sit on BatchNorm2d outputs only
-        extra = self.heads[key](pooled).flatten(1)  # (B, groups of this module)
+        extra = self.heads[key](pooled).flatten(1)[:, chunk_pos]  # (B, groups of this module), equal per chunk
         p = torch.sigmoid(self.group_logits()[ids] + extra) * self.branch_probs()[ids]
         if self.training:
             self.samples.append((ids, p))
