@@ -224,6 +224,8 @@ def test_run_recipe_takes_a_mapping(tiny_cifar_root, tmp_path):
     (lambda d: cifarpress.export(model(), "x.onnx", data=d, input_shape=(3, 32, 32)), "disagree"),
     (lambda d: cifarpress.train(model(), "imagenet"), "unknown dataset"),
     (lambda d: cifarpress.bench("missing.onnx"), "not found"),
+    (lambda d: cifarpress.train(object(), d), "the model is a object; give a torch model"),
+    (lambda d: cifarpress.prune("missing-model.pt", d, macs=0.5), "missing-model.pt"),
 ])
 def test_bad_input_is_one_line_naming_the_fix(loaders, call, needle):
     with pytest.raises(CifarpressError, match=needle) as info:
@@ -253,3 +255,9 @@ def test_stage_config_merges_a_technique_config_with_options_and_names_a_bad_fie
     assert isinstance(gating, cifarpress.GatingConfig) or gating.method == "gating"
     with pytest.raises(CifarpressError, match="macs"):
         cifarpress.stage_config("prune", method="hesso", macs=1.5)
+
+
+def test_a_model_named_by_file_or_builtin_is_loaded():
+    trained = cifarpress.train("builtin:resnet20-cifar10", make_loader(40, size=32), epochs=1,
+                               max_steps_per_epoch=1, batch_size=20, **FAST)
+    assert isinstance(trained, nn.Module) and trained.fc.out_features == 10

@@ -181,7 +181,7 @@ def _phase_order(plugin: Plugin) -> tuple[bool, int]:
     return plugin.phase is None, plugin.phase or 0
 
 
-def run_stage(kind: str, model: nn.Module, data: Data, config=None, *, test: Optional[Data] = None,
+def run_stage(kind: str, model: Union[nn.Module, str, Path], data: Data, config=None, *, test: Optional[Data] = None,
               teacher: Union[nn.Module, str, None] = None, plugins: Sequence[Plugin] = (),
               out: Union[str, Path, None] = None, device: Union[str, torch.device, None] = None,
               quiet: bool = False, data_root: Union[str, Path, None] = None, **options) -> TrainResult:
@@ -198,6 +198,11 @@ def run_stage(kind: str, model: nn.Module, data: Data, config=None, *, test: Opt
         result = run_stage("prune", model, loader, macs=0.5, epochs=10)
         print(result.top1, result.model)
     """
+    if isinstance(model, (str, Path)):  # a model file or builtin:NAME, as a recipe's model.checkpoint
+        model = load_model(model)[0]
+    elif not isinstance(model, nn.Module):
+        raise CifarpressError(f"cifarpress.{kind}(): the model is a {type(model).__name__}; give a torch model, "
+                              f"a model file or builtin:NAME")
     if "distill" in options:  # distill={"teacher": a torch model, ...}: the model goes in as the teacher
         options["distill"], given = _teacher_in(options["distill"])
         teacher = given if given is not None else teacher
