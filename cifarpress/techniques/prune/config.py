@@ -74,7 +74,8 @@ class DhspgConfig(PruneTargetOptions):
 
 class GatingConfig(PruneTargetOptions):
     """Consensus gating: a learned 0/1 gate per channel_multiple step of each width (and per removable residual
-    branch) with a polarization and a MACs budget loss, frozen into a static mask that meets the target exactly, then cut (one pass)."""
+    branch) with a polarization and a MACs budget loss, frozen into a static mask that meets the target exactly,
+    then cut (one pass)."""
 
     method: Literal["gating"] = "gating"
     selection: Literal["score"] = Field("score", description="gating: the final cut takes the gates with the "

@@ -69,9 +69,13 @@ class GroupParams:
             out.index_add_(0, owner, rows[inside])
         return out
 
-    def expand(self, i: int, per_group: torch.Tensor, outside, entry=None) -> torch.Tensor:
+    def expand(self, i: int, per_group: torch.Tensor, outside) -> torch.Tensor:
         """`per_group` laid on entry i's rows (`outside` for rows no group owns), broadcastable to it."""
-        p, dim, group_of, _, _ = entry or self.entries[i]
+        return self._laid(self.entries[i], per_group, outside)
+
+    @staticmethod
+    def _laid(entry, per_group: torch.Tensor, outside) -> torch.Tensor:
+        p, dim, group_of, _, _ = entry
         padded = torch.cat([per_group, per_group.new_full((1,), outside)])
         shape = [1] * p.dim()
         shape[dim] = p.shape[dim]
@@ -89,7 +93,7 @@ class GroupParams:
         consumer slices reading them, which multiply zeros (GroupSet.zero_groups says why)."""
         for entry in self.entries + self.consumers:
             p = entry[0]
-            rows = self.expand(0, mask, False, entry)
+            rows = self._laid(entry, mask, False)
             p.masked_fill_(rows, 0.0)
             if p.grad is not None:
                 p.grad.masked_fill_(rows, 0.0)
